@@ -1,0 +1,1 @@
+"""Backend adapters: Temporal for runs, Redis for run updates, behind the Protocols of `protocol`."""

@@ -1,0 +1,127 @@
+"""The narrow interfaces handlers depend on.
+
+Concrete adapters (`backends.temporal_runs`, `backends.redis_updates`) are built once at start-up
+(the app's lifespan) and handlers read them from request state, so tests can inject fakes and
+production can point the same code at any Temporal cluster and Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+JSON = Any
+Action = Literal["cancel", "terminate"]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, taken from the JWT claims (see `server.auth`)."""
+
+    user_id: str
+    kind: str = "user"  # the token's `type` claim: user, apikey, service_account, agent, ...
+    project_id: str | None = None
+    account_id: str | None = None
+    permissions: frozenset[str] = frozenset()
+
+    @property
+    def ref(self) -> str:
+        """Principal reference as stored in `initiated_by`, e.g. `user:123`."""
+        return f"{self.kind}:{self.user_id}"
+
+    @property
+    def superadmin(self) -> bool:
+        return "workflow:superadmin" in self.permissions
+
+
+@dataclass(frozen=True)
+class RunFilters:
+    """The seed's list inputs, already validated by the request schema (names as on the wire)."""
+
+    document_id: str | None = None
+    event_name: str | None = None
+    rule_id: str | None = None
+    start: str | None = None
+    end: str | None = None
+    search_term: str | None = None
+    status: str | None = None
+    initiated_by: str | None = None
+    type: str | None = None
+    query: str | None = None
+    page_size: int = 50
+    next_page_token: str | None = None
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[dict[str, JSON]]  # WorkflowRunSummary objects, JSON-ready
+    next_page_token: str | None
+    has_more: bool
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """What the update and stream code needs to know about a run it serves."""
+
+    workflow_id: str
+    run_id: str
+    closed: bool
+    extra: dict[str, JSON] = field(default_factory=dict)
+
+
+class RunsBackend(Protocol):
+    """Temporal-backed operations. Every method is scoped to `principal`: a run the principal may
+    not see raises `NotFound`, exactly as a run that does not exist."""
+
+    async def get_run(self, principal: Principal, workflow_id: str, run_id: str) -> dict[str, JSON]: ...
+
+    async def list_runs(
+        self, principal: Principal, filters: RunFilters, *, conversations_only: bool = False
+    ) -> RunPage: ...
+
+    async def apply_action(
+        self, principal: Principal, workflow_id: str, run_id: str, action: Action, reason: str | None
+    ) -> None: ...
+
+    async def signal(
+        self, principal: Principal, workflow_id: str, run_id: str, signal_name: str, payload: dict[str, JSON]
+    ) -> None: ...
+
+    async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
+        """Resolve a run by run id (and workflow id when known); `NotFound` if not visible."""
+        ...
+
+    async def is_closed(self, workflow_id: str, run_id: str) -> bool: ...
+
+    async def ping(self) -> None:
+        """Raise `BackendUnavailable` unless Temporal answers."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class UpdatesBackend(Protocol):
+    """Redis-backed run updates: a bounded, ordered, resumable log per run."""
+
+    async def append(self, run_id: str, update: dict[str, JSON]) -> str:
+        """Store one update (`type`, `message`, optional `details`, `workstream_id`); the backend
+        stamps `timestamp` and `workflow_run_id`. Returns the new entry's id (the SSE `id:`)."""
+        ...
+
+    async def read_since(self, run_id: str, since_ms: int) -> bytes:
+        """The JSON array of stored updates strictly after `since_ms`, oldest first, as raw bytes
+        (the stored JSON is passed through, never decoded)."""
+        ...
+
+    def stream(
+        self, run_id: str, *, after_id: str | None, since_ms: int | None, skip_history: bool
+    ) -> AsyncIterator[tuple[str, str, bytes]]:
+        """Yield `(event, id, data)` triples: stored updates then live ones, no gap, no duplicate.
+        `event` is "message" for an update and "truncated" when `after_id` is older than the oldest
+        kept update. Runs until the consumer stops iterating."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

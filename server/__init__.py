@@ -1,0 +1,1 @@
+"""The HTTP service: Connexion app, 3.1 bridge, auth, errors, settings, command line, embedded stack."""

@@ -1,0 +1,128 @@
+"""Bearer JWT verification and the principal it yields.
+
+Connexion calls `decode_token` (wired into the runtime view of the document by `server.openapi31`)
+for every operation. Returning None makes Connexion answer 401, which `server.errors` turns into
+the JSON error body with `WWW-Authenticate: Bearer`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+
+from backends.protocol import Principal
+from server.settings import Settings
+
+# A fixed allow-list: never `none`, never an algorithm the configured key was not meant for.
+HMAC_ALGORITHMS = ["HS256"]
+ASYMMETRIC_ALGORITHMS = ["RS256", "ES256"]
+
+DEV_PERMISSIONS = ("workflow:read", "workflow:run", "workflow:admin")
+
+
+class TokenVerifier:
+    """Verifies tokens with the key material the settings name: JWT_SECRET (HS256), or
+    JWT_PUBLIC_KEY / JWKS_URL (RS256, ES256). JWKS keys are fetched by PyJWT's client, which caches
+    them; the fetch is blocking, so it runs in a worker thread (see `decode_token`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300) if settings.jwks_url else None
+        if not (settings.jwt_secret or settings.jwt_public_key or self._jwks):
+            raise RuntimeError("no JWT key configured: set JWT_SECRET, JWT_PUBLIC_KEY or JWKS_URL")
+
+    def _key_and_algorithms(self, token: str) -> tuple[Any, list[str]]:
+        if self._jwks is not None:
+            return self._jwks.get_signing_key_from_jwt(token).key, ASYMMETRIC_ALGORITHMS
+        if self.settings.jwt_public_key:
+            return self.settings.jwt_public_key, ASYMMETRIC_ALGORITHMS
+        return self.settings.jwt_secret, HMAC_ALGORITHMS
+
+    def verify(self, token: str) -> dict[str, Any] | None:
+        """The token's claims, or None when it is malformed, badly signed, expired or not for us."""
+        try:
+            key, algorithms = self._key_and_algorithms(token)
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                audience=self.settings.jwt_audience,
+                issuer=self.settings.jwt_issuer,
+                leeway=self.settings.jwt_leeway_seconds,
+                options={"require": ["exp"], "verify_aud": self.settings.jwt_audience is not None},
+            )
+        except (jwt.PyJWTError, ValueError):
+            return None
+        return claims
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal | None:
+    user = claims.get("user_id") or claims.get("sub")
+    if not isinstance(user, str) or not user:
+        return None
+    project, account, permissions = claims.get("project"), claims.get("account"), claims.get("permissions", [])
+    return Principal(
+        user_id=user,
+        kind=str(claims.get("type") or "user"),
+        project_id=_id_of(project),
+        account_id=_id_of(account),
+        permissions=frozenset(p for p in permissions if isinstance(p, str)) if isinstance(permissions, list) else frozenset(),
+    )
+
+
+def _id_of(claim: object) -> str | None:
+    if isinstance(claim, dict) and isinstance(claim.get("id"), str) and claim["id"]:
+        return str(claim["id"])
+    return None
+
+
+def mint_token(
+    secret: str,
+    *,
+    user: str,
+    project: str,
+    account: str | None = None,
+    permissions: tuple[str, ...] | list[str] = DEV_PERMISSIONS,
+    ttl_seconds: int = 3600,
+    kind: str = "user",
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> str:
+    """A development HS256 token with the live service's claim layout (REFERENCE.md)."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": user,
+        "user_id": user,
+        "type": kind,
+        "project": {"id": project, "name": project},
+        "account": {"id": account or f"acct-{project}", "name": account or f"acct-{project}"},
+        "permissions": list(permissions),
+        "iat": now,
+        "exp": now + ttl_seconds,
+    }
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+async def decode_token(token: str, request: Any) -> dict[str, Any] | None:
+    """Connexion's `x-bearerInfoFunc`: the claims plus the principal handlers use, or None (401).
+
+    Verification may fetch JWKS keys (blocking I/O), so that case runs in a worker thread."""
+    verifier: TokenVerifier = request.state.verifier
+    if verifier.settings.jwks_url:
+        import anyio.to_thread
+
+        claims = await anyio.to_thread.run_sync(verifier.verify, token)
+    else:
+        claims = verifier.verify(token)
+    if claims is None:
+        return None
+    principal = principal_from_claims(claims)
+    if principal is None:
+        return None
+    return {"sub": principal.user_id, "principal": principal, "claims": claims}

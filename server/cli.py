@@ -1,0 +1,198 @@
+"""`workflow-runs`: the console command (DESIGN.md, "Interfaces that stay stable").
+
+    dev     the embedded stack: Temporal dev server, Redis, sample worker and the API, in the foreground
+    serve   the API only, configured from the environment
+    worker  the sample Temporal worker
+    token   mint a development JWT
+    start   start a sample workflow and print {"workflow_id", "run_id"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from server import logs, stack
+from server.auth import DEV_PERMISSIONS, mint_token
+from server.settings import Settings
+
+
+def jwt_secret(settings: Settings, *, create: bool = False) -> str:
+    """JWT_SECRET, else the dev secret kept in `<data dir>/jwt-secret` (generated once by `dev`)."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = Path(settings.data_dir) / "jwt-secret"
+    if not path.exists():
+        if not create:
+            sys.exit(f"no JWT_SECRET set and no {path}: run `workflow-runs dev` first or set JWT_SECRET")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48), encoding="utf-8")
+        path.chmod(0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    logs.configure()
+    uvicorn.run(
+        "server.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        access_log=False,  # server.middleware.RequestContext logs requests, with secrets redacted
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    if args.port:
+        os.environ["PORT"] = str(args.port)
+    settings = Settings()
+    if not (settings.jwt_secret or settings.jwt_public_key or settings.jwks_url):
+        os.environ["JWT_SECRET"] = jwt_secret(settings)
+    serve(Settings())
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    port = args.port or Settings().port
+    os.environ["PORT"] = str(port)
+    os.environ.setdefault("API_URL", f"http://127.0.0.1:{port}/api/v1")
+    os.environ.setdefault("VALIDATE_RESPONSES", "1")  # dev catches document/server drift early
+    settings = Settings()
+    os.environ["JWT_SECRET"] = jwt_secret(settings, create=True)
+    data_dir = Path(settings.data_dir)
+    children: list[stack.Child] = []
+    # SIGTERM ends the stack like Ctrl-C does: through the `finally` below.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with stack.running(children):
+        if "TEMPORAL_ADDRESS" not in os.environ:
+            children.append(stack.start_temporal(data_dir, port=args.temporal_port))
+            os.environ["TEMPORAL_ADDRESS"] = f"127.0.0.1:{args.temporal_port}"
+        if "REDIS_URL" not in os.environ:
+            children.append(stack.start_redis(data_dir, port=args.redis_port))
+            os.environ["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
+        children.append(stack.spawn("worker", [sys.executable, "-m", "server.cli", "worker"], data_dir / "logs", env=dict(os.environ)))
+        settings = Settings()
+        token = mint_token(os.environ["JWT_SECRET"], user="dev", project="dev-project", ttl_seconds=7 * 24 * 3600)
+        base = f"http://127.0.0.1:{port}/api/v1"
+        print(
+            f"\nWorkflow Runs API on the embedded stack\n"
+            f"  API         {base}\n  Swagger UI  {base}/ui/\n  document    {base}/openapi.json\n"
+            f"  Temporal    {os.environ['TEMPORAL_ADDRESS']}\n  Redis       {os.environ['REDIS_URL']}\n"
+            f"  logs        {data_dir / 'logs'}\n\n"
+            f"Dev token (project dev-project, 7 days):\n{token}\n\n"
+            f"  curl -s -X POST {base}/workflows/runs -H 'Authorization: Bearer {token[:12]}...' "
+            "-H 'Content-Type: application/json' -d '{}'\n",
+            flush=True,
+        )
+        try:
+            serve(settings)
+        except KeyboardInterrupt:
+            pass
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from workloads.worker import run_worker
+
+    logs.configure()
+    try:
+        asyncio.run(run_worker(Settings()))
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    settings = Settings()
+    print(
+        mint_token(
+            jwt_secret(settings),
+            user=args.user,
+            project=args.project,
+            permissions=args.permission or list(DEV_PERMISSIONS),
+            ttl_seconds=args.ttl,
+            kind=args.type,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
+
+
+def cmd_start(args: argparse.Namespace) -> None:
+    from temporalio.client import Client
+
+    from workloads.starter import start_workflow
+
+    async def start() -> tuple[str, str]:
+        settings = Settings()
+        client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+        return await start_workflow(
+            client,
+            args.type,
+            project=args.project,
+            user=args.user,
+            input=json.loads(args.input) if args.input else None,
+            visibility=args.visibility,
+            interaction=args.interaction,
+            document_id=args.document_id,
+            event_name=args.event_name,
+            rule_id=args.rule_id,
+            task_queue=settings.temporal_task_queue,
+        )
+
+    workflow_id, run_id = asyncio.run(start())
+    print(json.dumps({"workflow_id": workflow_id, "run_id": run_id}))
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="workflow-runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="run the embedded stack and the API in the foreground")
+    dev.add_argument("--port", type=int, help="API port (default $PORT, else 8000)")
+    dev.add_argument("--temporal-port", type=int, default=7233)
+    dev.add_argument("--redis-port", type=int, default=6379)
+    dev.set_defaults(func=cmd_dev)
+
+    srv = sub.add_parser("serve", help="run the API against TEMPORAL_ADDRESS and REDIS_URL")
+    srv.add_argument("--port", type=int, help="API port (default $PORT, else 8000)")
+    srv.set_defaults(func=cmd_serve)
+
+    sub.add_parser("worker", help="run the sample Temporal worker").set_defaults(func=cmd_worker)
+
+    tok = sub.add_parser("token", help="mint a development JWT (HS256, JWT_SECRET or .data/jwt-secret)")
+    tok.add_argument("--user", required=True)
+    tok.add_argument("--project", required=True)
+    tok.add_argument("--permission", action="append", help="repeatable; default: read, run and admin")
+    tok.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    tok.add_argument("--type", default="user", help="principal type: user, apikey, service_account, ...")
+    tok.set_defaults(func=cmd_token)
+
+    start = sub.add_parser("start", help="start a sample workflow; prints its ids as JSON")
+    start.add_argument("type", choices=["StandardContentIngestion", "AgentConversation", "RetryingActivity"])
+    start.add_argument("--project", required=True)
+    start.add_argument("--user", required=True)
+    start.add_argument("--input", help="JSON argument of the workflow")
+    start.add_argument("--visibility", choices=["private", "project"], default="project")
+    start.add_argument("--interaction")
+    start.add_argument("--document-id")
+    start.add_argument("--event-name")
+    start.add_argument("--rule-id")
+    start.set_defaults(func=cmd_start)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Small ASGI middlewares around Connexion's stack (their order is set in `server.app`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backends.errors import PayloadTooLarge
+from server.logs import monotonic_ms, request_id_var
+
+access_log = logging.getLogger("workflow_runs.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SECRET_QUERY_PARAMS = {"access_token"}
+
+
+def redacted_query(query_string: bytes) -> str:
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    return urlencode([(k, "[redacted]" if k in _SECRET_QUERY_PARAMS else v) for k, v in pairs])
+
+
+class RequestContext:
+    """Gives every request an id (the caller's `X-Request-ID` when sane, else a new one), echoes it
+    in the response and writes one access-log line per request, with secrets redacted."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get("x-request-id", "")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        start, status = time.perf_counter(), 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            query = redacted_query(scope.get("query_string", b""))
+            access_log.info(
+                "%s %s %s",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "fields": {
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "query": query,
+                        "status": status,
+                        "duration_ms": monotonic_ms(start),
+                    }
+                },
+            )
+            request_id_var.reset(token)
+
+
+class BodySizeLimit:
+    """Refuses bodies over `max_bytes` with 413 before they are read whole, whether or not the
+    client sent a Content-Length. Sits inside Connexion's exception middleware, so the raised
+    `PayloadTooLarge` becomes the JSON error body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise PayloadTooLarge(f"The request body exceeds the limit of {self.max_bytes} bytes.")
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise PayloadTooLarge(f"The request body exceeds the limit of {self.max_bytes} bytes.")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class QueryTokenForStreams:
+    """A browser EventSource cannot set headers, so the stream operation also takes the token as the
+    `access_token` query parameter (REFERENCE.md). Only there: on any other path it is left alone,
+    and strict validation refuses it as an unknown parameter."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].endswith("/stream"):
+            headers = MutableHeaders(scope=scope)
+            if "authorization" not in headers:
+                for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+                    if key == "access_token" and value:
+                        headers["Authorization"] = f"Bearer {value}"
+                        break
+        await self.app(scope, receive, send)

@@ -1,0 +1,122 @@
+"""Teaching Connexion 3.3 to serve an OpenAPI 3.1 document (DESIGN.md decision 2).
+
+Connexion 3.3 refuses any `openapi: 3.1.x` document (its spec check pins 3.0) and validates with
+JSON Schema Draft 4, whose meaning differs from 3.1's JSON Schema 2020-12 (`const` ignored, a numeric
+`exclusiveMinimum` ignored, `2.0` not an integer, ...). This module:
+
+1. skips Connexion's 3.0 spec check (CI validates the 3.1 document with openapi-spec-validator,
+   Redocly and Spectral instead);
+2. replaces every request validator (parameters and JSON bodies) and the JSON response validator
+   with 2020-12 ones, compiled once per schema with jsonschema-rs.
+
+It patches a private classmethod: re-check it on every Connexion upgrade (tests/unit/test_openapi31.py
+proves the 2020-12 semantics end to end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jsonschema_rs
+import orjson
+from connexion.datastructures import MediaTypeDict
+from connexion.exceptions import BadRequestProblem, NonConformingResponseBody
+from connexion.spec import OpenAPISpecification
+from connexion.validators import (
+    FormDataValidator,
+    JSONRequestBodyValidator,
+    JSONResponseBodyValidator,
+    MultiPartFormDataValidator,
+    ParameterValidator,
+)
+from connexion.utils import is_null
+
+# (schema, compiled validator) keyed by id(schema): the schema object is kept alive by the entry,
+# so its id cannot be reused by another dict while cached. Connexion keeps one schema dict per
+# operation, so the cache is bounded by the size of the document.
+_COMPILED: dict[int, tuple[dict[str, Any], jsonschema_rs.Validator]] = {}
+
+
+def compiled(schema: dict[str, Any]) -> jsonschema_rs.Validator:
+    entry = _COMPILED.get(id(schema))
+    if entry is None or entry[0] is not schema:
+        entry = (schema, jsonschema_rs.Draft202012Validator(schema, validate_formats=True))
+        _COMPILED[id(schema)] = entry
+    return entry[1]
+
+
+def first_error(schema: dict[str, Any], instance: Any, where: str) -> str | None:
+    """A one-line description of the first violation, e.g. `body.page_size: 0 is less than ...`."""
+    for error in compiled(schema).iter_errors(instance):
+        path = ".".join(str(p) for p in error.instance_path)
+        return f"{where}{'.' + path if path else ''}: {error.message}"
+    return None
+
+
+def _skip_spec_check(cls: type, spec: dict[str, Any]) -> None:
+    return None
+
+
+class Parameter202012Validator(ParameterValidator):  # type: ignore[misc]
+    @staticmethod
+    def validate_parameter(parameter_type: str, value: Any, param: dict[str, Any], param_name: str | None = None) -> str | None:
+        if value is None or (is_null(value) and "null" in _types(param.get("schema", {}))):
+            if value is None and param.get("required"):
+                return f"Missing {parameter_type} parameter '{param['name']}'"
+            return None
+        return first_error(param.get("schema", param), value, f"{parameter_type} parameter '{param['name']}'")
+
+
+def _types(schema: dict[str, Any]) -> list[str]:
+    kind = schema.get("type", [])
+    return kind if isinstance(kind, list) else [kind]
+
+
+class JSONBody202012Validator(JSONRequestBodyValidator):  # type: ignore[misc]
+    async def _parse(self, stream: AsyncIterator[bytes], scope: Any) -> Any:
+        raw = b"".join([chunk async for chunk in stream])
+        if not raw.strip():
+            return None
+        try:
+            # orjson: strict RFC 8259 (no NaN/Infinity) and it rejects invalid UTF-8 itself,
+            # where Connexion's own parser answers 500 (spec-first/connexion#1860).
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequestProblem(detail=f"The request body is not valid JSON: {exc}") from exc
+
+    def _validate(self, body: Any) -> dict[str, Any] | None:
+        if body is None:
+            # An absent body is fine when the document says the body is optional.
+            if self._required:
+                raise BadRequestProblem(detail="The request body is required.")
+            return None
+        error = first_error(self._schema, body, "body")
+        if error:
+            raise BadRequestProblem(detail=error)
+        return None
+
+
+class JSONResponse202012Validator(JSONResponseBodyValidator):  # type: ignore[misc]
+    def _validate(self, body: Any) -> None:
+        error = first_error(self._schema, body, "response body")
+        if error:
+            raise NonConformingResponseBody(detail=f"Response body does not conform to the document. {error}")
+
+
+VALIDATOR_MAP: dict[str, Any] = {
+    "parameter": Parameter202012Validator,
+    "body": MediaTypeDict(
+        {
+            "*/*json": JSONBody202012Validator,
+            "application/x-www-form-urlencoded": FormDataValidator,
+            "multipart/form-data": MultiPartFormDataValidator,
+        }
+    ),
+    "response": MediaTypeDict({"*/*json": JSONResponse202012Validator}),
+}
+
+
+def install() -> None:
+    """Let Connexion load 3.1 documents. Idempotent."""
+    OpenAPISpecification._validate_spec = classmethod(_skip_spec_check)

