@@ -35,6 +35,7 @@ unit: install  ## only the tests that need no services
 
 generate: install bundle  ## regenerate generated/ (bundled document + Pydantic models) from openapi/
 	cp build/openapi.yaml generated/openapi.yaml
+	printf '"""Written by `make generate` from openapi/: never edit by hand."""\n' > generated/__init__.py
 	$(BIN)/datamodel-codegen --input generated/openapi.yaml --output generated/models.py
 
 check-generated: install bundle  ## fail when generated/ is stale

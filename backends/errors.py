@@ -21,7 +21,7 @@ class DomainError(Exception):
 
 class InvalidInput(DomainError):
     status = 400
-    code = "invalid_input"
+    code = "invalid_request"
 
 
 class Forbidden(DomainError):

@@ -36,3 +36,53 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
             data_dir=data_dir,
             jwt_secret=secrets.token_urlsafe(32),
         )
+
+
+@dataclass(frozen=True)
+class LiveApi:
+    """The real server (`workflow-runs serve`) and sample worker, as separate processes."""
+
+    base_url: str
+    services: Services
+    task_queue: str
+
+    def token(self, project: str = "p1", user: str = "u1", **kwargs: object) -> str:
+        from server.auth import mint_token
+
+        return mint_token(self.services.jwt_secret, user=user, project=project, **kwargs)  # type: ignore[arg-type]
+
+    def env(self) -> dict[str, str]:
+        return live_env(self.services, self.base_url, self.task_queue)
+
+
+def live_env(services: Services, base_url: str, task_queue: str) -> dict[str, str]:
+    import os
+
+    return {
+        **os.environ,
+        "TEMPORAL_ADDRESS": services.temporal_address,
+        "REDIS_URL": services.redis_url,
+        "JWT_SECRET": services.jwt_secret,
+        "API_URL": base_url,
+        "TEMPORAL_TASK_QUEUE": task_queue,
+        "VALIDATE_RESPONSES": "1",
+        "DATA_DIR": str(services.data_dir),
+        "SSE_HEARTBEAT_SECONDS": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def live_api(services: Services) -> Iterator[LiveApi]:
+    """`workflow-runs serve` + `workflow-runs worker` on the session's real services."""
+    import sys
+
+    port = stack.free_port()
+    base_url = f"http://127.0.0.1:{port}/api/v1"
+    task_queue = f"live-{secrets.token_hex(4)}"
+    env = {**live_env(services, base_url, task_queue), "PORT": str(port)}
+    cli = [sys.executable, "-m", "server.cli"]
+    logs = services.data_dir / "logs"
+    children = [stack.spawn(f"api-{port}", [*cli, "serve"], logs, env), stack.spawn(f"worker-{port}", [*cli, "worker"], logs, env)]
+    with stack.running(children):
+        stack.wait_for_port("127.0.0.1", port, 60, children[0].proc)
+        yield LiveApi(base_url=base_url, services=services, task_queue=task_queue)

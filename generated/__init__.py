@@ -1,0 +1,1 @@
+"""Written by `make generate` from openapi/: never edit by hand."""

@@ -1,0 +1,108 @@
+"""In-memory backends for unit tests of the HTTP layer (integration tests use the real ones)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from backends.errors import Conflict, NotFound
+from backends.protocol import Action, Principal, RunFilters, RunPage, RunRef
+from server.context import Backends
+from server.settings import Settings
+
+RUN_ID = "3f1c9a52-8b7e-4d21-9c55-0a6e2b7d41f8"
+WORKFLOW_ID = "ingest-doc-7f3a2c"
+
+
+def summary(status: str = "COMPLETED") -> dict[str, Any]:
+    return {
+        "status": status,
+        "started_at": 1678886400,
+        "closed_at": 1678886460 if status != "RUNNING" else None,
+        "execution_duration": 60,
+        "run_id": RUN_ID,
+        "workflow_id": WORKFLOW_ID,
+        "type": "StandardContentIngestion",
+        "initiated_by": "user:123",
+        "vertesia_workflow_type": "StandardContentIngestion",
+        "visibility": "project",
+        "interactive": False,
+    }
+
+
+class FakeRuns:
+    def __init__(self, project: str = "p1", status: str = "COMPLETED") -> None:
+        self.project, self.status = project, status
+
+    def _check(self, principal: Principal, workflow_id: str | None, run_id: str) -> None:
+        if principal.project_id != self.project or run_id != RUN_ID or workflow_id not in (None, WORKFLOW_ID):
+            raise NotFound("Workflow run not found.")
+
+    async def get_run(self, principal: Principal, workflow_id: str, run_id: str) -> dict[str, Any]:
+        self._check(principal, workflow_id, run_id)
+        return {
+            **summary(self.status),
+            "input": {"documentId": "doc-1"},
+            "result": {"success": True},
+            "memo": {},
+            "history": [],
+            "pendingActivities": [],
+            "error": None,
+        }
+
+    async def list_runs(self, principal: Principal, filters: RunFilters, *, conversations_only: bool = False) -> RunPage:
+        runs = [summary(self.status)] if principal.project_id == self.project else []
+        return RunPage(runs=runs, next_page_token=None, has_more=False)
+
+    async def apply_action(self, principal: Principal, workflow_id: str, run_id: str, action: Action, reason: str | None) -> None:
+        self._check(principal, workflow_id, run_id)
+        if self.status != "RUNNING":
+            raise Conflict("Workflow run is already closed.")
+
+    async def signal(self, principal: Principal, workflow_id: str, run_id: str, signal_name: str, payload: dict[str, Any]) -> None:
+        await self.apply_action(principal, workflow_id, run_id, "cancel", None)
+
+    async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
+        self._check(principal, workflow_id, run_id)
+        return RunRef(workflow_id=WORKFLOW_ID, run_id=RUN_ID, closed=self.status != "RUNNING")
+
+    async def is_closed(self, workflow_id: str, run_id: str) -> bool:
+        return self.status != "RUNNING"
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class FakeUpdates:
+    def __init__(self) -> None:
+        self.stored: list[bytes] = []
+
+    async def append(self, run_id: str, update: dict[str, Any]) -> str:
+        ts = 1678886400000 + len(self.stored)
+        self.stored.append(orjson.dumps({"timestamp": ts, "workflow_run_id": run_id, **update}))
+        return f"{ts}-0"
+
+    async def read_since(self, run_id: str, since_ms: int) -> bytes:
+        return b"[" + b",".join(self.stored) + b"]"
+
+    async def stream(self, run_id: str, **kwargs: Any) -> AsyncIterator[Any]:
+        for item in []:
+            yield item
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def fake_backends_factory(runs: FakeRuns | None = None, updates: FakeUpdates | None = None) -> Any:
+    async def factory(settings: Settings) -> Backends:
+        return Backends(runs=runs or FakeRuns(), updates=updates or FakeUpdates(), settings=settings)  # type: ignore[arg-type]
+
+    return factory

@@ -1,0 +1,178 @@
+"""The HTTP layer on fake backends: authentication, the error body, routing, the served document."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import jwt
+import pytest
+import yaml
+
+import handlers
+from server.app import create_app, published_document
+from server.auth import mint_token
+from server.settings import Settings
+from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, fake_backends_factory
+
+SECRET = "app-unit-test-secret-" + "x" * 48
+RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
+
+# One valid request per operation: (method, path, JSON body or None)
+OPERATIONS: dict[str, tuple[str, str, Any]] = {
+    "getWorkflowRun": ("GET", RUN, None),
+    "listWorkflowRuns": ("POST", "/api/v1/workflows/runs", {}),
+    "applyWorkflowRunAction": ("POST", f"{RUN}/actions/cancel", {"reason": "r"}),
+    "signalWorkflowRun": ("POST", f"{RUN}/signal/UserInput", {"message": "hi"}),
+    "getWorkflowRunUpdates": ("GET", f"{RUN}/updates", None),
+    "streamWorkflowRunUpdates": ("GET", f"{RUN}/stream", None),
+    "postWorkflowRunUpdate": ("POST", f"/api/v1/workflows/runs/{RUN_ID}/updates", {"type": "PROGRESS"}),
+    "listConversations": ("POST", "/api/v1/workflows/conversations", {}),
+}
+
+
+def settings() -> Settings:
+    return replace(Settings(), jwt_secret=SECRET, jwt_public_key=None, jwks_url=None, validate_responses=True)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    app = create_app(settings(), fake_backends_factory(FakeRuns(status="COMPLETED")))
+    with app.test_client() as test_client:
+        yield test_client
+
+
+def token(**kwargs: Any) -> str:
+    return mint_token(SECRET, **{"user": "u1", "project": "p1", **kwargs})
+
+
+def call(client: Any, operation: str, headers: dict[str, str] | None = None) -> Any:
+    method, path, body = OPERATIONS[operation]
+    return client.request(method, path, json=body, headers=headers or {})
+
+
+def assert_error_body(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert isinstance(body["error"], str) and body["error"]
+    assert isinstance(body["message"], str) and body["message"]
+    return body
+
+
+def test_every_document_operation_resolves_to_a_handler() -> None:
+    document_ids = {
+        operation["operationId"]
+        for path in published_document()["paths"].values()
+        for operation in path.values()
+        if isinstance(operation, dict) and "operationId" in operation
+    }
+    assert document_ids == set(handlers.OPERATIONS) == set(OPERATIONS)
+    assert all(callable(handlers.resolve(operation_id)) for operation_id in document_ids)
+
+
+BAD_TOKENS = {
+    "missing": None,
+    "malformed": "Bearer not.a.jwt",
+    "not-bearer": "Basic dXNlcjpwYXNz",
+    "wrong-signature": "Bearer " + jwt.encode({"sub": "u1", "exp": int(time.time()) + 60}, "x" * 64, algorithm="HS256"),
+    "alg-none": "Bearer " + jwt.encode({"sub": "u1", "exp": int(time.time()) + 60}, None, algorithm="none"),
+    "expired": "Bearer " + jwt.encode({"sub": "u1", "exp": int(time.time()) - 3600}, SECRET, algorithm="HS256"),
+}
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+@pytest.mark.parametrize("bad", sorted(BAD_TOKENS))
+def test_bad_tokens_get_401_with_the_error_body(client: Any, operation: str, bad: str) -> None:
+    value = BAD_TOKENS[bad]
+    response = call(client, operation, {"Authorization": value} if value else {})
+    assert_error_body(response, 401)
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "names"),
+    [
+        ("POST", "/api/v1/workflows/runs", {"page_size": 0}, "page_size"),
+        ("POST", "/api/v1/workflows/runs", {"status": "sleeping"}, "status"),
+        ("POST", "/api/v1/workflows/runs", {"unknown_filter": 1}, "unknown_filter"),
+        ("POST", f"{RUN}/signal/UserInput", {"data": 1}, "message"),
+        ("POST", f"{RUN}/actions/pause", {}, "action"),
+        ("GET", f"/api/v1/workflows/runs/{WORKFLOW_ID}/not-a-uuid", None, "runId"),
+        ("GET", f"{RUN}/updates?since=-1", None, "since"),
+        ("POST", f"/api/v1/workflows/runs/{RUN_ID}/updates", {"type": "bad type!"}, "type"),
+    ],
+)
+def test_malformed_requests_get_400_naming_the_problem(client: Any, method: str, path: str, body: Any, names: str) -> None:
+    response = client.request(method, path, json=body, headers={"Authorization": f"Bearer {token()}"})
+    assert names in assert_error_body(response, 400)["message"]
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"{", b"[1,"])
+def test_undecodable_bodies_are_400(client: Any, raw: bytes) -> None:
+    response = client.post(
+        "/api/v1/workflows/runs", content=raw, headers={"Authorization": f"Bearer {token()}", "Content-Type": "application/json"}
+    )
+    assert_error_body(response, 400)
+
+
+def test_wrong_content_type_is_415(client: Any) -> None:
+    response = client.post(
+        "/api/v1/workflows/runs", content=b"x", headers={"Authorization": f"Bearer {token()}", "Content-Type": "text/plain"}
+    )
+    assert_error_body(response, 415)
+
+
+def test_unknown_route_and_method_are_json(client: Any) -> None:
+    assert_error_body(client.get("/api/v1/nothing-here"), 404)
+    response = client.delete(RUN, headers={"Authorization": f"Bearer {token()}"})
+    assert_error_body(response, 405)
+
+
+def test_missing_permission_is_403_and_other_project_is_404(client: Any) -> None:
+    read_only = token(permissions=["workflow:read"])
+    assert_error_body(call(client, "applyWorkflowRunAction", {"Authorization": f"Bearer {read_only}"}), 403)
+    other = token(project="p2")
+    assert_error_body(call(client, "getWorkflowRun", {"Authorization": f"Bearer {other}"}), 404)
+
+
+def test_success_and_conflict_shapes(client: Any) -> None:
+    auth = {"Authorization": f"Bearer {token()}"}
+    run = call(client, "getWorkflowRun", auth)
+    assert run.status_code == 200
+    assert run.json()["closed_at"] == 1678886460
+    assert_error_body(call(client, "applyWorkflowRunAction", auth), 409)
+
+
+def test_request_id_is_echoed_or_made(client: Any) -> None:
+    assert client.get("/health/live", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+    assert len(client.get("/health/live").headers["x-request-id"]) == 32
+
+
+def test_published_document_is_3_1_without_internal_extensions(client: Any) -> None:
+    for path, parse in (("/api/v1/openapi.json", lambda r: r.json()), ("/api/v1/openapi.yaml", lambda r: yaml.safe_load(r.text))):
+        response = client.get(path)
+        assert response.status_code == 200
+        document = parse(response)
+        assert document["openapi"].startswith("3.1")
+        assert "x-bearerInfoFunc" not in response.text
+        assert len([op for item in document["paths"].values() for op in item.values() if isinstance(op, dict)]) == 8
+
+
+def test_swagger_ui_5_is_served_locally(client: Any) -> None:
+    page = client.get("/api/v1/ui/")
+    assert page.status_code == 200
+    assert "/api/v1/openapi.json" in page.text
+    assert "https://" not in page.text  # no CDN
+    bundle = client.get("/api/v1/ui/swagger-ui-bundle.js")
+    assert bundle.status_code == 200
+    assert len(bundle.content) > 500_000
+
+
+def test_readiness_reflects_backends(client: Any) -> None:
+    response = client.get("/health/ready")
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"temporal": "ok", "redis": "ok"}

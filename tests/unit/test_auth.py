@@ -1,0 +1,84 @@
+"""Token verification: what is accepted, what is refused, and the principal it yields."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.auth import TokenVerifier, mint_token, principal_from_claims
+from server.settings import Settings
+
+SECRET = "unit-test-secret-" + "x" * 64  # long enough for HS512 too
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return replace(Settings(), jwt_secret=SECRET, jwt_public_key=None, jwks_url=None, jwt_audience=None, jwt_issuer=None)
+
+
+def test_dev_token_round_trips_to_a_principal(settings: Settings) -> None:
+    token = mint_token(SECRET, user="u1", project="p1", permissions=["workflow:read"], kind="apikey")
+    claims = TokenVerifier(settings).verify(token)
+    assert claims is not None
+    principal = principal_from_claims(claims)
+    assert principal is not None
+    assert (principal.user_id, principal.project_id, principal.ref) == ("u1", "p1", "apikey:u1")
+    assert principal.permissions == frozenset({"workflow:read"})
+
+
+def _claims(**extra: object) -> dict[str, object]:
+    return {"sub": "u1", "project": {"id": "p1"}, "exp": int(time.time()) + 60, **extra}
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("not-a-jwt", id="malformed"),
+        pytest.param(jwt.encode(_claims(), "another-secret-that-is-long-enough-too", algorithm="HS256"), id="wrong-signature"),
+        pytest.param(jwt.encode(_claims(), None, algorithm="none"), id="alg-none"),
+        pytest.param(jwt.encode(_claims(exp=int(time.time()) - 3600), SECRET, algorithm="HS256"), id="expired"),
+        pytest.param(jwt.encode({"sub": "u1"}, SECRET, algorithm="HS256"), id="no-exp"),
+        pytest.param(jwt.encode(_claims(), SECRET, algorithm="HS512"), id="algorithm-not-allowed"),
+    ],
+)
+def test_refused_tokens(settings: Settings, token: str) -> None:
+    assert TokenVerifier(settings).verify(token) is None
+
+
+def test_leeway_accepts_small_clock_skew(settings: Settings) -> None:
+    token = jwt.encode(_claims(exp=int(time.time()) - 5), SECRET, algorithm="HS256")
+    assert TokenVerifier(settings).verify(token) is not None
+
+
+def test_audience_and_issuer_are_checked_when_configured(settings: Settings) -> None:
+    strict = replace(settings, jwt_audience="workflow-runs", jwt_issuer="https://issuer.example")
+    good = mint_token(SECRET, user="u", project="p", audience="workflow-runs", issuer="https://issuer.example")
+    wrong_aud = mint_token(SECRET, user="u", project="p", audience="other", issuer="https://issuer.example")
+    no_iss = mint_token(SECRET, user="u", project="p", audience="workflow-runs")
+    verifier = TokenVerifier(strict)
+    assert verifier.verify(good) is not None
+    assert verifier.verify(wrong_aud) is None
+    assert verifier.verify(no_iss) is None
+
+
+def test_asymmetric_key_and_no_hmac_confusion(settings: Settings) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    verifier = TokenVerifier(replace(settings, jwt_secret=None, jwt_public_key=public_pem.decode()))
+    assert verifier.verify(jwt.encode(_claims(), key, algorithm="ES256")) is not None
+    # An HS256 token signed with the public key as secret must not pass (algorithm confusion).
+    assert verifier.verify(jwt.encode(_claims(), SECRET, algorithm="HS256")) is None
+
+
+def test_claims_without_user_give_no_principal() -> None:
+    assert principal_from_claims({"project": {"id": "p"}}) is None
+    principal = principal_from_claims({"sub": "s", "user_id": "u", "permissions": "not-a-list"})
+    assert principal is not None
+    assert principal.user_id == "u"
+    assert principal.project_id is None
+    assert principal.permissions == frozenset()
