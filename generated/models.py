@@ -106,7 +106,7 @@ class HistorySignal(BaseModel):
 
 class ListRunsRequest(BaseModel):
     """
-    Filters and paging for `listWorkflowRuns` and `listConversations`. Every field is optional and the filters are ANDed together, and always with the caller's project scope. An empty object (or no body) lists every run of the project, newest first. Unknown fields are refused with 400.
+    Filters and paging for `listWorkflowRuns` and `listConversations`. Every field is optional and the filters are ANDed together, and always with the caller's project scope. An empty object (or no body) lists every run of the project, open runs first, then closed runs by most recent close. Unknown fields are refused with 400.
     """
 
     model_config = ConfigDict(
@@ -132,11 +132,11 @@ class ListRunsRequest(BaseModel):
     """
     end: Annotated[AwareDatetime | date | None, Field(examples=["2023-03-16"])] = None
     """
-    Only runs whose start time is less than or equal to this instant: an ISO 8601 date-time or date (a date means its 00:00:00 UTC).
+    Only runs whose start time is less than or equal to this instant: an ISO 8601 date-time or date (a date means the end of that day, 23:59:59.999 UTC).
     """
     search_term: Annotated[str | None, Field(examples=["Ingestion"], max_length=256, min_length=1)] = None
     """
-    Only runs whose workflow type, workflow rule name or run id contains this text.
+    Only runs whose workflow type, workflow rule name, workflow id or run id equals this text, or whose workflow id, workflow type or rule name starts with it (Temporal's visibility matches keywords exactly or by prefix, not by substring).
     """
     status: Annotated[
         str | None,
@@ -174,7 +174,7 @@ class ListRunsRequest(BaseModel):
         ),
     ] = None
     """
-    A custom Temporal visibility query, ANDed with the other filters and with the caller's project scope, so it can only narrow the listing. Accepted language: comparisons (`=`, `!=`, `>`, `>=`, `<`, `<=`, `IN`, `BETWEEN`, `STARTS_WITH`) of search attributes other than the scoping ones (`AccountId`, `ProjectId`, `TenantId`), combined with `AND` and `OR` inside parentheses. Anything else (scoping attributes, `ORDER BY`, syntax errors) is refused with 400.
+    A custom Temporal visibility query, ANDed with the other filters and with the caller's project scope, so it can only narrow the listing. Accepted language: comparisons (`=`, `!=`, `>`, `>=`, `<`, `<=`, `IN`, `BETWEEN`, `STARTS_WITH`) of search attributes other than the scoping ones (`ProjectId`, `AccountId`, `TenantId`, `Visibility`, `InitiatedBy`, `IsConversation`), combined with `AND` and `OR` inside parentheses. Anything else (scoping attributes, `ORDER BY`, `LIMIT`, comments, semicolons, unbalanced parentheses or quotes) is refused with 400.
     """
     page_size: Annotated[int | None, Field(examples=[20], ge=1, le=200)] = 50
     """
@@ -427,7 +427,7 @@ class WorkflowRunVisibility(StrEnum):
     Who in the project may see a run (used above all for conversations).
 
     - `project`: every member of the run's project with a read permission sees it (the default).
-    - `private`: only the principal that started it (`initiated_by`) sees it in conversation listings, and callers holding `workflow:superadmin`.
+    - `private`: only the principal that started it (`initiated_by`) and callers holding `workflow:superadmin` see it: it is absent from every listing of anyone else, and every operation on it answers them 404.
 
     """
 
@@ -690,12 +690,12 @@ class WorkflowRun(WorkflowRunSummary):
 
 class WorkflowRunList(BaseModel):
     """
-    One page of workflow runs, newest first.
+    One page of workflow runs, open runs first, then closed runs by most recent close.
     """
 
     runs: list[WorkflowRunSummary]
     """
-    The runs of this page, newest (latest `started_at`) first; empty when none matched.
+    The runs of this page, open runs first, then closed runs by most recent close (Temporal's visibility order); empty when none matched.
     """
     next_page_token: Annotated[
         str | None, Field(examples=["base64EncodedToken"], max_length=4096, pattern="^[A-Za-z0-9_-]+={0,2}$")

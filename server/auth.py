@@ -68,7 +68,9 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal | None:
         kind=str(claims.get("type") or "user"),
         project_id=_id_of(project),
         account_id=_id_of(account),
-        permissions=frozenset(p for p in permissions if isinstance(p, str)) if isinstance(permissions, list) else frozenset(),
+        permissions=frozenset(p for p in permissions if isinstance(p, str))
+        if isinstance(permissions, list)
+        else frozenset(),
     )
 
 

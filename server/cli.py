@@ -1,16 +1,17 @@
 """`workflow-runs`: the console command (DESIGN.md, "Interfaces that stay stable").
 
-    dev     the embedded stack: Temporal dev server, Redis, sample worker and the API, in the foreground
-    serve   the API only, configured from the environment
-    worker  the sample Temporal worker
-    token   mint a development JWT
-    start   start a sample workflow and print {"workflow_id", "run_id"}
+dev     the embedded stack: Temporal dev server, Redis, sample worker and the API, in the foreground
+serve   the API only, configured from the environment
+worker  the sample Temporal worker
+token   mint a development JWT
+start   start a sample workflow and print {"workflow_id", "run_id"}
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -79,7 +80,11 @@ def cmd_dev(args: argparse.Namespace) -> None:
         if "REDIS_URL" not in os.environ:
             children.append(stack.start_redis(data_dir, port=args.redis_port))
             os.environ["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
-        children.append(stack.spawn("worker", [sys.executable, "-m", "server.cli", "worker"], data_dir / "logs", env=dict(os.environ)))
+        children.append(
+            stack.spawn(
+                "worker", [sys.executable, "-m", "server.cli", "worker"], data_dir / "logs", env=dict(os.environ)
+            )
+        )
         settings = Settings()
         token = mint_token(os.environ["JWT_SECRET"], user="dev", project="dev-project", ttl_seconds=7 * 24 * 3600)
         base = f"http://127.0.0.1:{port}/api/v1"
@@ -93,20 +98,16 @@ def cmd_dev(args: argparse.Namespace) -> None:
             "-H 'Content-Type: application/json' -d '{}'\n",
             flush=True,
         )
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             serve(settings)
-        except KeyboardInterrupt:
-            pass
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
     from workloads.worker import run_worker
 
     logs.configure()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(Settings()))
-    except KeyboardInterrupt:
-        pass
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -152,7 +153,9 @@ def cmd_start(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="workflow-runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = argparse.ArgumentParser(
+        prog="workflow-runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = root.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="run the embedded stack and the API in the foreground")

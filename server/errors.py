@@ -57,7 +57,12 @@ def error_headers(status: int, extra: dict[str, str] | None = None) -> dict[str,
 
 
 def error_response(
-    status: int, message: str, *, code: str | None = None, details: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    details: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> ConnexionResponse:
     return ConnexionResponse(
         status_code=status,

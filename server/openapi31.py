@@ -23,6 +23,7 @@ import orjson
 from connexion.datastructures import MediaTypeDict
 from connexion.exceptions import BadRequestProblem, NonConformingResponseBody
 from connexion.spec import OpenAPISpecification
+from connexion.utils import is_null
 from connexion.validators import (
     FormDataValidator,
     JSONRequestBodyValidator,
@@ -30,7 +31,6 @@ from connexion.validators import (
     MultiPartFormDataValidator,
     ParameterValidator,
 )
-from connexion.utils import is_null
 
 # (schema, compiled validator) keyed by id(schema): the schema object is kept alive by the entry,
 # so its id cannot be reused by another dict while cached. Connexion keeps one schema dict per
@@ -60,7 +60,9 @@ def _skip_spec_check(cls: type, spec: dict[str, Any]) -> None:
 
 class Parameter202012Validator(ParameterValidator):  # type: ignore[misc]
     @staticmethod
-    def validate_parameter(parameter_type: str, value: Any, param: dict[str, Any], param_name: str | None = None) -> str | None:
+    def validate_parameter(
+        parameter_type: str, value: Any, param: dict[str, Any], param_name: str | None = None
+    ) -> str | None:
         if value is None or (is_null(value) and "null" in _types(param.get("schema", {}))):
             if value is None and param.get("required"):
                 return f"Missing {parameter_type} parameter '{param['name']}'"

@@ -21,7 +21,9 @@ class Settings:
     port: int = field(default_factory=lambda: _int("PORT", 8000))
     temporal_address: str = field(default_factory=lambda: os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"))
     temporal_namespace: str = field(default_factory=lambda: os.environ.get("TEMPORAL_NAMESPACE", "default"))
-    temporal_task_queue: str = field(default_factory=lambda: os.environ.get("TEMPORAL_TASK_QUEUE", "workflow-runs-samples"))
+    temporal_task_queue: str = field(
+        default_factory=lambda: os.environ.get("TEMPORAL_TASK_QUEUE", "workflow-runs-samples")
+    )
     redis_url: str = field(default_factory=lambda: os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     jwt_secret: str | None = field(default_factory=lambda: _opt("JWT_SECRET"))
     jwt_public_key: str | None = field(default_factory=lambda: _opt("JWT_PUBLIC_KEY"))
@@ -37,5 +39,7 @@ class Settings:
     sse_send_timeout_seconds: int = field(default_factory=lambda: _int("SSE_SEND_TIMEOUT_SECONDS", 30))
     backend_timeout_seconds: int = field(default_factory=lambda: _int("BACKEND_TIMEOUT_SECONDS", 10))
     # The URL the sample workers use to post updates through the API, as the seed says workflows do.
-    api_url: str = field(default_factory=lambda: os.environ.get("API_URL", f"http://127.0.0.1:{_int('PORT', 8000)}/api/v1"))
+    api_url: str = field(
+        default_factory=lambda: os.environ.get("API_URL", f"http://127.0.0.1:{_int('PORT', 8000)}/api/v1")
+    )
     data_dir: str = field(default_factory=lambda: os.environ.get("DATA_DIR", ".data"))

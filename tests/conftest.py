@@ -28,8 +28,10 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     """A real Temporal dev server and a real Redis for the whole session."""
     data_dir = tmp_path_factory.mktemp("stack")
     temporal_port, redis_port = stack.free_port(), stack.free_port()
-    children = [stack.start_temporal(data_dir, port=temporal_port), stack.start_redis(data_dir, port=redis_port)]
+    children: list[stack.Child] = []
     with stack.running(children):
+        children.append(stack.start_temporal(data_dir, port=temporal_port))
+        children.append(stack.start_redis(data_dir, port=redis_port))
         yield Services(
             temporal_address=f"127.0.0.1:{temporal_port}",
             redis_url=f"redis://127.0.0.1:{redis_port}/0",
@@ -82,7 +84,9 @@ def live_api(services: Services) -> Iterator[LiveApi]:
     env = {**live_env(services, base_url, task_queue), "PORT": str(port)}
     cli = [sys.executable, "-m", "server.cli"]
     logs = services.data_dir / "logs"
-    children = [stack.spawn(f"api-{port}", [*cli, "serve"], logs, env), stack.spawn(f"worker-{port}", [*cli, "worker"], logs, env)]
+    children: list[stack.Child] = []
     with stack.running(children):
+        children.append(stack.spawn(f"api-{port}", [*cli, "serve"], logs, env))
+        children.append(stack.spawn(f"worker-{port}", [*cli, "worker"], logs, env))
         stack.wait_for_port("127.0.0.1", port, 60, children[0].proc)
         yield LiveApi(base_url=base_url, services=services, task_queue=task_queue)

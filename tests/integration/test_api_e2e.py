@@ -51,9 +51,13 @@ def client(live: LiveApi, **token_kwargs: Any) -> httpx.Client:
 
 
 def test_ingestion_reads_back_completed_with_history_result_and_updates(live_api: LiveApi) -> None:
-    workflow_id, run_id = start(live_api, "StandardContentIngestion", "--input", '{"documentId": "doc-e2e"}', "--document-id", "doc-e2e")
+    workflow_id, run_id = start(
+        live_api, "StandardContentIngestion", "--input", '{"documentId": "doc-e2e"}', "--document-id", "doc-e2e"
+    )
     with client(live_api) as http:
-        run = wait_for(lambda: (r := http.get(f"/workflows/runs/{workflow_id}/{run_id}").json())["status"] == "COMPLETED" and r)
+        run = wait_for(
+            lambda: (r := http.get(f"/workflows/runs/{workflow_id}/{run_id}").json())["status"] == "COMPLETED" and r
+        )
         assert isinstance(run["started_at"], int) and isinstance(run["closed_at"], int)
         assert run["input"] == {"documentId": "doc-e2e"}
         assert run["result"] == {"success": True}
@@ -90,12 +94,12 @@ def test_conversation_signal_answer_cancel(live_api: LiveApi) -> None:
         signalled = http.post(f"{base}/signal/UserInput", json={"message": "hello", "data": {"approved": True}})
         assert signalled.status_code == 200, signalled.text
         assert signalled.json() == {"status": "success", "message": f"Workflow {run_id} signalled with UserInput"}
-        answers = wait_for(
-            lambda: [u for u in http.get(f"{base}/updates").json()["messages"] if u["type"] == "ANSWER"]
-        )
+        answers = wait_for(lambda: [u for u in http.get(f"{base}/updates").json()["messages"] if u["type"] == "ANSWER"])
         assert answers
 
-        conversations = wait_for(lambda: http.post("/workflows/conversations", json={"status": "running"}).json()["runs"])
+        conversations = wait_for(
+            lambda: http.post("/workflows/conversations", json={"status": "running"}).json()["runs"]
+        )
         assert run_id in {r["run_id"] for r in conversations}
 
         cancelled = http.post(f"{base}/actions/cancel", json={"reason": "done"})
@@ -129,7 +133,11 @@ def test_access_token_query_parameter_only_on_stream(live_api: LiveApi) -> None:
     base = f"{live_api.base_url}/workflows/runs/{workflow_id}/{run_id}"
     token = live_api.token()
     with httpx.Client(timeout=30) as anonymous:
-        wait_for(lambda: anonymous.get(base, headers={"Authorization": f"Bearer {token}"}).json().get("status") == "COMPLETED")
+        wait_for(
+            lambda: (
+                anonymous.get(base, headers={"Authorization": f"Bearer {token}"}).json().get("status") == "COMPLETED"
+            )
+        )
         with anonymous.stream("GET", f"{base}/stream", params={"access_token": token, "since": 0}) as streamed:
             assert streamed.status_code == 200
             assert "event: end" in "".join(streamed.iter_text())

@@ -52,16 +52,22 @@ class FakeRuns:
             "error": None,
         }
 
-    async def list_runs(self, principal: Principal, filters: RunFilters, *, conversations_only: bool = False) -> RunPage:
+    async def list_runs(
+        self, principal: Principal, filters: RunFilters, *, conversations_only: bool = False
+    ) -> RunPage:
         runs = [summary(self.status)] if principal.project_id == self.project else []
         return RunPage(runs=runs, next_page_token=None, has_more=False)
 
-    async def apply_action(self, principal: Principal, workflow_id: str, run_id: str, action: Action, reason: str | None) -> None:
+    async def apply_action(
+        self, principal: Principal, workflow_id: str, run_id: str, action: Action, reason: str | None
+    ) -> None:
         self._check(principal, workflow_id, run_id)
         if self.status != "RUNNING":
             raise Conflict("Workflow run is already closed.")
 
-    async def signal(self, principal: Principal, workflow_id: str, run_id: str, signal_name: str, payload: dict[str, Any]) -> None:
+    async def signal(
+        self, principal: Principal, workflow_id: str, run_id: str, signal_name: str, payload: dict[str, Any]
+    ) -> None:
         await self.apply_action(principal, workflow_id, run_id, "cancel", None)
 
     async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
@@ -90,9 +96,9 @@ class FakeUpdates:
     async def read_since(self, run_id: str, since_ms: int) -> bytes:
         return b"[" + b",".join(self.stored) + b"]"
 
-    async def stream(self, run_id: str, **kwargs: Any) -> AsyncIterator[Any]:
-        for item in []:
-            yield item
+    async def stream(self, run_id: str, **kwargs: Any) -> AsyncIterator[tuple[str, str, bytes]]:
+        for item in self.stored:
+            yield "message", "0-0", item
 
     async def ping(self) -> None:
         return None
@@ -103,6 +109,6 @@ class FakeUpdates:
 
 def fake_backends_factory(runs: FakeRuns | None = None, updates: FakeUpdates | None = None) -> Any:
     async def factory(settings: Settings) -> Backends:
-        return Backends(runs=runs or FakeRuns(), updates=updates or FakeUpdates(), settings=settings)  # type: ignore[arg-type]
+        return Backends(runs=runs or FakeRuns(), updates=updates or FakeUpdates(), settings=settings)
 
     return factory

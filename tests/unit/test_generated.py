@@ -13,11 +13,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_models_match_the_bundled_document() -> None:
     result = subprocess.run(
-        [Path(sys.executable).parent / "datamodel-codegen", "--input", "generated/openapi.yaml", "--output", "generated/models.py", "--check"],
+        [
+            Path(sys.executable).parent / "datamodel-codegen",
+            "--input",
+            "generated/openapi.yaml",
+            "--output",
+            "generated/models.py",
+            "--check",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -40,7 +40,11 @@ DOCUMENT: dict[str, Any] = {
             "get": {
                 "operationId": "list",
                 "parameters": [
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "exclusiveMinimum": 0, "maximum": 10}}
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "exclusiveMinimum": 0, "maximum": 10},
+                    }
                 ],
                 "responses": {"200": {"description": "ok"}},
             },
@@ -83,7 +87,9 @@ BODIES = [
 
 @pytest.mark.parametrize("body", BODIES, ids=[str(b) for b in BODIES])
 def test_body_verdict_equals_2020_12(client: Any, body: dict[str, Any]) -> None:
-    reference = jsonschema.Draft202012Validator(BODY_SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    reference = jsonschema.Draft202012Validator(
+        BODY_SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
     response = client.post("/items", json=body)
     assert response.status_code == (200 if reference.is_valid(body) else 400), response.text
 

@@ -1,0 +1,284 @@
+"""Turn what Temporal says about a run into the API's JSON shapes (seed + REFERENCE.md).
+
+Times are integer epoch seconds; payloads are decoded with the client's data converter (a payload
+that cannot be decoded is shown as a short placeholder rather than failing the whole answer).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.api.enums.v1 import EventType, PendingActivityState, WorkflowExecutionStatus
+from temporalio.api.failure.v1 import Failure
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.api.workflow.v1 import PendingActivityInfo, WorkflowExecutionInfo
+from temporalio.common import SearchAttributeKey, TypedSearchAttributes
+from temporalio.converter import DataConverter
+
+JSON = Any
+
+PROJECT_ID = SearchAttributeKey.for_keyword("ProjectId")
+ACCOUNT_ID = SearchAttributeKey.for_keyword("AccountId")
+INITIATED_BY = SearchAttributeKey.for_keyword("InitiatedBy")
+INTERACTION_NAME = SearchAttributeKey.for_keyword("InteractionName")
+VISIBILITY = SearchAttributeKey.for_keyword("Visibility")
+IS_CONVERSATION = SearchAttributeKey.for_bool("IsConversation")
+VERTESIA_WORKFLOW_TYPE = SearchAttributeKey.for_keyword("VertesiaWorkflowType")
+
+STATUS_PREFIX = "WORKFLOW_EXECUTION_STATUS_"
+ACTIVITY_STATE_PREFIX = "PENDING_ACTIVITY_STATE_"
+ACTIVITY_STATES = frozenset({"working", "idle"})
+RUNNING = WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+
+
+def status_name(status: int) -> str:
+    """`WORKFLOW_EXECUTION_STATUS_CONTINUED_AS_NEW` -> `CONTINUED_AS_NEW`."""
+    return WorkflowExecutionStatus.Name(status).removeprefix(STATUS_PREFIX)  # type: ignore[arg-type]
+
+
+def seconds(stamp: Timestamp) -> int:
+    return int(stamp.seconds)
+
+
+def _optional_seconds(message: Any, name: str) -> int | None:
+    return seconds(getattr(message, name)) if message.HasField(name) else None
+
+
+def jsonable(value: Any) -> JSON:
+    """A decoded payload as JSON-ready data (bytes as base64, unknown objects as text)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return str(value)
+
+
+async def decode_payloads(converter: DataConverter, payloads: Iterable[Payload]) -> list[JSON]:
+    out: list[JSON] = []
+    for payload in payloads:
+        try:
+            decoded = await converter.decode([payload])
+            out.append(jsonable(decoded[0]))
+        except Exception:  # a payload of an encoding or codec this server does not have
+            encoding = payload.metadata.get("encoding", b"").decode("utf-8", "replace")
+            out.append(f"<undecodable payload ({encoding or 'unknown encoding'}, {len(payload.data)} bytes)>")
+    return out
+
+
+async def decode_memo(converter: DataConverter, fields: Mapping[str, Payload]) -> dict[str, JSON]:
+    names = sorted(fields)
+    values = await decode_payloads(converter, [fields[name] for name in names])
+    return dict(zip(names, values, strict=True))
+
+
+def failure_message(failure: Failure) -> str:
+    """The failure's own message, or the first message down its cause chain."""
+    current: Failure | None = failure
+    while current is not None:
+        if current.message:
+            return str(current.message)
+        current = current.cause if current.HasField("cause") else None
+    return "failed"
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """The search attributes that decide who may see a run."""
+
+    project_id: str | None
+    initiated_by: str
+    visibility: str
+    conversation: bool
+
+    @classmethod
+    def of(cls, attributes: TypedSearchAttributes) -> RunScope:
+        return cls(
+            project_id=attributes.get(PROJECT_ID),
+            initiated_by=attributes.get(INITIATED_BY) or "unknown",
+            visibility=attributes.get(VISIBILITY) or "project",
+            conversation=bool(attributes.get(IS_CONVERSATION)),
+        )
+
+    def visible_to(self, project_id: str | None, principal_ref: str, superadmin: bool) -> bool:
+        if project_id is None or self.project_id != project_id:
+            return False
+        return superadmin or self.visibility != "private" or self.initiated_by == principal_ref
+
+
+def summary(
+    info: WorkflowExecutionInfo,
+    attributes: TypedSearchAttributes,
+    memo: Mapping[str, JSON],
+    *,
+    now: float | None = None,
+) -> dict[str, JSON]:
+    """A WorkflowRunSummary: what listings show for each run."""
+    running = info.status == RUNNING
+    started = seconds(info.start_time)
+    closed = None if running or not info.HasField("close_time") else seconds(info.close_time)
+    end = closed if closed is not None else int(now if now is not None else time.time())
+    scope = RunScope.of(attributes)
+    run: dict[str, JSON] = {
+        "status": status_name(info.status),
+        "started_at": started,
+        "closed_at": closed,
+        "execution_duration": max(0, end - started),
+        "run_id": info.execution.run_id,
+        "workflow_id": info.execution.workflow_id,
+        "type": info.type.name,
+        "initiated_by": scope.initiated_by,
+        "vertesia_workflow_type": attributes.get(VERTESIA_WORKFLOW_TYPE) or info.type.name,
+        "visibility": scope.visibility,
+        "interactive": scope.conversation,
+    }
+    interaction = attributes.get(INTERACTION_NAME)
+    if interaction:
+        run["interaction_name"] = interaction
+    state = memo.get("activity_state")
+    if isinstance(state, str) and state in ACTIVITY_STATES:
+        run["activity_state"] = state
+    topic = memo.get("topic")
+    if isinstance(topic, str) and topic:
+        run["topic"] = topic
+    return run
+
+
+def pending_activity(info: PendingActivityInfo) -> dict[str, JSON]:
+    state = PendingActivityState.Name(info.state).removeprefix(ACTIVITY_STATE_PREFIX)
+    if info.paused or state == "PAUSE_REQUESTED":
+        state = "PAUSED"
+    return {
+        "activityId": info.activity_id,
+        "activityType": info.activity_type.name,
+        "state": state,
+        "attempt": int(info.attempt),
+        "maximumAttempts": int(info.maximum_attempts),
+        "lastFailure": failure_message(info.last_failure) if info.HasField("last_failure") else None,
+        "lastStartedTime": _optional_seconds(info, "last_started_time"),
+        "lastHeartbeatTime": _optional_seconds(info, "last_heartbeat_time"),
+    }
+
+
+@dataclass
+class _ActivityIndex:
+    """What later activity events need from their scheduled and started events."""
+
+    scheduled: dict[int, tuple[str, str, list[JSON]]] = field(default_factory=dict)  # id -> name, id, input
+    started_by_scheduled: dict[int, int] = field(default_factory=dict)
+
+
+_ACTIVITY_ATTRIBUTES = {
+    EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED: "activity_task_started_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED: "activity_task_cancel_requested_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
+}
+
+
+class HistoryView:
+    """Renders a run's history events in the seed's shape, and what the run details take from
+    them (input, result, error)."""
+
+    def __init__(self, converter: DataConverter) -> None:
+        self.converter = converter
+        self.input: JSON = None
+        self.result: JSON = None
+        self.error: str | None = None
+
+    async def _first(self, payloads: Payloads) -> JSON:
+        values = await decode_payloads(self.converter, payloads.payloads)
+        return values[0] if values else None
+
+    async def render(self, events: Sequence[HistoryEvent]) -> list[dict[str, JSON]]:
+        index = _ActivityIndex()
+        for event in events:
+            if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                attrs = event.activity_task_scheduled_event_attributes
+                decoded = await decode_payloads(self.converter, attrs.input.payloads)
+                index.scheduled[event.event_id] = (attrs.activity_type.name, attrs.activity_id, decoded)
+            elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+                index.started_by_scheduled[event.activity_task_started_event_attributes.scheduled_event_id] = (
+                    event.event_id
+                )
+        return [await self._event(event, index) for event in events]
+
+    @staticmethod
+    def _activity(index: _ActivityIndex, scheduled_id: int) -> dict[str, JSON]:
+        name, activity_id, decoded = index.scheduled.get(scheduled_id, ("", "", []))
+        activity: dict[str, JSON] = {
+            "name": name,
+            "id": activity_id,
+            "input": decoded,
+            "scheduledEventId": str(scheduled_id),
+        }
+        started = index.started_by_scheduled.get(scheduled_id)
+        if started is not None:  # absent until the activity started (or while it is retrying)
+            activity["startedEventId"] = str(started)
+        return activity
+
+    async def _event(self, event: HistoryEvent, index: _ActivityIndex) -> dict[str, JSON]:
+        kind = event.event_type
+        out: dict[str, JSON] = {
+            "event_id": int(event.event_id),
+            "event_time": seconds(event.event_time),
+            "event_type": EventType.Name(kind),
+            "task_id": str(event.task_id),
+            "attempt": 0,
+        }
+        if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+            self.input = await self._first(event.workflow_execution_started_event_attributes.input)
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            out["activity"] = self._activity(index, event.event_id)
+        elif kind in _ACTIVITY_ATTRIBUTES:
+            await self._activity_event(event, out, index)
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+            out["attempt"] = int(event.workflow_task_scheduled_event_attributes.attempt)
+        else:
+            await self._workflow_event(event, out)
+        return out
+
+    async def _activity_event(self, event: HistoryEvent, out: dict[str, JSON], index: _ActivityIndex) -> None:
+        kind = event.event_type
+        attrs: Any = getattr(event, _ACTIVITY_ATTRIBUTES[kind])
+        out["activity"] = self._activity(index, int(attrs.scheduled_event_id))
+        if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            out["attempt"] = int(attrs.attempt)
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            out["result"] = await decode_payloads(self.converter, attrs.result.payloads)
+        elif kind in (EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED, EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT):
+            out["error"] = failure_message(attrs.failure)
+
+    async def _workflow_event(self, event: HistoryEvent, out: dict[str, JSON]) -> None:
+        kind = event.event_type
+        if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
+            payloads = event.workflow_execution_completed_event_attributes.result
+            out["result"] = await decode_payloads(self.converter, payloads.payloads)
+            self.result = out["result"][0] if out["result"] else None
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
+            out["error"] = self.error = failure_message(event.workflow_execution_failed_event_attributes.failure)
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT:
+            out["error"] = self.error = "Workflow execution timed out"
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+            out["error"] = failure_message(event.workflow_task_failed_event_attributes.failure)
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            attrs = event.workflow_execution_signaled_event_attributes
+            out["signal"] = {
+                "name": attrs.signal_name,
+                "input": await decode_payloads(self.converter, attrs.input.payloads),
+            }
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
+            out["reason"] = event.workflow_execution_cancel_requested_event_attributes.cause
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED:
+            out["reason"] = event.workflow_execution_terminated_event_attributes.reason

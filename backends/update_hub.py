@@ -1,0 +1,323 @@
+"""The per-process fan-out of run updates: ONE Redis reader feeds every open stream.
+
+A stream subscribes to its run's Redis Stream key here; the hub keeps one *feed* per key that has
+subscribers, and a single task (`UpdateHub._read_forever`) runs `XREAD BLOCK` over all of those
+keys at once, on its own connection, from each feed's position (the id of the last entry it has
+delivered). Every entry it reads is put into each subscriber's bounded queue, then the feed's
+position moves past it, both without yielding to the event loop, so a subscriber registered at any
+moment receives every entry after the feed's position at that moment. Subscribers of one run share
+the read; a thousand streams need one reader connection, not a thousand.
+
+Gap-free hand-over from history to live is the caller's part (see `backends.redis_updates`):
+subscribe first, then read the stored entries with XRANGE, then take the queue, skipping ids already
+sent. Because a feed's position never passes what is stored, the queue starts at or before the end
+of that history read, so nothing falls between the two; duplicates are dropped by comparing ids.
+
+A subscriber whose queue overflows (its client reads slower than updates arrive) is dropped: its
+queue is freed and its stream ends, and the client resumes with `Last-Event-ID`, losing nothing,
+because every entry is still stored in Redis. When Redis goes away the reader reconnects with
+backoff and continues every feed from its position, so open streams simply continue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from backends.errors import BackendUnavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+StreamId = tuple[int, int]
+MAX_SEQ = 2**64 - 1
+# Redis error replies that mean "the server cannot serve this now", not "the command was wrong".
+_UNAVAILABLE_REPLIES = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN")
+
+
+def parse_id(raw: bytes | str) -> StreamId:
+    """`b"1700000000000-0"` → `(1700000000000, 0)`: ids compare as tuples, never as strings."""
+    text = raw.decode("ascii") if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+def entry_data(fields: Any, field: bytes = b"u") -> bytes:
+    """The stored JSON of one stream entry (`fields` as redis-py parses it)."""
+    data = fields.get(field) if isinstance(fields, dict) else None
+    return data if isinstance(data, bytes) else b"null"
+
+
+def range_entries(raw: Any, field: bytes = b"u") -> list[tuple[StreamId, bytes]]:
+    """`(id, stored JSON)` pairs of an XRANGE/XREVRANGE answer (or of one key of an XREAD answer)."""
+    return [(parse_id(raw_id), entry_data(fields, field)) for raw_id, fields in raw or () if raw_id is not None]
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means Redis could not be reached or could not serve (→ 503), not a bug."""
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | TimeoutError | OSError):
+        return True
+    return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
+
+
+async def call(awaitable: Awaitable[T], seconds: float) -> T:
+    """Await one Redis call with a deadline; unreachable or unserving Redis → `BackendUnavailable`."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    except (redis_errors.RedisError, TimeoutError, OSError) as exc:
+        if unavailable(exc):
+            raise BackendUnavailable(f"Redis did not answer: {exc or type(exc).__name__}") from exc
+        raise
+
+
+class Subscription:
+    """One stream's view of a feed: a bounded queue of `(id, data)` the hub fills."""
+
+    def __init__(self, key: str, maxsize: int) -> None:
+        self.key = key
+        self.closed_reason: str | None = None
+        self._maxsize = maxsize
+        self._queue: deque[tuple[StreamId, bytes]] = deque()
+        self._ready = asyncio.Event()
+
+    def _deliver(self, stream_id: StreamId, data: bytes) -> bool:
+        """Called by the hub; False when the queue is full (the hub then drops this subscriber)."""
+        if len(self._queue) >= self._maxsize:
+            return False
+        self._queue.append((stream_id, data))
+        self._ready.set()
+        return True
+
+    def _close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        self._queue.clear()  # free the memory now; the client resumes from what it received
+        self._ready.set()
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    async def get(self, wait_seconds: float) -> tuple[StreamId, bytes] | None:
+        """The next entry; None after `wait_seconds` without one. Raises `StopAsyncIteration` once
+        the hub dropped this subscriber (queue overflow, hub closed)."""
+        if not self._queue and self.closed_reason is None:
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(wait_seconds, 0.0)):
+                    await self._ready.wait()
+        if self.closed_reason is not None:
+            raise StopAsyncIteration(self.closed_reason)
+        if self._queue:
+            return self._queue.popleft()
+        return None
+
+
+class _Feed:
+    """The hub's state for one key: where its reads continue, and who receives them."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.position: StreamId | None = None  # None while the creator resolves the current last id
+        self.ready = asyncio.Event()
+        self.subscribers: set[Subscription] = set()
+
+
+class UpdateHub:
+    """One `XREAD BLOCK` reader per process over every key that has subscribers.
+
+    `reader` must be a client of its own (single connection, socket timeout above `block_ms`): the
+    reader task is its only user. `commands` is the shared pool, used to resolve a new feed's
+    starting id and to wake the reader (`CLIENT UNBLOCK`) when the set of keys grows."""
+
+    def __init__(
+        self,
+        reader: Redis,
+        commands: Redis,
+        *,
+        timeout: float,
+        block_ms: int = 1000,
+        queue_size: int = 1000,
+        read_count: int = 500,
+        field: bytes = b"u",
+    ) -> None:
+        self._reader = reader
+        self._commands = commands
+        self._timeout = timeout
+        self._block_ms = block_ms
+        self._queue_size = queue_size
+        self._read_count = read_count
+        self._field = field
+        self._feeds: dict[str, _Feed] = {}
+        self._has_feeds = asyncio.Event()
+        self._reader_id: int | None = None  # CLIENT ID of the reader's connection, for CLIENT UNBLOCK
+        self._wake_sent = False
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.connected = False  # whether the reader's last call succeeded (for diagnostics and tests)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = asyncio.create_task(self._read_forever(), name="update-hub-reader")
+
+    async def close(self) -> None:
+        """Stop the reader, end every subscription (their streams end) and close the connection."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for feed in list(self._feeds.values()):
+            for sub in feed.subscribers:
+                sub._close("hub closed")
+            feed.ready.set()
+        self._feeds.clear()
+        await self._reader.aclose()
+
+    # -- subscriptions ---------------------------------------------------------------------------
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(feed.subscribers) for feed in self._feeds.values())
+
+    @property
+    def feed_count(self) -> int:
+        return len(self._feeds)
+
+    async def subscribe(self, key: str) -> Subscription:
+        """Register a subscriber to `key`; from now on it receives every entry after the feed's
+        position, which is never past what is stored. Raises `BackendUnavailable`."""
+        if self._closed:
+            raise BackendUnavailable("the update stream hub is shutting down")
+        self.start()
+        sub = Subscription(key, self._queue_size)
+        try:
+            async with asyncio.timeout(self._timeout):
+                while True:
+                    feed = self._feeds.get(key)
+                    if feed is None:
+                        await self._create_feed(key)
+                        continue
+                    if not feed.ready.is_set():
+                        await feed.ready.wait()  # another subscriber is resolving it; re-check
+                        continue
+                    if self._closed:
+                        raise BackendUnavailable("the update stream hub is shutting down")
+                    feed.subscribers.add(sub)
+                    return sub
+        except TimeoutError as exc:
+            raise BackendUnavailable("Redis did not answer in time") from exc
+
+    async def _create_feed(self, key: str) -> None:
+        feed = _Feed(key)
+        self._feeds[key] = feed
+        try:
+            last = await call(self._commands.xrevrange(key, "+", "-", count=1), self._timeout)
+        except BaseException:
+            # Waiters re-check and one of them tries again (or they time out).
+            if self._feeds.get(key) is feed:
+                del self._feeds[key]
+            feed.ready.set()
+            raise
+        newest = range_entries(last)
+        feed.position = newest[0][0] if newest else (0, 0)
+        feed.ready.set()
+        self._has_feeds.set()
+        await self._wake()
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Release at once (synchronous: safe in a cancelled generator's `finally`)."""
+        sub._close("unsubscribed")
+        feed = self._feeds.get(sub.key)
+        if feed is None:
+            return
+        feed.subscribers.discard(sub)
+        if not feed.subscribers and feed.ready.is_set():
+            del self._feeds[sub.key]
+
+    async def _wake(self) -> None:
+        """Make the reader re-issue XREAD with the new key now instead of after its block timeout.
+        Best effort: if it is not blocked yet, it will see the key anyway."""
+        if self._reader_id is None or self._wake_sent:
+            return
+        self._wake_sent = True
+        with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError, BackendUnavailable):
+            await call(self._commands.client_unblock(self._reader_id), self._timeout)
+
+    # -- the reader ------------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._read_once()
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Redis restarting or unreachable: keep every feed and its position, retry with
+                # backoff; open streams go on (heartbeats) and continue where they were.
+                self.connected = False
+                self._reader_id = None
+                if not unavailable(exc):
+                    logger.exception("update hub reader failed; retrying")
+                else:
+                    logger.warning("update hub lost Redis (%s); retrying in %.1fs", exc, backoff)
+                with contextlib.suppress(Exception):
+                    await self._reader.connection_pool.disconnect()
+                await asyncio.sleep(backoff)  # backoff between reconnect attempts, not synchronisation
+                backoff = min(backoff * 2, 5.0)
+
+    async def _read_once(self) -> None:
+        if not self._feeds:
+            self._has_feeds.clear()
+            await self._has_feeds.wait()
+        if self._reader_id is None:
+            self._reader_id = int(await self._reader.client_id())
+        self._wake_sent = False
+        streams: dict[Any, Any] = {
+            key: format_id(feed.position) for key, feed in self._feeds.items() if feed.position is not None
+        }
+        if not streams:
+            self._has_feeds.clear()
+            await self._has_feeds.wait()
+            return
+        response = await self._reader.xread(streams, count=self._read_count, block=self._block_ms)
+        self.connected = True
+        self._dispatch(response)
+
+    def _dispatch(self, response: Any) -> None:
+        """Deliver one XREAD answer. No await in here: delivering and moving the position are one
+        step for every subscriber registering concurrently."""
+        for raw_key, entries in response or ():
+            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+            feed = self._feeds.get(key)
+            if feed is None or feed.position is None:
+                continue
+            for stream_id, data in range_entries(entries, self._field):
+                if stream_id <= feed.position:
+                    continue  # the feed was re-created after this read was issued
+                for sub in list(feed.subscribers):
+                    if not sub._deliver(stream_id, data):
+                        logger.info("dropping a slow update stream of %s (queue full)", key)
+                        sub._close("overflow")
+                        self.unsubscribe(sub)
+                feed.position = stream_id
+                if not feed.subscribers:
+                    break

@@ -1,0 +1,496 @@
+"""Translate the list inputs into a Temporal visibility query, safely.
+
+Pure functions, no I/O: the Temporal backend calls `build_query` and the page-token helpers, the
+unit tests call them directly.
+
+Safety rests on three rules:
+
+1. Every value a caller sends becomes a single-quoted string literal written by `quote`, which
+   escapes backslashes, quotes and control characters, so no value can end its literal early.
+2. The caller's custom `query` is tokenized and parsed with the grammar of Temporal's visibility
+   language, then written back from the parse tree (identifiers checked, strings re-quoted,
+   every group parenthesized) and ANDed with the scope clauses. Anything the parser does not
+   accept (unbalanced parentheses or quotes, comments, semicolons, ORDER BY, LIMIT, references to
+   the attributes that scope a caller) is refused with `InvalidInput`: it can narrow a listing,
+   never widen it.
+3. Page tokens are ours: Temporal's token wrapped with a digest of the query it was issued for, so
+   a token cannot be replayed against another query (another filter set, another project).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from typing import Any
+
+from backends.errors import InvalidInput
+from backends.protocol import RunFilters
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+MAX_VALUE_LENGTH = 1000
+MAX_CUSTOM_QUERY_LENGTH = 4000
+MAX_PAGE_TOKEN_LENGTH = 8192
+MAX_NESTING = 32
+
+# Attributes that decide what a caller may see: a custom query must not mention them (TenantId
+# too, which the live service scopes on, should a cluster register it).
+SCOPING_ATTRIBUTES = frozenset({"ProjectId", "AccountId", "TenantId", "Visibility", "InitiatedBy", "IsConversation"})
+_SCOPING_LOWER = frozenset(name.lower() for name in SCOPING_ATTRIBUTES)
+
+# The list `status` input (case-insensitive) -> Temporal's ExecutionStatus value.
+STATUS_VALUES: dict[str, str] = {
+    "running": "Running",
+    "completed": "Completed",
+    "failed": "Failed",
+    "canceled": "Canceled",
+    "cancelled": "Canceled",
+    "terminated": "Terminated",
+    "continued_as_new": "ContinuedAsNew",
+    "continuedasnew": "ContinuedAsNew",
+    "timed_out": "TimedOut",
+    "timedout": "TimedOut",
+}
+
+# Escapes understood by Temporal's query tokenizer (MySQL's string-literal escapes).
+_ESCAPES = {
+    "\\": "\\\\",
+    "'": "\\'",
+    "\x00": "\\0",
+    "\b": "\\b",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\x1a": "\\Z",
+}
+_ESCAPE_RE = re.compile("[\\\\'\x00\b\n\r\t\x1a]")
+_UNESCAPES = {"0": "\x00", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a"}
+
+
+def quote(value: str) -> str:
+    """`value` as a single-quoted string literal of the visibility language."""
+    return "'" + _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(0)], value) + "'"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain inputs
+
+
+def _text(name: str, value: object) -> str | None:
+    """A filter value: None when absent or blank; InvalidInput unless a reasonable string."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string.")
+    if not value.strip():
+        return None
+    if len(value) > MAX_VALUE_LENGTH:
+        raise InvalidInput(f"{name} is longer than {MAX_VALUE_LENGTH} characters.")
+    return value
+
+
+_DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def parse_time(name: str, value: str, *, end_of_day: bool = False) -> datetime:
+    """An ISO 8601 date or date-time as an aware UTC datetime.
+
+    A date alone means the start of that day (UTC), or its last microsecond when `end_of_day`
+    (so `end: "2024-05-01"` includes runs started during May 1st). A date-time without an offset
+    is taken as UTC."""
+    raw = value.strip()
+    try:
+        if _DATE_ONLY.fullmatch(raw):
+            day = date.fromisoformat(raw)
+            return datetime.combine(day, time.max if end_of_day else time.min, tzinfo=UTC)
+        if "T" not in raw and " " not in raw:
+            raise ValueError("not a date-time")
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidInput(
+            f"{name} must be an ISO 8601 date or date-time, e.g. 2024-05-01 or 2024-05-01T12:00:00Z.",
+            details=f"got {value!r}",
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def status_value(value: str) -> str:
+    key = value.strip().lower().replace("-", "_")
+    try:
+        return STATUS_VALUES[key]
+    except KeyError:
+        raise InvalidInput(
+            "status must be one of: running, completed, failed, canceled, terminated, continued_as_new, timed_out.",
+            details=f"got {value!r}",
+        ) from None
+
+
+def page_size_of(value: object) -> int:
+    if value is None:
+        return DEFAULT_PAGE_SIZE
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PAGE_SIZE:
+        raise InvalidInput(f"page_size must be an integer from 1 to {MAX_PAGE_SIZE}.")
+    return value
+
+
+def visibility_clause(principal_ref: str) -> str:
+    """Private runs are seen only by whoever started them (runs without the attribute are project
+    runs, the documented default)."""
+    return f"(Visibility IS NULL OR Visibility != 'private' OR InitiatedBy = {quote(principal_ref)})"
+
+
+def build_query(
+    filters: RunFilters,
+    *,
+    project_id: str,
+    principal_ref: str,
+    superadmin: bool = False,
+    conversations_only: bool = False,
+) -> str:
+    """The complete visibility query for one listing: the caller's scope, then each filter."""
+    clauses = [f"ProjectId = {quote(project_id)}"]
+    if conversations_only:
+        clauses.append("IsConversation = true")
+    if not superadmin:
+        clauses.append(visibility_clause(principal_ref))
+
+    for name, attribute in (
+        ("document_id", "DocumentId"),
+        ("event_name", "EventName"),
+        ("rule_id", "RuleId"),
+        ("initiated_by", "InitiatedBy"),
+    ):
+        value = _text(name, getattr(filters, name))
+        if value is not None:
+            clauses.append(f"{attribute} = {quote(value)}")
+
+    workflow_type = _text("type", filters.type)
+    if workflow_type is not None:
+        literal = quote(workflow_type)
+        clauses.append(f"(WorkflowType = {literal} OR VertesiaWorkflowType = {literal})")
+
+    status = _text("status", filters.status)
+    if status is not None:
+        clauses.append(f"ExecutionStatus = {quote(status_value(status))}")
+
+    start_raw, end_raw = _text("start", filters.start), _text("end", filters.end)
+    start = parse_time("start", start_raw) if start_raw is not None else None
+    end = parse_time("end", end_raw, end_of_day=True) if end_raw is not None else None
+    if start is not None and end is not None and start > end:
+        raise InvalidInput("start must not be after end.")
+    if start is not None:
+        clauses.append(f"StartTime >= {quote(rfc3339(start))}")
+    if end is not None:
+        clauses.append(f"StartTime <= {quote(rfc3339(end))}")
+
+    term = _text("search_term", filters.search_term)
+    if term is not None:
+        literal = quote(term.strip())
+        clauses.append(
+            f"(WorkflowType = {literal} OR VertesiaWorkflowType = {literal} OR WorkflowId = {literal}"
+            f" OR RunId = {literal} OR WorkflowId STARTS_WITH {literal} OR WorkflowType STARTS_WITH {literal}"
+            f" OR VertesiaWorkflowType STARTS_WITH {literal})"
+        )
+
+    custom = _text("query", filters.query)
+    if custom is not None:
+        clauses.append(f"({confine_custom_query(custom)})")
+    return " AND ".join(clauses)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom query: a small lexer and recursive-descent parser of Temporal's visibility language
+
+
+KEYWORDS = frozenset({"AND", "OR", "NOT", "IN", "BETWEEN", "STARTS_WITH", "IS", "NULL", "TRUE", "FALSE"})
+# Words that would change what the query is rather than which runs it matches.
+_REFUSED_WORDS = frozenset(
+    {"ORDER", "BY", "LIMIT", "OFFSET", "GROUP", "HAVING", "SELECT", "FROM", "WHERE", "UNION", "LIKE"}
+)
+_COMPARISONS = frozenset({"=", "!=", "<>", "<", "<=", ">", ">="})
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str  # IDENT, KEYWORD, STRING, NUMBER, OP, LPAREN, RPAREN, COMMA
+    text: str  # the keyword upper-cased, the decoded string, the identifier, number or operator
+    position: int
+
+
+def _refuse(message: str, position: int | None = None) -> InvalidInput:
+    where = f" (at character {position + 1})" if position is not None else ""
+    return InvalidInput(f"query cannot be used: {message}{where}.")
+
+
+def _read_string(text: str, start: int) -> tuple[str, int]:
+    """Decode the quoted literal starting at `start`; return it and the index after it."""
+    delimiter = text[start]
+    out: list[str] = []
+    i = start + 1
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            if i + 1 >= len(text):
+                break
+            nxt = text[i + 1]
+            out.append(_UNESCAPES.get(nxt, nxt))
+            i += 2
+        elif ch == delimiter:
+            if i + 1 < len(text) and text[i + 1] == delimiter:  # a doubled quote stands for one
+                out.append(delimiter)
+                i += 2
+            else:
+                return "".join(out), i + 1
+        else:
+            out.append(ch)
+            i += 1
+    raise _refuse("unbalanced quote", start)
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+_PUNCTUATION = {"(": "LPAREN", ")": "RPAREN", ",": "COMMA"}
+
+
+def _word(text: str, start: int) -> tuple[Token, int] | None:
+    """A number, keyword or identifier starting at `start`, with the index after it."""
+    if (number := _NUMBER.match(text, start)) is not None:
+        return Token("NUMBER", number.group(0), start), number.end()
+    if (ident := _IDENT.match(text, start)) is None:
+        return None
+    word = ident.group(0)
+    upper = word.upper()
+    if upper in _REFUSED_WORDS:
+        raise _refuse(f"{upper} is not allowed, only conditions can be combined", start)
+    token = Token("KEYWORD", upper, start) if upper in KEYWORDS else Token("IDENT", word, start)
+    return token, ident.end()
+
+
+def tokenize(text: str) -> Iterator[Token]:
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isspace():
+            i += 1
+        elif ch in "'\"":
+            value, i_next = _read_string(text, i)
+            yield Token("STRING", value, i)
+            i = i_next
+        elif ch in _PUNCTUATION:
+            yield Token(_PUNCTUATION[ch], ch, i)
+            i += 1
+        elif ch in "=<>!":
+            two = text[i : i + 2]
+            op = two if two in _COMPARISONS else ch
+            if op not in _COMPARISONS:
+                raise _refuse(f"unexpected {ch!r}", i)
+            yield Token("OP", op, i)
+            i += len(op)
+        elif (found := _word(text, i)) is not None:
+            yield found[0]
+            i = found[1]
+        elif ch == ";":
+            raise _refuse("semicolons are not allowed", i)
+        else:
+            raise _refuse(f"unexpected {ch!r}", i)
+
+
+class _Parser:
+    """expr := and (OR and)* ; and := unary (AND unary)* ; unary := NOT unary | '(' expr ')' | predicate
+    predicate := IDENT ( cmp value | [NOT] IN '(' value (',' value)* ')' | [NOT] BETWEEN value AND value
+                        | [NOT] STARTS_WITH string | IS [NOT] NULL )
+    The output is written from what was parsed: every literal re-quoted, every group parenthesized."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens = list(tokenize(text))
+        self.index = 0
+        self.depth = 0
+
+    def peek(self) -> Token | None:
+        return self.tokens[self.index] if self.index < len(self.tokens) else None
+
+    def take(self) -> Token:
+        token = self.peek()
+        if token is None:
+            raise _refuse("it ends too early")
+        self.index += 1
+        return token
+
+    def at_keyword(self, *words: str) -> bool:
+        token = self.peek()
+        return token is not None and token.kind == "KEYWORD" and token.text in words
+
+    def expect_keyword(self, word: str) -> None:
+        token = self.take()
+        if token.kind != "KEYWORD" or token.text != word:
+            raise _refuse(f"expected {word}", token.position)
+
+    def parse(self) -> str:
+        if not self.tokens:
+            raise _refuse("it is empty")
+        out = self.expression()
+        extra = self.peek()
+        if extra is not None:
+            if extra.kind == "RPAREN":
+                raise _refuse("unbalanced parentheses", extra.position)
+            raise _refuse(f"unexpected {extra.text!r}", extra.position)
+        return out
+
+    def expression(self) -> str:
+        parts = [self.conjunction()]
+        while self.at_keyword("OR"):
+            self.take()
+            parts.append(self.conjunction())
+        return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+
+    def conjunction(self) -> str:
+        parts = [self.unary()]
+        while self.at_keyword("AND"):
+            self.take()
+            parts.append(self.unary())
+        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+
+    def unary(self) -> str:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise _refuse("it is nested too deeply")
+        try:
+            token = self.take()
+            if token.kind == "KEYWORD" and token.text == "NOT":
+                operand = self.unary()
+                return f"NOT ({operand})"
+            if token.kind == "LPAREN":
+                inner = self.expression()
+                closing = self.peek()
+                if closing is None or closing.kind != "RPAREN":
+                    raise _refuse("unbalanced parentheses", token.position)
+                self.take()
+                return f"({inner})"
+            if token.kind == "RPAREN":
+                raise _refuse("unbalanced parentheses", token.position)
+            if token.kind != "IDENT":
+                raise _refuse(f"expected a search attribute name, got {token.text!r}", token.position)
+            return self.predicate(token)
+        finally:
+            self.depth -= 1
+
+    def predicate(self, attribute: Token) -> str:
+        name = attribute.text
+        if name.lower() in _SCOPING_LOWER:
+            raise _refuse(f"{name} decides which runs you may see and cannot be used in a query", attribute.position)
+        token = self.take()
+        if token.kind == "OP":
+            return f"{name} {token.text} {self.value()}"
+        if token.kind != "KEYWORD":
+            raise _refuse(f"expected an operator after {name}", token.position)
+        if token.text == "IS":
+            null_negated = self.at_keyword("NOT")
+            if null_negated:
+                self.take()
+            self.expect_keyword("NULL")
+            return f"{name} IS NOT NULL" if null_negated else f"{name} IS NULL"
+        negated = token.text == "NOT"
+        if negated:
+            token = self.take()
+            if token.kind != "KEYWORD" or token.text not in {"IN", "BETWEEN", "STARTS_WITH"}:
+                raise _refuse("NOT must be followed by IN, BETWEEN or STARTS_WITH here", token.position)
+        return self.set_predicate(f"{name} NOT" if negated else name, token)
+
+    def set_predicate(self, prefix: str, token: Token) -> str:
+        """`IN (...)`, `BETWEEN a AND b` or `STARTS_WITH 'x'` after `prefix` (the name, maybe NOT)."""
+        if token.text == "IN":
+            opening = self.take()
+            if opening.kind != "LPAREN":
+                raise _refuse("IN needs a parenthesized list", opening.position)
+            values = [self.value()]
+            while (sep := self.take()).kind == "COMMA":
+                values.append(self.value())
+            if sep.kind != "RPAREN":
+                raise _refuse("unbalanced parentheses in an IN list", sep.position)
+            return f"{prefix} IN ({', '.join(values)})"
+        if token.text == "BETWEEN":
+            low = self.value()
+            self.expect_keyword("AND")
+            return f"{prefix} BETWEEN {low} AND {self.value()}"
+        if token.text == "STARTS_WITH":
+            literal = self.take()
+            if literal.kind != "STRING":
+                raise _refuse("STARTS_WITH needs a string", literal.position)
+            return f"{prefix} STARTS_WITH {quote(literal.text)}"
+        raise _refuse(f"unexpected {token.text!r}", token.position)
+
+    def value(self) -> str:
+        token = self.take()
+        if token.kind == "STRING":
+            return quote(token.text)
+        if token.kind == "NUMBER":
+            return token.text
+        if token.kind == "KEYWORD" and token.text in {"TRUE", "FALSE"}:
+            return token.text.lower()
+        raise _refuse(f"expected a value, got {token.text!r}", token.position)
+
+
+def confine_custom_query(text: str) -> str:
+    """The caller's query rewritten from its parse tree, or InvalidInput when it cannot be ANDed
+    safely with the scope clauses."""
+    if len(text) > MAX_CUSTOM_QUERY_LENGTH:
+        raise InvalidInput(f"query is longer than {MAX_CUSTOM_QUERY_LENGTH} characters.")
+    return _Parser(text).parse()
+
+
+# ---------------------------------------------------------------------------------------------
+# Page tokens
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def query_digest(query: str) -> str:
+    return hashlib.sha256(query.encode("utf-8")).hexdigest()[:16]
+
+
+def encode_page_token(temporal_token: bytes, query: str) -> str:
+    """Our opaque token: Temporal's token bound to the query it continues."""
+    body = {"v": 1, "q": query_digest(query), "t": _b64encode(temporal_token)}
+    return _b64encode(json.dumps(body, separators=(",", ":")).encode("utf-8"))
+
+
+def decode_page_token(token: str, query: str) -> bytes:
+    """Temporal's token back, or InvalidInput when `token` is not one we issued for `query`."""
+    invalid = InvalidInput(
+        "next_page_token is not valid for this listing: pass back the token of the previous page with the same filters."
+    )
+    if not isinstance(token, str) or not token or len(token) > MAX_PAGE_TOKEN_LENGTH:
+        raise invalid
+    try:
+        body: Any = json.loads(_b64decode(token))
+        if not isinstance(body, dict) or body.get("v") != 1 or not isinstance(body.get("t"), str):
+            raise invalid
+        if body.get("q") != query_digest(query):
+            raise invalid
+        inner = _b64decode(body["t"])
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise invalid from None
+    if not inner:
+        raise invalid
+    return inner

@@ -1,0 +1,166 @@
+"""`make contract-test`: Schemathesis fuzzes a live server against the published document.
+
+Without `BASE_URL` it starts the real embedded stack (Temporal dev server, Redis, the sample worker
+and `workflow-runs serve`) in a temporary folder and stops it afterwards. Either way it seeds real
+runs in every state through Temporal (`TEMPORAL_ADDRESS`, `JWT_SECRET` must then match the server),
+so the fuzzer reaches the handlers instead of the 404 path, then runs `schemathesis run --checks all`
+with a fixed seed and no example database (deterministic in CI). `CONTRACT_EXAMPLES` (default 12)
+raises the number of generated cases per operation for longer local runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from server import stack
+from server.auth import mint_token
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "contract"
+CONFIG_TEMPLATE = ROOT / "contract_tests" / "schemathesis.toml"
+
+
+@dataclass(frozen=True)
+class Target:
+    base_url: str
+    temporal_address: str
+    jwt_secret: str
+    task_queue: str
+
+
+@contextlib.contextmanager
+def embedded_target() -> Iterator[Target]:
+    data_dir = Path(tempfile.mkdtemp(prefix="contract-"))
+    temporal_port, redis_port, api_port = stack.free_port(), stack.free_port(), stack.free_port()
+    target = Target(
+        base_url=f"http://127.0.0.1:{api_port}/api/v1",
+        temporal_address=f"127.0.0.1:{temporal_port}",
+        jwt_secret=secrets.token_urlsafe(48),
+        task_queue="contract-samples",
+    )
+    env = {
+        **os.environ,
+        "PORT": str(api_port),
+        "TEMPORAL_ADDRESS": target.temporal_address,
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "JWT_SECRET": target.jwt_secret,
+        "API_URL": target.base_url,
+        "TEMPORAL_TASK_QUEUE": target.task_queue,
+        "VALIDATE_RESPONSES": "1",
+        "DATA_DIR": str(data_dir),
+    }
+    cli = [sys.executable, "-m", "server.cli"]
+    children: list[stack.Child] = []
+    with stack.running(children):
+        children.append(stack.start_temporal(data_dir, port=temporal_port))
+        children.append(stack.start_redis(data_dir, port=redis_port))
+        children.append(stack.spawn("api", [*cli, "serve"], data_dir / "logs", env))
+        children.append(stack.spawn("worker", [*cli, "worker"], data_dir / "logs", env))
+        stack.wait_for_port("127.0.0.1", api_port, 60, children[2].proc)
+        print(f"contract-test: embedded stack in {data_dir} (logs in {data_dir / 'logs'})", flush=True)
+        yield target
+
+
+def seed(target: Target) -> dict[str, tuple[str, str]]:
+    """Real runs in every state; returns `name -> (workflow_id, run_id)`."""
+    from temporalio.client import Client
+
+    from workloads.starter import start_workflow
+
+    async def start_all() -> dict[str, tuple[str, str]]:
+        client = await Client.connect(target.temporal_address)
+
+        async def start(kind: str, **kwargs: object) -> tuple[str, str]:
+            return await start_workflow(client, kind, project=PROJECT, task_queue=target.task_queue, **kwargs)  # type: ignore[arg-type]
+
+        runs = {
+            "completed": await start("StandardContentIngestion", user="alice", input={"documentId": "doc-contract"}),
+            "conversation": await start("AgentConversation", user="alice", interaction="support"),
+            "private": await start("AgentConversation", user="alice", visibility="private"),
+            "to_cancel": await start("AgentConversation", user="alice"),
+            "to_terminate": await start("AgentConversation", user="alice"),
+            "failed": await start("RetryingActivity", user="bob", input={"fail_attempts": 99, "delay_seconds": 0}),
+        }
+        to_cancel, to_terminate = runs["to_cancel"], runs["to_terminate"]
+        await client.get_workflow_handle(to_cancel[0], run_id=to_cancel[1]).cancel()
+        await client.get_workflow_handle(to_terminate[0], run_id=to_terminate[1]).terminate(reason="contract seed")
+        return runs
+
+    runs = asyncio.run(start_all())
+    token = mint_token(target.jwt_secret, user="alice", project=PROJECT)
+    expected = {"completed": "COMPLETED", "to_cancel": "CANCELED", "to_terminate": "TERMINATED", "failed": "FAILED"}
+    with httpx.Client(base_url=target.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        deadline = time.monotonic() + 120
+        pending = dict(expected)
+        while pending:
+            for name, status in list(pending.items()):
+                workflow_id, run_id = runs[name]
+                if http.get(f"/workflows/runs/{workflow_id}/{run_id}").json().get("status") == status:
+                    del pending[name]
+            if time.monotonic() > deadline:
+                raise SystemExit(f"contract-test: seeded runs never reached their states: {pending}")
+            time.sleep(0.5)
+    return runs
+
+
+def write_config(runs: dict[str, tuple[str, str]], path: Path) -> None:
+    completed, conversation = runs["completed"], runs["conversation"]
+    text = CONFIG_TEMPLATE.read_text(encoding="utf-8")
+    for placeholder, value in {
+        "@COMPLETED_WORKFLOW_ID@": completed[0],
+        "@COMPLETED_RUN_ID@": completed[1],
+        "@RUNNING_WORKFLOW_ID@": conversation[0],
+        "@RUNNING_RUN_ID@": conversation[1],
+        "@MAX_EXAMPLES@": os.environ.get("CONTRACT_EXAMPLES", "12"),
+    }.items():
+        text = text.replace(placeholder, value)
+    path.write_text(text, encoding="utf-8")
+
+
+def run_schemathesis(target: Target, runs: dict[str, tuple[str, str]]) -> int:
+    report_dir = ROOT / "build" / "contract"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    config = report_dir / "schemathesis.toml"
+    write_config(runs, config)
+    env = {**os.environ, "API_TOKEN": mint_token(target.jwt_secret, user="alice", project=PROJECT)}
+    argv = [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "--config-file", str(config),
+        "run", f"{target.base_url}/openapi.json",
+        "--url", target.base_url,
+        "--checks", "all",
+        "--workers", "1",
+        "--report", "junit", "--report-dir", str(report_dir),
+    ]  # fmt: skip
+    print("contract-test:", " ".join(argv), flush=True)
+    return subprocess.run(argv, env=env, cwd=ROOT, check=False).returncode
+
+
+def main() -> int:
+    base_url = os.environ.get("BASE_URL")
+    if base_url:
+        target = Target(
+            base_url=base_url.rstrip("/"),
+            temporal_address=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
+            jwt_secret=os.environ["JWT_SECRET"],
+            task_queue=os.environ.get("TEMPORAL_TASK_QUEUE", "workflow-runs-samples"),
+        )
+        return run_schemathesis(target, seed(target))
+    with embedded_target() as target:
+        return run_schemathesis(target, seed(target))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Conversations: the listing of agent runs, with the seed's visibility rule applied by the backend
+(project conversations plus the caller's own private ones; `workflow:superadmin` sees all)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from handlers.runs import filters_of, page_answer
+from server.context import backends, principal_of
+from server.permissions import LIST_RUNS, require
+
+
+async def list_conversations(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> dict[str, Any]:
+    principal = require(principal_of(token_info), LIST_RUNS)
+    page = await backends().runs.list_runs(principal, filters_of(body), conversations_only=True)
+    return page_answer(page)

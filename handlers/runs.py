@@ -1,0 +1,100 @@
+"""Run operations: details, listing, cancel / terminate, signal.
+
+Thin by design: check the permission, call the runs backend, shape the answer through the Pydantic
+model generated from the document (when `generated/models.py` is there), so that what leaves the
+server is what the contract says. Domain errors raised below become the JSON error body in
+`server.errors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any
+
+from backends.errors import InvalidInput
+from backends.protocol import RunFilters, RunPage
+from server.context import backends, principal_of
+from server.permissions import ACT_ON_RUN, LIST_RUNS, READ_RUN, require
+
+FILTER_FIELDS = tuple(field.name for field in dataclasses.fields(RunFilters))
+ACTION_VERBS = {"cancel": "cancelled", "terminate": "terminated"}
+
+_models: ModuleType | None = None
+
+
+def _generated_models() -> ModuleType | None:
+    """`generated.models`, once it exists (it is produced by `make generate`)."""
+    global _models  # noqa: PLW0603  # a process-wide memo of one import
+    if _models is None:
+        try:
+            _models = importlib.import_module("generated.models")
+        except ImportError:
+            return None
+    return _models
+
+
+def shape(model_name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` validated by the generated model of that schema name and dumped as JSON data; as is
+    when the models have not been generated."""
+    models = _generated_models()
+    model: Any = getattr(models, model_name, None) if models is not None else None
+    if model is None:
+        return data
+    dumped: dict[str, Any] = model.model_validate(data).model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return dumped
+
+
+def filters_of(body: dict[str, Any] | None) -> RunFilters:
+    """The list inputs of a request body (the document has already validated their types)."""
+    if body is None:
+        return RunFilters()
+    if not isinstance(body, dict):
+        raise InvalidInput("The request body must be a JSON object.")
+    return RunFilters(**{name: body[name] for name in FILTER_FIELDS if body.get(name) is not None})
+
+
+def page_answer(page: RunPage) -> dict[str, Any]:
+    """A WorkflowRunList answer."""
+    body = {"runs": page.runs, "next_page_token": page.next_page_token, "has_more": page.has_more}
+    return shape("WorkflowRunList", body)
+
+
+async def get_workflow_run(workflow_id: str, run_id: str, token_info: dict[str, Any]) -> dict[str, Any]:
+    principal = require(principal_of(token_info), READ_RUN)
+    run = await backends().runs.get_run(principal, workflow_id, run_id)
+    return shape("WorkflowRun", run)
+
+
+async def list_workflow_runs(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> dict[str, Any]:
+    principal = require(principal_of(token_info), LIST_RUNS)
+    page = await backends().runs.list_runs(principal, filters_of(body))
+    return page_answer(page)
+
+
+async def apply_workflow_run_action(
+    workflow_id: str, run_id: str, action: str, token_info: dict[str, Any], body: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    principal = require(principal_of(token_info), ACT_ON_RUN)
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if reason is not None and not isinstance(reason, str):
+        raise InvalidInput("reason must be a string.")
+    runs = backends().runs
+    if action == "cancel":
+        await runs.apply_action(principal, workflow_id, run_id, "cancel", reason)
+    elif action == "terminate":
+        await runs.apply_action(principal, workflow_id, run_id, "terminate", reason)
+    else:
+        raise InvalidInput("action must be cancel or terminate.", details=f"got {action!r}")
+    return shape("ActionResult", {"message": f"Workflow {run_id} {ACTION_VERBS[action]}"})
+
+
+async def signal_workflow_run(
+    workflow_id: str, run_id: str, signal_name: str, body: dict[str, Any], token_info: dict[str, Any]
+) -> dict[str, Any]:
+    principal = require(principal_of(token_info), ACT_ON_RUN)
+    if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+        raise InvalidInput("The signal body must be a JSON object with a string `message`.")
+    await backends().runs.signal(principal, workflow_id, run_id, signal_name, body)
+    return shape("SignalResult", {"status": "success", "message": f"Workflow {run_id} signalled with {signal_name}"})

@@ -1,0 +1,102 @@
+"""Run updates: get the stored ones, stream them (SSE), post one (operations of the Updates tag).
+
+Thin, like every handler: check the permission and that the run is visible (`find_run` raises
+`NotFound` otherwise), then call the updates backend. Stored updates are JSON bytes already, so
+they are answered as they are, never decoded and re-encoded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+from connexion import request
+from starlette.responses import Response, StreamingResponse
+
+from backends.errors import InvalidInput
+from backends.protocol import Principal, RunsBackend
+from server import sse
+from server.context import backends, principal_of
+from server.permissions import ACT_ON_RUN, READ_RUN, require
+
+MAX_MS = 2**64 - 1
+CLOSED_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED", "TERMINATED", "CONTINUED_AS_NEW", "TIMED_OUT"})
+
+
+async def get_workflow_run_updates(
+    workflow_id: str, run_id: str, token_info: dict[str, Any], since: int = 0
+) -> Response:
+    context = backends()
+    principal = require(principal_of(token_info), READ_RUN)
+    await context.runs.find_run(principal, run_id, workflow_id)
+    messages = await context.updates.read_since(run_id, _since_ms(since))
+    return Response(b'{"messages":' + messages + b"}", media_type="application/json")
+
+
+async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for the operation's parameters
+    workflow_id: str,
+    run_id: str,
+    token_info: dict[str, Any],
+    since: int | None = None,
+    skip_history: bool = False,
+    access_token: str | None = None,
+) -> StreamingResponse:
+    del access_token  # verified by the security layer, exactly like the Authorization header
+    context = backends()
+    principal = require(principal_of(token_info), READ_RUN)
+    runs, settings = context.runs, context.settings
+    await runs.find_run(principal, run_id, workflow_id)
+    last_event_id = (request.headers.get("last-event-id") or "").strip() or None
+    source = cast(sse.UpdateStreamSource, context.updates)  # see the protocol note in the report
+    stream = await source.open_stream(
+        run_id,
+        after_id=last_event_id,
+        since_ms=None if since is None else _since_ms(since),
+        skip_history=bool(skip_history),
+    )
+
+    async def closed_status() -> str | None:
+        return await _closed_status(runs, principal, workflow_id, run_id)
+
+    try:
+        status_at_open = await closed_status()
+    except BaseException:
+        await stream.aclose()
+        raise
+    frames = sse.update_frames(
+        stream,
+        heartbeat_seconds=settings.sse_heartbeat_seconds,
+        retry_ms=settings.sse_retry_ms,
+        closed_status=closed_status,
+        status_at_open=status_at_open,
+    )
+    return sse.event_stream_response(frames, send_timeout=settings.sse_send_timeout_seconds)
+
+
+async def post_workflow_run_update(
+    run_id: str, body: dict[str, Any] | None, token_info: dict[str, Any]
+) -> dict[str, bool]:
+    context = backends()
+    principal = require(principal_of(token_info), ACT_ON_RUN)
+    await context.runs.find_run(principal, run_id)
+    await context.updates.append(run_id, body or {})
+    return {"success": True}
+
+
+async def _closed_status(runs: RunsBackend, principal: Principal, workflow_id: str, run_id: str) -> str | None:
+    """The run's final status once it is closed; None while it runs (or while its status is not
+    final yet as far as the description says: the next poll asks again)."""
+    if not await runs.is_closed(workflow_id, run_id):
+        return None
+    run = await runs.get_run(principal, workflow_id, run_id)
+    status = run.get("status")
+    return status if isinstance(status, str) and status in CLOSED_STATUSES else None
+
+
+def _since_ms(value: int | float) -> int:
+    """Epoch milliseconds from the `since` parameter, clamped to what a stream id can hold."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise InvalidInput("`since` must be a number of milliseconds since the epoch.")
+    if value <= 0:
+        return 0
+    return MAX_MS if value >= MAX_MS else int(value)

@@ -1,0 +1,315 @@
+"""The list inputs -> visibility query translation: escaping, validation, confinement, page tokens."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backends.errors import InvalidInput
+from backends.protocol import RunFilters
+from backends.visibility_query import (
+    MAX_PAGE_SIZE,
+    build_query,
+    confine_custom_query,
+    decode_page_token,
+    encode_page_token,
+    page_size_of,
+    parse_time,
+    query_digest,
+    quote,
+    rfc3339,
+    status_value,
+    tokenize,
+)
+
+SCOPE = "ProjectId = 'p1' AND (Visibility IS NULL OR Visibility != 'private' OR InitiatedBy = 'user:u1')"
+
+
+def query(**filters: object) -> str:
+    return build_query(RunFilters(**filters), project_id="p1", principal_ref="user:u1")  # type: ignore[arg-type]
+
+
+# -- quoting ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "literal"),
+    [
+        ("plain", "'plain'"),
+        ("a'b", r"'a\'b'"),
+        ("c\\d", r"'c\\d'"),
+        ('e"f', "'e\"f'"),
+        ("x' OR ProjectId = 'other", r"'x\' OR ProjectId = \'other'"),
+        ("line\nbreak\ttab\x00nul", r"'line\nbreak\ttab\0nul'"),
+        ("ünïcødé ✓", "'ünïcødé ✓'"),
+    ],
+)
+def test_quote_escapes_what_could_end_the_literal(value: str, literal: str) -> None:
+    assert quote(value) == literal
+
+
+@given(st.text(max_size=200))
+def test_any_value_stays_one_string_literal(value: str) -> None:
+    tokens = list(tokenize(quote(value)))
+    assert [(t.kind, t.text) for t in tokens] == [("STRING", value)]
+
+
+@given(st.text(max_size=100))
+def test_an_injected_filter_value_cannot_change_the_query_structure(value: str) -> None:
+    """Whatever the document id, the query is the scope, then `DocumentId = <one literal>`."""
+    tokens = list(tokenize(query(document_id=value))) if value.strip() else []
+    if not tokens:
+        return
+    kinds = [(t.kind, t.text) for t in tokens]
+    assert kinds[-3:] == [("IDENT", "DocumentId"), ("OP", "="), ("STRING", value)]
+    assert kinds[:3] == [("IDENT", "ProjectId"), ("OP", "="), ("STRING", "p1")]
+
+
+# -- plain filters ----------------------------------------------------------------------------
+
+
+def test_no_filters_is_just_the_scope() -> None:
+    assert query() == SCOPE
+
+
+def test_superadmin_skips_the_private_rule_but_not_the_project() -> None:
+    assert build_query(RunFilters(), project_id="p1", principal_ref="user:u1", superadmin=True) == "ProjectId = 'p1'"
+
+
+def test_conversations_scope() -> None:
+    built = build_query(RunFilters(), project_id="p'1", principal_ref="user:o'brien", conversations_only=True)
+    assert built == (
+        r"ProjectId = 'p\'1' AND IsConversation = true"
+        r" AND (Visibility IS NULL OR Visibility != 'private' OR InitiatedBy = 'user:o\'brien')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("filters", "clause"),
+    [
+        ({"document_id": "d1"}, "DocumentId = 'd1'"),
+        ({"event_name": "create"}, "EventName = 'create'"),
+        ({"rule_id": "r1"}, "RuleId = 'r1'"),
+        ({"initiated_by": "user:123"}, "InitiatedBy = 'user:123'"),
+        (
+            {"type": "StandardContentIngestion"},
+            "(WorkflowType = 'StandardContentIngestion' OR VertesiaWorkflowType = 'StandardContentIngestion')",
+        ),
+        ({"status": "Cancelled"}, "ExecutionStatus = 'Canceled'"),
+        ({"start": "2024-05-01"}, "StartTime >= '2024-05-01T00:00:00.000000Z'"),
+        ({"end": "2024-05-01"}, "StartTime <= '2024-05-01T23:59:59.999999Z'"),
+        ({"start": "2024-05-01T12:30:00+02:00"}, "StartTime >= '2024-05-01T10:30:00.000000Z'"),
+        ({"end": "2024-05-01T12:30:00Z"}, "StartTime <= '2024-05-01T12:30:00.000000Z'"),
+        ({"query": "HistoryLength > 3"}, "(HistoryLength > 3)"),
+    ],
+)
+def test_each_filter_adds_its_clause(filters: dict[str, str], clause: str) -> None:
+    assert query(**filters) == f"{SCOPE} AND {clause}"
+
+
+def test_search_term_matches_type_rule_name_workflow_id_or_run_id() -> None:
+    built = query(search_term=" Ingest ")
+    assert built.endswith(
+        "(WorkflowType = 'Ingest' OR VertesiaWorkflowType = 'Ingest' OR WorkflowId = 'Ingest' OR RunId = 'Ingest'"
+        " OR WorkflowId STARTS_WITH 'Ingest' OR WorkflowType STARTS_WITH 'Ingest'"
+        " OR VertesiaWorkflowType STARTS_WITH 'Ingest')"
+    )
+
+
+def test_blank_values_are_ignored() -> None:
+    assert query(document_id="", status="  ", query=" ") == SCOPE
+
+
+@pytest.mark.parametrize(
+    ("status", "value"),
+    [
+        ("running", "Running"),
+        ("COMPLETED", "Completed"),
+        ("Failed", "Failed"),
+        ("canceled", "Canceled"),
+        ("cancelled", "Canceled"),
+        ("terminated", "Terminated"),
+        ("continued_as_new", "ContinuedAsNew"),
+        ("ContinuedAsNew", "ContinuedAsNew"),
+        ("timed_out", "TimedOut"),
+        ("TIMEDOUT", "TimedOut"),
+    ],
+)
+def test_status_is_case_insensitive(status: str, value: str) -> None:
+    assert status_value(status) == value
+
+
+@pytest.mark.parametrize("status", ["done", "Running'", "", "completed OR 1=1"])
+def test_unknown_status_is_refused(status: str) -> None:
+    with pytest.raises(InvalidInput):
+        status_value(status)
+
+
+@pytest.mark.parametrize(
+    "value", ["yesterday", "2024-13-01", "2024-02-30", "01/05/2024", "2024-05-01T25:00:00Z", "1714521600"]
+)
+def test_bad_dates_are_refused(value: str) -> None:
+    with pytest.raises(InvalidInput):
+        query(start=value)
+    with pytest.raises(InvalidInput):
+        query(end=value)
+
+
+def test_start_after_end_is_refused() -> None:
+    with pytest.raises(InvalidInput):
+        query(start="2024-05-02", end="2024-05-01")
+
+
+def test_same_day_start_and_end_cover_the_whole_day() -> None:
+    start, end = parse_time("start", "2024-05-01"), parse_time("end", "2024-05-01", end_of_day=True)
+    assert rfc3339(start) == "2024-05-01T00:00:00.000000Z"
+    assert rfc3339(end) == "2024-05-01T23:59:59.999999Z"
+
+
+def test_naive_date_time_is_utc() -> None:
+    assert rfc3339(parse_time("start", "2024-05-01T08:00:00")) == "2024-05-01T08:00:00.000000Z"
+
+
+@pytest.mark.parametrize("size", [0, -1, MAX_PAGE_SIZE + 1, True, "10"])
+def test_bad_page_sizes_are_refused(size: object) -> None:
+    with pytest.raises(InvalidInput):
+        page_size_of(size)
+
+
+def test_page_size_default_and_bounds() -> None:
+    assert page_size_of(None) == 50
+    assert page_size_of(1) == 1
+    assert page_size_of(MAX_PAGE_SIZE) == MAX_PAGE_SIZE
+
+
+def test_overlong_values_are_refused() -> None:
+    with pytest.raises(InvalidInput):
+        query(document_id="x" * 1001)
+
+
+# -- the custom query -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("custom", "rewritten"),
+    [
+        ("WorkflowType = 'A'", "WorkflowType = 'A'"),
+        ("WorkflowType = 'A' OR WorkflowType = 'B'", "(WorkflowType = 'A' OR WorkflowType = 'B')"),
+        ("a = 1 AND b != 'x' OR c >= 2.5", "((a = 1 AND b != 'x') OR c >= 2.5)"),
+        ("(a = 1 OR b = 2) AND c = 3", "(((a = 1 OR b = 2)) AND c = 3)"),
+        ('DocumentId = "dq"', "DocumentId = 'dq'"),
+        (r"DocumentId = 'it\'s'", r"DocumentId = 'it\'s'"),
+        ("DocumentId = 'it''s'", r"DocumentId = 'it\'s'"),
+        ("DocumentId in ('a', 'b')", "DocumentId IN ('a', 'b')"),
+        ("DocumentId NOT IN ('a')", "DocumentId NOT IN ('a')"),
+        ("StartTime BETWEEN '2024-01-01T00:00:00Z' AND '2024-02-01T00:00:00Z'",
+         "StartTime BETWEEN '2024-01-01T00:00:00Z' AND '2024-02-01T00:00:00Z'"),
+        ("WorkflowId starts_with 'ingest-'", "WorkflowId STARTS_WITH 'ingest-'"),
+        ("WorkflowId NOT STARTS_WITH 'ingest-'", "WorkflowId NOT STARTS_WITH 'ingest-'"),
+        ("RuleId IS NULL", "RuleId IS NULL"),
+        ("RuleId is not null", "RuleId IS NOT NULL"),
+        ("NOT WorkflowType = 'A'", "NOT (WorkflowType = 'A')"),
+        ("HistoryLength > -1", "HistoryLength > -1"),
+        ("TemporalSchedulePaused = TRUE", "TemporalSchedulePaused = true"),
+    ],
+)  # fmt: skip
+def test_custom_queries_are_rewritten_from_their_parse(custom: str, rewritten: str) -> None:
+    assert confine_custom_query(custom) == rewritten
+
+
+def test_a_custom_top_level_or_stays_inside_the_scope() -> None:
+    built = query(query="WorkflowType = 'A' OR WorkflowType = 'B'")
+    assert built == f"{SCOPE} AND ((WorkflowType = 'A' OR WorkflowType = 'B'))"
+
+
+@pytest.mark.parametrize(
+    "custom",
+    [
+        "(WorkflowType = 'A'",  # unbalanced parentheses
+        "WorkflowType = 'A')",
+        "WorkflowType = 'A') OR (ProjectId = 'other'",
+        "WorkflowType = 'A",  # unbalanced quote
+        "WorkflowType = 'A\\'",
+        'WorkflowType = "A',
+        "ProjectId = 'other'",  # scoping attributes
+        "projectid = 'other'",
+        "WorkflowType = 'A' OR ProjectId != 'p1'",
+        "AccountId = 'a'",
+        "TenantId = 't'",
+        "Visibility = 'private'",
+        "InitiatedBy = 'user:1'",
+        "IsConversation = false",
+        "WorkflowType = 'A' ORDER BY StartTime",  # not conditions
+        "WorkflowType = 'A' LIMIT 5",
+        "WorkflowType = 'A'; DROP TABLE executions",
+        "WorkflowType = 'A' -- comment",
+        "WorkflowType = 'A' /* comment */",
+        "WorkflowType = 'A' # comment",
+        "`ProjectId` = 'other'",
+        "WorkflowType = 'A' AND",  # incomplete
+        "WorkflowType",
+        "= 'A'",
+        "WorkflowType = OtherAttribute",
+        "WorkflowType IN 'A'",
+        "WorkflowType IN ('A' 'B')",
+        "WorkflowType LIKE 'A%'",
+        "1 = 1",
+        "()",
+        "(" * 40 + "a = 1" + ")" * 40,
+    ],
+)
+def test_custom_queries_that_cannot_be_combined_safely_are_refused(custom: str) -> None:
+    with pytest.raises(InvalidInput):
+        query(query=custom)
+
+
+def test_custom_query_length_is_bounded() -> None:
+    with pytest.raises(InvalidInput):
+        confine_custom_query("a = 1 AND " * 500 + "a = 1")
+
+
+# -- page tokens ------------------------------------------------------------------------------
+
+
+def test_page_token_round_trip() -> None:
+    token = encode_page_token(b'{"CloseTime":"x"}', "Q")
+    assert token.replace("-", "").replace("_", "").isalnum()
+    assert decode_page_token(token, "Q") == b'{"CloseTime":"x"}'
+
+
+def test_a_token_for_another_query_is_refused() -> None:
+    token = encode_page_token(b"abc", query(document_id="d1"))
+    with pytest.raises(InvalidInput):
+        decode_page_token(token, query(document_id="d2"))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "base64EncodedToken",
+        "not base64 !!",
+        _b64(b"raw temporal token"),
+        _b64(b"[1, 2]"),
+        _b64(json.dumps({"v": 2, "q": "0" * 16, "t": _b64(b"x")}).encode()),
+        _b64(json.dumps({"v": 1, "q": "0" * 16, "t": _b64(b"x")}).encode()),
+        _b64(json.dumps({"v": 1, "t": _b64(b"x")}).encode()),
+        "x" * 9000,
+    ],
+)
+def test_forged_tokens_are_refused(token: str) -> None:
+    with pytest.raises(InvalidInput):
+        decode_page_token(token, "Q")
+
+
+def test_an_empty_inner_token_is_refused() -> None:
+    body = {"v": 1, "q": query_digest("Q"), "t": ""}
+    with pytest.raises(InvalidInput):
+        decode_page_token(_b64(json.dumps(body).encode()), "Q")

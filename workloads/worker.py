@@ -1,0 +1,66 @@
+"""The sample worker: `workflow-runs worker` and `workflow-runs dev` run `run_worker`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from server.settings import Settings
+from workloads.activities import WorkloadActivities
+from workloads.workflows import WORKFLOWS
+
+log = logging.getLogger(__name__)
+
+_USE_SETTINGS = "settings"
+
+
+def jwt_secret_of(settings: Settings) -> str | None:
+    """JWT_SECRET, else the secret `workflow-runs dev` keeps in `<data_dir>/jwt-secret` (read on
+    each use, so a worker started before `dev` wrote it still picks it up)."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = Path(settings.data_dir) / "jwt-secret"
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def build_activities(settings: Settings, *, api_url: str | None = _USE_SETTINGS) -> WorkloadActivities:
+    """The activities wired to the API at `api_url` (default: `settings.api_url`; None: do not post)."""
+    return WorkloadActivities(
+        api_url=settings.api_url if api_url == _USE_SETTINGS else api_url,
+        secret=lambda: jwt_secret_of(settings),
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )
+
+
+def create_worker(client: Client, *, task_queue: str, activities: WorkloadActivities) -> Worker:
+    return Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=activities.all())
+
+
+async def run_worker(
+    settings: Settings,
+    *,
+    client: Client | None = None,
+    task_queue: str | None = None,
+    api_url: str | None = _USE_SETTINGS,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the sample worker until `stop` is set (or, without `stop`, until cancelled)."""
+    if client is None:
+        client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    queue = task_queue or settings.temporal_task_queue
+    async with build_activities(settings, api_url=api_url) as activities:
+        worker = create_worker(client, task_queue=queue, activities=activities)
+        log.info("sample worker polling task queue %s on %s", queue, settings.temporal_address)
+        if stop is None:
+            await worker.run()
+        else:
+            async with worker:
+                await stop.wait()
