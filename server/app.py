@@ -30,7 +30,7 @@ from backends.errors import BackendUnavailable, DomainError
 from server import errors, openapi31
 from server.auth import TokenVerifier
 from server.context import Backends
-from server.middleware import BodySizeLimit, QueryTokenForStreams, RequestContext
+from server.middleware import BodySizeLimit, QueryTokenForStreams, RequestContext, SeedPathOverlap
 from server.settings import Settings
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "generated" / "openapi.yaml"
@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None, backends_factory: BackendsFacto
     # Added last = outermost. Order, outside in: request id + access log, Connexion's exception
     # handling, body cap, query token (before security reads the Authorization header).
     app.add_middleware(QueryTokenForStreams, position=MiddlewarePosition.BEFORE_SECURITY)
+    app.add_middleware(SeedPathOverlap, position=MiddlewarePosition.BEFORE_SWAGGER, base_path=BASE_PATH)
     app.add_middleware(BodySizeLimit, position=MiddlewarePosition.BEFORE_SWAGGER, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, position=MiddlewarePosition.BEFORE_EXCEPTION)
     return app

@@ -9,6 +9,7 @@ import uuid
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.errors import PayloadTooLarge
@@ -115,4 +116,20 @@ class QueryTokenForStreams:
                     if key == "access_token" and value:
                         headers["Authorization"] = f"Bearer {value}"
                         break
+        await self.app(scope, receive, send)
+
+
+class SeedPathOverlap:
+    """The seed's paths overlap: `/workflows/runs/X/updates` is both the POST-updates resource and,
+    read as `/workflows/runs/{workflowId}/{runId}`, a run whose id is `updates`. Run ids are UUIDs,
+    so only the first reading can be meant: any other method than POST gets 405 with `Allow: POST`
+    instead of a 400 about a malformed run id."""
+
+    def __init__(self, app: ASGIApp, base_path: str) -> None:
+        self.app = app
+        self.pattern = re.compile(rf"^{re.escape(base_path)}/workflows/runs/[^/]+/updates/?$")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "POST" and self.pattern.match(scope["path"]):
+            raise HTTPException(405, headers={"Allow": "POST"})
         await self.app(scope, receive, send)

@@ -75,11 +75,15 @@ def _types(schema: dict[str, Any]) -> list[str]:
     return kind if isinstance(kind, list) else [kind]
 
 
+# What `_parse` returns for an empty body, so that an absent body and a JSON `null` differ.
+_ABSENT = object()
+
+
 class JSONBody202012Validator(JSONRequestBodyValidator):  # type: ignore[misc]
     async def _parse(self, stream: AsyncIterator[bytes], scope: Any) -> Any:
         raw = b"".join([chunk async for chunk in stream])
         if not raw.strip():
-            return None
+            return _ABSENT
         try:
             # orjson: strict RFC 8259 (no NaN/Infinity) and it rejects invalid UTF-8 itself,
             # where Connexion's own parser answers 500 (spec-first/connexion#1860).
@@ -88,7 +92,7 @@ class JSONBody202012Validator(JSONRequestBodyValidator):  # type: ignore[misc]
             raise BadRequestProblem(detail=f"The request body is not valid JSON: {exc}") from exc
 
     def _validate(self, body: Any) -> dict[str, Any] | None:
-        if body is None:
+        if body is _ABSENT:
             # An absent body is fine when the document says the body is optional.
             if self._required:
                 raise BadRequestProblem(detail="The request body is required.")

@@ -182,3 +182,18 @@ def test_readiness_reflects_backends(client: Any) -> None:
     response = client.get("/health/ready")
     assert response.status_code == 200
     assert response.json()["checks"] == {"temporal": "ok", "redis": "ok"}
+
+
+def test_json_null_body_is_not_an_absent_body(client: Any) -> None:
+    response = client.post(
+        "/api/v1/workflows/runs", content=b"null", headers={"Authorization": f"Bearer {token()}", "Content-Type": "application/json"}
+    )
+    assert_error_body(response, 400)
+    absent = client.post("/api/v1/workflows/runs", headers={"Authorization": f"Bearer {token()}"})
+    assert absent.status_code == 200
+
+
+def test_overlapping_seed_path_answers_405_with_allow_post(client: Any) -> None:
+    response = client.get(f"/api/v1/workflows/runs/{RUN_ID}/updates", headers={"Authorization": f"Bearer {token()}"})
+    assert_error_body(response, 405)
+    assert response.headers["allow"] == "POST"
