@@ -22,12 +22,12 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed npm-tools  ## create .venv with everything (idempotent)
 
-include make/spec.mk
+include make/spec.mk make/clients.mk make/browser.mk
 
 run: install  ## the API on the embedded stack (Temporal dev server, Redis, sample worker)
 	$(BIN)/workflow-runs dev
 
-test: install lint typecheck lint-spec check-generated  ## the whole suite (what CI runs)
+test: install lint typecheck lint-spec check-generated browser-deps clients-deps  ## the whole suite (what CI runs)
 	$(BIN)/pytest
 
 unit: install  ## only the tests that need no services

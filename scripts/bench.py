@@ -1,0 +1,655 @@
+"""`make bench`: every performance figure of the project's server, side by side with its ceiling.
+
+One command, one run. It starts what it needs in a temporary folder: a Temporal dev server, Redis,
+the sample worker (only while seeding), the project's server (`python -m server.cli serve`: uvicorn,
+one worker, request validation on, `VALIDATE_RESPONSES=0`) and the bare baseline
+(`scripts.bench_baseline`), seeds real data, measures, prints a table and writes JSON (`--json`).
+
+Figures (each server figure beside its baseline measured in the same run, as a ratio):
+  updates  POST (append one), GET 20 stored, GET 1000 stored: the server vs the bare Starlette app
+           doing the same Redis work; the same generator and connections (wrk, 1 thread, 32
+           connections; else `scripts.bench_load`'s asyncio+httpx generator). Also POST to a
+           *running* run, where the server asks Temporal whether the run exists on every post.
+  runs     GET run details and list runs: the server vs the same Temporal calls made directly
+           through the temporalio SDK by `scripts.bench_sdk` at the same concurrency.
+  streams  N SSE streams on one API process, one poster: POST→receipt latency p50/p99 over every
+           delivery, and the server's VmRSS growth per open stream (`scripts.bench_streams`).
+
+Measurements alternate server and baseline, `--rounds` times; the table shows medians. With two
+cores or more the load generator runs on the first core and every measured server on the others
+(`scripts.bench_proc`). `--profile DIR` also records a py-spy profile of the server during its first
+round of every figure and prints the functions with the most own time (slows that round a little).
+
+    python -m scripts.bench [--json PATH] [--smoke] [--duration S] [--streams N] [--rounds R]
+                            [--generator auto|wrk|python] [--profile DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from scripts import bench_profile
+from scripts.bench_load import Load, LoadResult, generate, wrk_path
+from scripts.bench_proc import Placement, raise_open_files_limit, run_pinned, spawn_pinned
+from server import stack
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "bench"
+USER = "bench"
+TASK_QUEUE = "bench-samples"
+TARGET_RATIO = 0.8
+TARGET_P99_MS = 100.0
+TARGET_KB_PER_STREAM = 50.0
+POST_BODY = b'{"type":"UPDATE","message":"Processing chunk 42 of 100","details":{"progress":42,"chunk":"c-42"}}'
+
+
+@dataclass(frozen=True)
+class Config:
+    duration: float
+    warmup: float
+    rounds: int
+    connections: int
+    streams: int
+    stream_posts: int
+    stream_interval: float
+    list_runs: int
+    generator: str
+    smoke: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        smoke = bool(args.smoke)
+        generator = args.generator
+        if generator == "auto":
+            generator = "wrk" if wrk_path() else "python"
+        elif generator == "wrk" and not wrk_path():
+            raise SystemExit("bench: --generator wrk, but wrk is not installed (apt-get install wrk)")
+        return cls(
+            duration=args.duration if args.duration is not None else (1.0 if smoke else 10.0),
+            warmup=0.5 if smoke else 2.0,
+            rounds=args.rounds if args.rounds is not None else (1 if smoke else 3),
+            connections=args.connections,
+            streams=args.streams if args.streams is not None else (20 if smoke else 1000),
+            stream_posts=args.stream_posts if args.stream_posts is not None else (10 if smoke else 100),
+            stream_interval=0.1 if smoke else 0.2,
+            list_runs=4 if smoke else 30,
+            generator=generator,
+            smoke=smoke,
+        )
+
+
+# -- the stack --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    temporal_address: str
+    redis_url: str
+    api_port: int
+    baseline_port: int
+    jwt_secret: str
+    children: list[stack.Child]
+    api_pid: int = 0
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}/api/v1"
+
+    @property
+    def baseline_url(self) -> str:
+        return f"http://127.0.0.1:{self.baseline_port}/api/v1"
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+
+
+@contextmanager
+def running_stack(data_dir: Path, placement: Placement) -> Iterator[Stack]:
+    temporal_port, redis_port = stack.free_port(), stack.free_port()
+    api_port, baseline_port = stack.free_port(), stack.free_port()
+    bench = Stack(
+        data_dir=data_dir,
+        temporal_address=f"127.0.0.1:{temporal_port}",
+        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+        api_port=api_port,
+        baseline_port=baseline_port,
+        jwt_secret=secrets.token_urlsafe(48),
+        children=[],
+    )
+    env = child_env(
+        {
+            "HOST": "127.0.0.1",
+            "PORT": str(api_port),
+            "TEMPORAL_ADDRESS": bench.temporal_address,
+            "REDIS_URL": bench.redis_url,
+            "JWT_SECRET": bench.jwt_secret,
+            "API_URL": bench.api_url,
+            "TEMPORAL_TASK_QUEUE": TASK_QUEUE,
+            "VALIDATE_RESPONSES": "0",  # request validation stays on (strict_validation=True)
+            "DATA_DIR": str(data_dir),
+        }
+    )
+    logs = data_dir / "logs"
+    python = [sys.executable, "-m"]
+    with stack.running(bench.children):
+        bench.children.append(stack.start_temporal(data_dir, port=temporal_port))
+        bench.children.append(stack.start_redis(data_dir, port=redis_port))
+        api = spawn_pinned("api", [*python, "server.cli", "serve"], logs, placement.servers, env)
+        bench.children.append(api)
+        baseline_argv = [
+            *python,
+            "scripts.bench_baseline",
+            "--port",
+            str(baseline_port),
+            "--redis-url",
+            bench.redis_url,
+        ]
+        bench.children.append(spawn_pinned("baseline", baseline_argv, logs, placement.servers, env))
+        bench.children.append(stack.spawn("worker", [*python, "server.cli", "worker"], logs, env))
+        stack.wait_for_port("127.0.0.1", api_port, 60, api.proc)
+        stack.wait_for_port("127.0.0.1", baseline_port, 60, bench.children[3].proc)
+        bench.api_pid = api.proc.pid
+        yield bench
+
+
+def stop_worker(bench: Stack) -> None:
+    """The worker is only needed to run the seeded workflows; idle, it would only add noise."""
+    for child in bench.children:
+        if child.name == "worker":
+            child.stop()
+
+
+# -- seeding ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Seeds:
+    token: str
+    details: tuple[str, str]
+    post_closed: tuple[str, str]
+    post_running: tuple[str, str]
+    get_20: tuple[str, str]
+    get_1000: tuple[str, str]
+    stream: tuple[str, str]
+    list_query: str
+    list_total: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def seed(bench: Stack, config: Config) -> Seeds:
+    from redis.asyncio import Redis
+    from temporalio.client import Client
+
+    from backends.protocol import Principal, RunFilters
+    from backends.redis_updates import (
+        _APPEND,
+        MAX_UPDATES_PER_RUN,
+        TTL_SECONDS,
+        encode_update,
+        stream_key,
+        trim_marker_key,
+    )
+    from backends.visibility_query import build_query
+    from server.auth import mint_token
+    from workloads.starter import start_workflow
+
+    async def seed_all() -> Seeds:
+        client = await Client.connect(bench.temporal_address)
+
+        async def start(kind: str, index: int) -> tuple[str, str]:
+            inputs = {"documentId": f"doc-{index}"} if kind == "StandardContentIngestion" else None
+            return await start_workflow(client, kind, project=PROJECT, user=USER, input=inputs, task_queue=TASK_QUEUE)
+
+        completed = [await start("StandardContentIngestion", i) for i in range(config.list_runs + 3)]
+        running = [await start("AgentConversation", i) for i in range(2)]
+        async with asyncio.timeout(120):
+            for workflow_id, run_id in completed:
+                await client.get_workflow_handle(workflow_id, run_id=run_id).result()
+
+        redis = Redis.from_url(bench.redis_url)
+        append = redis.register_script(_APPEND)
+
+        async def fill(run_id: str, count: int) -> None:
+            # Replace what the sample workflow posted with exactly `count` updates.
+            await redis.delete(stream_key(run_id), trim_marker_key(run_id))
+            async with redis.pipeline(transaction=False) as pipe:
+                for i in range(count):
+                    update = {"type": "UPDATE", "message": f"Processing chunk {i}", "details": {"progress": i % 100}}
+                    await append(
+                        keys=[stream_key(run_id), trim_marker_key(run_id)],
+                        args=[encode_update(run_id, update), MAX_UPDATES_PER_RUN, TTL_SECONDS],
+                        client=pipe,
+                    )
+                await pipe.execute()
+
+        details, post_closed, get_20, get_1000 = completed[0], completed[-3], completed[-2], completed[-1]
+        post_running, stream_run = running
+        # Posts land on a log already at its cap: every post then trims, the steady state.
+        for run, count in ((get_20, 20), (get_1000, 1000), (post_closed, 1000), (post_running, 1000)):
+            await fill(run[1], count)
+        await redis.delete(stream_key(stream_run[1]), trim_marker_key(stream_run[1]))
+        await redis.aclose()
+
+        query = build_query(RunFilters(), project_id=PROJECT, principal_ref=Principal(user_id=USER).ref)
+        return Seeds(
+            token=mint_token(bench.jwt_secret, user=USER, project=PROJECT, ttl_seconds=6 * 3600),
+            details=details,
+            post_closed=post_closed,
+            post_running=post_running,
+            get_20=get_20,
+            get_1000=get_1000,
+            stream=stream_run,
+            list_query=query,
+            list_total=len(completed) + len(running),
+        )
+
+    return asyncio.run(seed_all())
+
+
+def check_seeds(bench: Stack, seeds: Seeds) -> None:
+    """Every measured request answers 200 with the seeded data, and the baseline's answers are the
+    server's, byte for byte: the comparison is of the same work. Also warms both servers up."""
+    headers = {"Authorization": f"Bearer {seeds.token}"}
+    with httpx.Client(headers=headers, timeout=30) as http:
+
+        def get(url: str) -> Any:
+            response = http.get(url)
+            response.raise_for_status()
+            return response
+
+        for name, (workflow_id, run_id), expected in (("get_20", seeds.get_20, 20), ("get_1000", seeds.get_1000, 1000)):
+            server = get(f"{bench.api_url}/workflows/runs/{workflow_id}/{run_id}/updates")
+            baseline = get(f"{bench.baseline_url}/workflows/runs/{workflow_id}/{run_id}/updates")
+            count = len(server.json()["messages"])
+            if count != expected or server.content != baseline.content:
+                raise SystemExit(
+                    f"bench: {name}: server has {count} updates, baseline differs: {server.content[:200]!r}"
+                )
+            seeds.counts[name] = count
+        for base in (bench.api_url, bench.baseline_url):
+            for _, run_id in (seeds.post_closed, seeds.post_running):
+                posted = http.post(f"{base}/workflows/runs/{run_id}/updates", content=POST_BODY,
+                                   headers={"Content-Type": "application/json"})  # fmt: skip
+                if posted.status_code != 200:
+                    raise SystemExit(f"bench: POST {base}: {posted.status_code} {posted.text[:300]}")
+        run = get(f"{bench.api_url}/workflows/runs/{seeds.details[0]}/{seeds.details[1]}").json()
+        seeds.counts["details_history_events"] = len(run.get("history") or [])
+        listed = http.post(f"{bench.api_url}/workflows/runs", json={})
+        listed.raise_for_status()
+        seeds.counts["list_runs"] = len(listed.json()["runs"])
+        if seeds.counts["list_runs"] != seeds.list_total:
+            raise SystemExit(f"bench: list answered {seeds.counts['list_runs']} runs, {seeds.list_total} seeded")
+
+
+# -- measuring --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    """One comparison: the server's results and its baseline's, per round."""
+
+    name: str
+    label: str
+    baseline_name: str
+    server: list[LoadResult] = field(default_factory=list)
+    baseline: list[LoadResult] = field(default_factory=list)
+    target: float | None = TARGET_RATIO
+    profile: dict[str, object] | None = None
+
+    @staticmethod
+    def median_rps(results: list[LoadResult]) -> float:
+        return round(statistics.median(r.rps for r in results), 1) if results else 0.0
+
+    @property
+    def ratio(self) -> float:
+        base = self.median_rps(self.baseline)
+        return round(self.median_rps(self.server) / base, 3) if base else 0.0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "label": self.label,
+            "baseline": self.baseline_name,
+            "server_rps": self.median_rps(self.server),
+            "baseline_rps": self.median_rps(self.baseline),
+            "ratio": self.ratio,
+            "target_ratio": self.target,
+            "meets_target": None if self.target is None else self.ratio >= self.target,
+            "server_p50_ms": statistics.median(r.p50_ms for r in self.server) if self.server else 0.0,
+            "server_p99_ms": statistics.median(r.p99_ms for r in self.server) if self.server else 0.0,
+            "baseline_p50_ms": statistics.median(r.p50_ms for r in self.baseline) if self.baseline else 0.0,
+            "baseline_p99_ms": statistics.median(r.p99_ms for r in self.baseline) if self.baseline else 0.0,
+            "rounds": {"server": [r.as_json() for r in self.server], "baseline": [r.as_json() for r in self.baseline]},
+            **({"profile": self.profile} if self.profile else {}),
+        }
+
+
+class Runner:
+    def __init__(
+        self, bench: Stack, seeds: Seeds, config: Config, placement: Placement, profile_dir: Path | None
+    ) -> None:
+        self.bench, self.seeds, self.config, self.placement = bench, seeds, config, placement
+        self.profile_dir = profile_dir
+        self.auth = {"Authorization": f"Bearer {seeds.token}"}
+
+    def http(self, load: Load, *, profile_as: str | None = None) -> LoadResult:
+        """Warm up, then measure one load with the configured generator (optionally under py-spy)."""
+        config = self.config
+        generate(load, generator=config.generator, connections=config.connections, duration=config.warmup,
+                 cores=self.placement.generator)  # fmt: skip
+        recorder = None
+        if profile_as is not None and self.profile_dir is not None:
+            output = self.profile_dir / f"{profile_as}.txt"
+            recorder = bench_profile.record(self.bench.api_pid, config.duration, output, self.placement.generator)
+        result = generate(load, generator=config.generator, connections=config.connections,
+                          duration=config.duration, cores=self.placement.generator)  # fmt: skip
+        if recorder is not None:
+            recorder.wait(timeout=60)
+        if result.non_2xx or result.errors or result.requests == 0:
+            raise SystemExit(f"bench: {load.method} {load.url}: {result.non_2xx} non-2xx, {result.errors} errors")
+        return result
+
+    def sdk(self, mode: str, extra: list[str]) -> LoadResult:
+        config = self.config
+        argv = [
+            sys.executable, "-m", "scripts.bench_sdk", mode, "--address", self.bench.temporal_address,
+            "--concurrency", str(config.connections), "--duration", str(config.duration),
+            "--warmup", str(config.warmup), *extra,
+        ]  # fmt: skip
+        data = json.loads(run_pinned(argv, self.placement.servers, timeout=config.duration + 120, env=child_env({})))
+        result = LoadResult(**data)
+        if result.errors or result.requests == 0:
+            raise SystemExit(f"bench: direct SDK {mode}: {result.errors} errors, {result.requests} calls")
+        return result
+
+    def updates_figures(self) -> list[Figure]:
+        seeds, bench = self.seeds, self.bench
+        json_post = {**self.auth, "Content-Type": "application/json"}
+
+        def post(base: str, run: tuple[str, str]) -> Load:
+            return Load(f"{base}/workflows/runs/{run[1]}/updates", "POST", POST_BODY, json_post)
+
+        def get(base: str, run: tuple[str, str]) -> Load:
+            return Load(f"{base}/workflows/runs/{run[0]}/{run[1]}/updates", "GET", None, self.auth)
+
+        api, baseline = bench.api_url, bench.baseline_url
+        post_figure = Figure("post", "POST update (append one)", "bare Starlette + same Redis work")
+        running = Figure("post_running_run", "POST update, running run", "the POST baseline", target=None)
+        running.baseline = post_figure.baseline  # the same work in Redis; only the server asks Temporal
+        cases: list[tuple[Figure, Load, Load | None]] = [
+            (post_figure, post(api, seeds.post_closed), post(baseline, seeds.post_closed)),
+            (
+                Figure("get_20", "GET updates, 20 stored", "bare Starlette + same Redis work"),
+                get(api, seeds.get_20),
+                get(baseline, seeds.get_20),
+            ),
+            (
+                Figure("get_1000", "GET updates, 1000 stored", "bare Starlette + same Redis work"),
+                get(api, seeds.get_1000),
+                get(baseline, seeds.get_1000),
+            ),
+            (running, post(api, seeds.post_running), None),
+        ]
+        for round_index in range(self.config.rounds):
+            for figure, server_load, baseline_load in cases:
+                sides: list[tuple[list[LoadResult], Load | None, str | None]] = [
+                    (figure.server, server_load, figure.name if round_index == 0 else None),
+                    (figure.baseline, baseline_load, None),
+                ]
+                for results, load, profile_as in sides if round_index % 2 == 0 else reversed(sides):
+                    if load is not None:
+                        results.append(self.http(load, profile_as=profile_as))
+                self.progress(figure, round_index)
+        return [case[0] for case in cases]
+
+    def runs_figures(self) -> list[Figure]:
+        seeds, bench = self.seeds, self.bench
+        details = Figure("details", "GET run details", "temporalio: describe + fetch_history")
+        listing = Figure("list", "list runs (one page)", "temporalio: list_workflows, same query")
+        workflow_id, run_id = seeds.details
+        for round_index in range(self.config.rounds):
+            profile = round_index == 0
+            for figure in (details, listing):
+                server_first = round_index % 2 == 0
+                for side in ("server", "sdk") if server_first else ("sdk", "server"):
+                    if side == "sdk" and figure is details:
+                        figure.baseline.append(self.sdk("details", ["--workflow-id", workflow_id, "--run-id", run_id]))
+                    elif side == "sdk":
+                        figure.baseline.append(self.sdk("list", ["--query", seeds.list_query, "--page-size", "50"]))
+                    elif figure is details:
+                        load = Load(f"{bench.api_url}/workflows/runs/{workflow_id}/{run_id}", "GET", None, self.auth)
+                        figure.server.append(self.http(load, profile_as="details" if profile else None))
+                    else:
+                        headers = {**self.auth, "Content-Type": "application/json"}
+                        load = Load(f"{bench.api_url}/workflows/runs", "POST", b"{}", headers)
+                        figure.server.append(self.http(load, profile_as="list" if profile else None))
+                self.progress(figure, round_index)
+        return [details, listing]
+
+    def streams_figure(self) -> dict[str, Any]:
+        config, seeds = self.config, self.seeds
+        workflow_id, run_id = seeds.stream
+        argv = [
+            sys.executable, "-m", "scripts.bench_streams", "--port", str(self.bench.api_port),
+            "--workflow-id", workflow_id, "--run-id", run_id, "--token", seeds.token,
+            "--server-pid", str(self.bench.api_pid), "--streams", str(config.streams),
+            "--posts", str(config.stream_posts), "--interval", str(config.stream_interval),
+            "--settle", "0.5" if config.smoke else "2",
+        ]  # fmt: skip
+        timeout = 300 + config.streams * 0.2 + config.stream_posts * config.stream_interval
+        result: dict[str, Any] = json.loads(run_pinned(argv, self.placement.generator, timeout, env=child_env({})))
+        result["targets"] = {"latency_p99_ms": TARGET_P99_MS, "kb_per_stream": TARGET_KB_PER_STREAM}
+        result["meets_targets"] = {
+            "latency_p99": result["latency_p99_ms"] < TARGET_P99_MS,
+            "kb_per_stream": result["kb_per_stream"] < TARGET_KB_PER_STREAM,
+        }
+        print(
+            f"  streams: {result['opened']}/{result['streams']} open, {result['deliveries']}/"
+            f"{result['expected_deliveries']} deliveries, p50 {result['latency_p50_ms']} ms, "
+            f"p99 {result['latency_p99_ms']} ms, {result['kb_per_stream']} KB/stream",
+            flush=True,
+        )
+        if result["opened"] < config.streams or result["deliveries"] < result["expected_deliveries"]:
+            print(f"bench: WARNING streams incomplete: {result}", file=sys.stderr, flush=True)
+        return result
+
+    @staticmethod
+    def progress(figure: Figure, round_index: int) -> None:
+        server = figure.server[-1].rps if figure.server else 0.0
+        baseline = figure.baseline[-1].rps if figure.baseline else 0.0
+        print(f"  round {round_index + 1}: {figure.label:<28} server {server:>8.1f}/s  baseline {baseline:>8.1f}/s",
+              flush=True)  # fmt: skip
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in ("connexion", "starlette", "uvicorn", "uvloop", "httptools", "temporalio", "redis", "orjson"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "absent"
+    return found
+
+
+def meta(config: Config, placement: Placement, bench: Stack) -> dict[str, object]:
+    wrk_version = ""
+    if config.generator == "wrk" and (wrk := wrk_path()):
+        done = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
+        wrk_version = (done.stdout or done.stderr).splitlines()[0] if (done.stdout or done.stderr) else ""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    return {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit.stdout.strip(),
+        "smoke": config.smoke,
+        "python": platform.python_version(),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "placement": placement.describe(),
+        "generator": config.generator,
+        "generator_version": wrk_version,
+        "connections": config.connections,
+        "threads": 1,
+        "duration_s": config.duration,
+        "warmup_s": config.warmup,
+        "rounds": config.rounds,
+        "server": "python -m server.cli serve (uvicorn, 1 worker), VALIDATE_RESPONSES=0, request validation on",
+        "redis_appendfsync": os.environ.get("REDIS_APPENDFSYNC", "always"),
+        "versions": versions(),
+        "data_dir": str(bench.data_dir),
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    where = (
+        f"generator on core {m['placement']['generator_cores']}, servers on {m['placement']['server_cores']}"
+        if m["placement"]["pinned"]
+        else "unpinned (one core)"
+    )
+    lines = [
+        f"Workflow Runs API benchmark ({m['generator']}, 1 thread, {m['connections']} connections, "
+        f"{m['duration_s']:g} s x {m['rounds']} rounds, medians; {where})",
+        "",
+        f"{'updates':<30}{'server req/s':>14}{'baseline req/s':>16}{'ratio':>8}  target",
+    ]
+
+    def verdict(figure: dict[str, Any]) -> str:
+        if figure["target_ratio"] is None:
+            return "(info)"
+        return f">= {figure['target_ratio']:.2f} {'ok' if figure['meets_target'] else 'MISS'}"
+
+    for figure in report["updates"].values():
+        lines.append(
+            f"{figure['label']:<30}{figure['server_rps']:>14.1f}{figure['baseline_rps']:>16.1f}"
+            f"{figure['ratio']:>8.2f}  {verdict(figure)}"
+        )
+    lines += ["", f"{'runs':<30}{'server req/s':>14}{'direct SDK /s':>16}{'ratio':>8}  target"]
+    for figure in report["runs"].values():
+        lines.append(
+            f"{figure['label']:<30}{figure['server_rps']:>14.1f}{figure['baseline_rps']:>16.1f}"
+            f"{figure['ratio']:>8.2f}  {verdict(figure)}"
+        )
+    s = report["streams"]
+    ok = s["meets_targets"]
+    lines += [
+        "",
+        f"streams: {s['opened']}/{s['streams']} open on one API process, {s['posts']} posts every "
+        f"{s['post_interval_s']:g} s, {s['deliveries']}/{s['expected_deliveries']} deliveries",
+        f"  POST->receive p50 {s['latency_p50_ms']:.1f} ms, p99 {s['latency_p99_ms']:.1f} ms, "
+        f"max {s['latency_max_ms']:.1f} ms   "
+        f"(target p99 < {TARGET_P99_MS:g} ms: {'ok' if ok['latency_p99'] else 'MISS'})",
+        f"  memory {s['kb_per_stream']:.1f} KB per open stream (VmRSS {s['rss_before_kb'] / 1024:.1f} -> "
+        f"{s['rss_open_kb'] / 1024:.1f} MB)   (target < {TARGET_KB_PER_STREAM:g} KB: "
+        f"{'ok' if ok['kb_per_stream'] else 'MISS'})",
+    ]
+    return "\n".join(lines)
+
+
+def profile_summary(report: dict[str, Any]) -> str:
+    lines = []
+    for section in ("updates", "runs"):
+        for figure in report[section].values():
+            profile = figure.get("profile")
+            if not profile:
+                continue
+            lines.append(f"\nprofile: {figure['label']} ({profile['samples']} samples), top own time:")
+            lines += [f"  {pct:>5.1f}%  {name}" for name, pct in profile["own_pct"][:12]]
+    return "\n".join(lines)
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument("--smoke", action="store_true", help="tiny durations and counts (keeps the benchmark working)")
+    parser.add_argument("--duration", type=float, help="seconds per measurement (default 10; smoke 1)")
+    parser.add_argument("--rounds", type=int, help="alternating server/baseline rounds (default 3; smoke 1)")
+    parser.add_argument("--streams", type=int, help="concurrent SSE streams (default 1000; smoke 20)")
+    parser.add_argument("--stream-posts", type=int, help="updates posted while streams are open (default 100)")
+    parser.add_argument("--connections", type=int, default=32, help="HTTP connections (default 32)")
+    parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the server in the first round")
+    parser.add_argument("--keep", action="store_true", help="keep the data folder (logs) afterwards")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = Config.from_args(args)
+    placement = Placement.detect()
+    raise_open_files_limit()
+    profile_dir: Path | None = args.profile
+    if profile_dir is not None:
+        if bench_profile.py_spy() is None:
+            raise SystemExit("bench: --profile needs py-spy (.venv/bin/pip install py-spy)")
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    started = time.monotonic()
+    print(f"bench: generator {config.generator}, {placement.describe()}, data in {data_dir}", flush=True)
+    try:
+        with running_stack(data_dir, placement) as bench:
+            seeds = seed(bench, config)
+            stop_worker(bench)
+            check_seeds(bench, seeds)
+            print(f"bench: stack up and seeded in {time.monotonic() - started:.1f} s", flush=True)
+            runner = Runner(bench, seeds, config, placement, profile_dir)
+            streams = runner.streams_figure()  # first: the server's heap is at its smallest
+            updates = runner.updates_figures()
+            runs = runner.runs_figures()
+            if profile_dir is not None:
+                for figure in (*updates, *runs):
+                    raw = profile_dir / f"{figure.name}.txt"
+                    if raw.exists():
+                        figure.profile = bench_profile.summarize(raw)
+            report: dict[str, Any] = {
+                "meta": meta(config, placement, bench),
+                "seeds": seeds.counts,
+                "updates": {f.name: f.as_json() for f in updates},
+                "runs": {f.name: f.as_json() for f in runs},
+                "streams": streams,
+            }
+    finally:
+        if not args.keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    report["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    print()
+    print(table(report))
+    if profile_dir is not None:
+        print(profile_summary(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        print(f"\nbench: figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

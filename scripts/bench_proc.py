@@ -1,0 +1,122 @@
+"""Process placement for the benchmark: which core runs what, and children started there.
+
+On a machine with two cores or more the load generator gets one core and every server the
+benchmark compares (the project's API, the bare baseline, the direct-SDK harness) the others, so
+that the generator's work never competes with the server being measured. Children are pinned with
+`sched_setaffinity` (what `taskset` does) between fork and exec, get a high open-files limit (a
+thousand SSE streams need a thousand sockets) and die with the benchmark (`PR_SET_PDEATHSIG`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.stack import Child
+
+_PR_SET_PDEATHSIG = 1
+WANTED_OPEN_FILES = 65_536
+
+
+@dataclass(frozen=True)
+class Placement:
+    """`generator`: the load generator's cores; `servers`: everything measured. Empty: unpinned."""
+
+    generator: frozenset[int]
+    servers: frozenset[int]
+
+    @classmethod
+    def detect(cls) -> Placement:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            return cls(frozenset(), frozenset())
+        return cls(frozenset(cores[:1]), frozenset(cores[1:]))
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.generator)
+
+    def describe(self) -> dict[str, list[int] | bool]:
+        return {"pinned": self.pinned, "generator_cores": sorted(self.generator), "server_cores": sorted(self.servers)}
+
+
+def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> int:
+    """Raise this process's soft RLIMIT_NOFILE to `wanted` (root may raise the hard limit too),
+    else as far as the hard limit allows; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    unlimited = hard == resource.RLIM_INFINITY
+    for limits in (
+        (wanted, hard if unlimited else max(hard, wanted)),
+        (wanted if unlimited else min(wanted, hard), hard),
+    ):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def preexec(cores: frozenset[int]) -> Callable[[], None]:
+    """What runs in the child between fork and exec: pin, raise the fd limit, die with the parent."""
+
+    def setup() -> None:
+        if cores:
+            os.sched_setaffinity(0, cores)
+        raise_open_files_limit()
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return setup
+
+
+def spawn_pinned(
+    name: str, argv: Sequence[str], log_dir: Path, cores: frozenset[int], env: dict[str, str] | None = None
+) -> Child:
+    """Like `server.stack.spawn` (own session, output to `<log_dir>/<name>.log`), pinned to `cores`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=preexec(cores),  # noqa: PLW1509  # the benchmark starts no threads before this
+        )
+    return Child(name, proc, log_path)
+
+
+def run_pinned(argv: Sequence[str], cores: frozenset[int], timeout: float, env: dict[str, str] | None = None) -> str:
+    """Run a measuring child to completion on `cores`; its stdout (it fails loudly otherwise)."""
+    done = subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+        preexec_fn=preexec(cores),  # see spawn_pinned
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} {' '.join(argv[1:4])}... exited with {done.returncode}:\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of a process, in kB, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
