@@ -7,7 +7,6 @@ production can point the same code at any Temporal cluster and Redis.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -101,6 +100,25 @@ class RunsBackend(Protocol):
     async def close(self) -> None: ...
 
 
+UpdateEvent = tuple[str, str, bytes]  # (event, id, data); event is "message" or "truncated"
+
+
+class UpdateStream(Protocol):
+    """One open stream of a run's updates: the stored ones after the cursor, then live ones, with
+    no gap and no duplicate between the two."""
+
+    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+        """The next event; None when nothing came within `wait_seconds` (time for a heartbeat).
+        Raises `StopAsyncIteration` once the stream has ended."""
+        ...
+
+    def finish(self) -> None:
+        """The run has closed: `next` returns what is still stored after the cursor, then ends."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 class UpdatesBackend(Protocol):
     """Redis-backed run updates: a bounded, ordered, resumable log per run."""
 
@@ -114,12 +132,12 @@ class UpdatesBackend(Protocol):
         (the stored JSON is passed through, never decoded)."""
         ...
 
-    def stream(
+    async def open_stream(
         self, run_id: str, *, after_id: str | None, since_ms: int | None, skip_history: bool
-    ) -> AsyncIterator[tuple[str, str, bytes]]:
-        """Yield `(event, id, data)` triples: stored updates then live ones, no gap, no duplicate.
-        `event` is "message" for an update and "truncated" when `after_id` is older than the oldest
-        kept update. Runs until the consumer stops iterating."""
+    ) -> UpdateStream:
+        """Subscribe and position the cursor: `after_id` (Last-Event-ID) > `since_ms` >
+        `skip_history` (only what comes next) > everything stored. A backend that is down raises
+        `BackendUnavailable` here, before any byte of the stream is sent."""
         ...
 
     async def ping(self) -> None: ...

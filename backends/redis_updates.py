@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -43,6 +42,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from backends.errors import InvalidInput, PayloadTooLarge
+from backends.protocol import UpdateEvent
 from backends.update_hub import (
     MAX_SEQ,
     StreamId,
@@ -55,8 +55,6 @@ from backends.update_hub import (
     range_entries,
 )
 from server.settings import Settings
-
-UpdateEvent = tuple[str, str, bytes]  # (event, id, data): event "message" or "truncated"
 
 MAX_UPDATES_PER_RUN = 1000
 TTL_SECONDS = 90 * 24 * 3600
@@ -246,26 +244,12 @@ class RedisUpdatesBackend:
             raise
         return stream
 
-    async def stream(
-        self, run_id: str, *, after_id: str | None, since_ms: int | None, skip_history: bool
-    ) -> AsyncIterator[UpdateEvent]:
-        """The plain-iterator form of `open_stream` (no heartbeats, never ends on its own)."""
-        opened = await self.open_stream(run_id, after_id=after_id, since_ms=since_ms, skip_history=skip_history)
-        try:
-            while True:
-                try:
-                    event = await opened.next(3600.0)
-                except StopAsyncIteration:
-                    return
-                if event is not None:
-                    yield event
-        finally:
-            await opened.aclose()
-
     async def read_page(
         self, run_id: str, cursor: StreamId | None
     ) -> tuple[list[tuple[StreamId, bytes]], StreamId | None]:
         """Up to `HISTORY_PAGE` stored entries after `cursor` and the trim marker, in one snapshot."""
+        if cursor == (MAX_SEQ, MAX_SEQ):
+            return [], None  # the largest id there is: nothing can come after it
         start = "-" if cursor is None else f"({format_id(cursor)}"
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.xrange(stream_key(run_id), start, "+", count=HISTORY_PAGE)

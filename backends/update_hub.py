@@ -162,11 +162,12 @@ class UpdateHub:
         self._read_count = read_count
         self._field = field
         self._feeds: dict[str, _Feed] = {}
-        self._has_feeds = asyncio.Event()
+        self._wakeup = asyncio.Event()  # set when feeds become readable, or on close
         self._reader_id: int | None = None  # CLIENT ID of the reader's connection, for CLIENT UNBLOCK
         self._wake_sent = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing = asyncio.Event()
         self.connected = False  # whether the reader's last call succeeded (for diagnostics and tests)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -178,11 +179,16 @@ class UpdateHub:
     async def close(self) -> None:
         """Stop the reader, end every subscription (their streams end) and close the connection."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._closing.set()
+        self._wakeup.set()
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            # redis-py on Python 3.11 can swallow a cancellation (its `asyncio.wait_for` around
+            # socket writes); the reader also checks `_closed` after every read, so ask again.
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            logger.error("update hub reader ended with an error", exc_info=task.exception())
         for feed in list(self._feeds.values()):
             for sub in feed.subscribers:
                 sub._close("hub closed")
@@ -211,20 +217,30 @@ class UpdateHub:
             async with asyncio.timeout(self._timeout):
                 while True:
                     feed = self._feeds.get(key)
-                    if feed is None:
-                        await self._create_feed(key)
-                        continue
-                    if not feed.ready.is_set():
+                    if feed is not None and not feed.ready.is_set():
                         await feed.ready.wait()  # another subscriber is resolving it; re-check
                         continue
                     if self._closed:
                         raise BackendUnavailable("the update stream hub is shutting down")
-                    feed.subscribers.add(sub)
-                    return sub
-        except TimeoutError as exc:
-            raise BackendUnavailable("Redis did not answer in time") from exc
+                    if feed is not None:
+                        feed.subscribers.add(sub)
+                        return sub
+                    await self._create_feed(key, sub)
+                    if sub.closed:  # the hub closed meanwhile
+                        raise BackendUnavailable("the update stream hub is shutting down")
+                    break
+                await self._wake()
+        except BaseException as exc:
+            self.unsubscribe(sub)
+            if isinstance(exc, TimeoutError):
+                raise BackendUnavailable("Redis did not answer in time") from exc
+            raise
+        return sub
 
-    async def _create_feed(self, key: str) -> None:
+    async def _create_feed(self, key: str, sub: Subscription) -> None:
+        """Start reading `key` from its current last entry, with `sub` as the first subscriber
+        (registered in the same step as the feed becomes ready, so no unsubscribe can drop the
+        feed in between)."""
         feed = _Feed(key)
         self._feeds[key] = feed
         try:
@@ -237,18 +253,21 @@ class UpdateHub:
             raise
         newest = range_entries(last)
         feed.position = newest[0][0] if newest else (0, 0)
+        if self._feeds.get(key) is feed:
+            feed.subscribers.add(sub)
+        else:
+            sub._close("hub closed")
         feed.ready.set()
-        self._has_feeds.set()
-        await self._wake()
+        self._wakeup.set()
 
     def unsubscribe(self, sub: Subscription) -> None:
-        """Release at once (synchronous: safe in a cancelled generator's `finally`)."""
+        """Release at once (synchronous: safe in a cancelled generator's `finally`). Idempotent."""
         sub._close("unsubscribed")
         feed = self._feeds.get(sub.key)
-        if feed is None:
+        if feed is None or sub not in feed.subscribers:
             return
         feed.subscribers.discard(sub)
-        if not feed.subscribers and feed.ready.is_set():
+        if not feed.subscribers:
             del self._feeds[sub.key]
 
     async def _wake(self) -> None:
@@ -264,7 +283,7 @@ class UpdateHub:
 
     async def _read_forever(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closed:
             try:
                 await self._read_once()
                 backoff = 0.1
@@ -281,13 +300,15 @@ class UpdateHub:
                     logger.warning("update hub lost Redis (%s); retrying in %.1fs", exc, backoff)
                 with contextlib.suppress(Exception):
                     await self._reader.connection_pool.disconnect()
-                await asyncio.sleep(backoff)  # backoff between reconnect attempts, not synchronisation
+                with contextlib.suppress(TimeoutError):  # back off before reconnecting; close() ends it
+                    async with asyncio.timeout(backoff):
+                        await self._closing.wait()
                 backoff = min(backoff * 2, 5.0)
 
     async def _read_once(self) -> None:
         if not self._feeds:
-            self._has_feeds.clear()
-            await self._has_feeds.wait()
+            await self._wait_for_feeds()
+            return
         if self._reader_id is None:
             self._reader_id = int(await self._reader.client_id())
         self._wake_sent = False
@@ -295,12 +316,16 @@ class UpdateHub:
             key: format_id(feed.position) for key, feed in self._feeds.items() if feed.position is not None
         }
         if not streams:
-            self._has_feeds.clear()
-            await self._has_feeds.wait()
+            await self._wait_for_feeds()
             return
         response = await self._reader.xread(streams, count=self._read_count, block=self._block_ms)
         self.connected = True
         self._dispatch(response)
+
+    async def _wait_for_feeds(self) -> None:
+        self._wakeup.clear()
+        if not self._closed:
+            await self._wakeup.wait()
 
     def _dispatch(self, response: Any) -> None:
         """Deliver one XREAD answer. No await in here: delivering and moving the position are one

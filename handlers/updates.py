@@ -8,7 +8,7 @@ they are answered as they are, never decoded and re-encoded.
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any
 
 from connexion import request
 from starlette.responses import Response, StreamingResponse
@@ -47,8 +47,7 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
     runs, settings = context.runs, context.settings
     await runs.find_run(principal, run_id, workflow_id)
     last_event_id = (request.headers.get("last-event-id") or "").strip() or None
-    source = cast(sse.UpdateStreamSource, context.updates)  # see the protocol note in the report
-    stream = await source.open_stream(
+    stream = await context.updates.open_stream(
         run_id,
         after_id=last_event_id,
         since_ms=None if since is None else _since_ms(since),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from typing import Protocol
 
 import anyio
 import orjson
@@ -40,37 +39,13 @@ from starlette.responses import StreamingResponse
 from starlette.types import Message, Send
 
 from backends.errors import DomainError
+from backends.protocol import UpdateEvent, UpdateStream
 
 logger = logging.getLogger(__name__)
-
-UpdateEvent = tuple[str, str, bytes]  # (event, id, data)
 
 PING = b": ping\n\n"
 HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 MEDIA_TYPE = "text/event-stream"
-
-
-class UpdateStream(Protocol):
-    """What `update_frames` consumes (`backends.redis_updates.RunUpdateStream` is one)."""
-
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
-        """The next event, or None after `wait_seconds` without one; cancellable. Raises
-        `StopAsyncIteration` when the stream is over."""
-        ...
-
-    def finish(self) -> None:
-        """The run closed: stop live delivery; `next` returns what is still stored, then ends."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class UpdateStreamSource(Protocol):
-    """The stream-opening part of the updates backend."""
-
-    async def open_stream(
-        self, run_id: str, *, after_id: str | None, since_ms: int | None, skip_history: bool
-    ) -> UpdateStream: ...
 
 
 def encode_frame(
@@ -168,7 +143,9 @@ async def _poll(closed_status: Callable[[], Awaitable[str | None]]) -> str | Non
         return await closed_status()
     except DomainError as exc:
         logger.warning("could not learn whether a streamed run closed (will retry): %s", exc.message)
-        return None
+    except Exception:  # a poll must never end an open stream; the next one asks again
+        logger.exception("could not learn whether a streamed run closed (will retry)")
+    return None
 
 
 class EventStreamResponse(StreamingResponse):

@@ -20,14 +20,14 @@ READ_OPS = ("getWorkflowRun", "getWorkflowRunUpdates", "streamWorkflowRunUpdates
 ACT_OPS = ("applyWorkflowRunAction", "signalWorkflowRun", "postWorkflowRunUpdate")
 LIST_OPS = ("listWorkflowRuns", "listConversations")
 # A permission set that lacks what each kind of operation needs.
-LACKING = {
-    **dict.fromkeys(READ_OPS, ["workflow:admin"]),
-    **dict.fromkeys(ACT_OPS, ["workflow:read"]),
-    **dict.fromkeys(LIST_OPS, ["workflow:run"]),
+LACKING: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(READ_OPS, ("workflow:admin",)),
+    **dict.fromkeys(ACT_OPS, ("workflow:read",)),
+    **dict.fromkeys(LIST_OPS, ("workflow:run",)),
 }
 
 
-def request(http: httpx.Client, operation: str, workflow_id: str, run_id: str) -> httpx.Response:
+def request(http: httpx.Client, operation: str, workflow_id: str, run_id: str) -> httpx.Response:  # noqa: PLR0911
     base = f"/workflows/runs/{workflow_id}/{run_id}"
     match operation:
         case "getWorkflowRun":
@@ -134,11 +134,11 @@ def two_projects(live_api: LiveApi) -> dict[str, Any]:
         with httpx.Client(
             base_url=live_api.base_url, headers=auth(live_api.token(project=project, user="alice")), timeout=30
         ) as http:
-            wait_for(
-                lambda http=http, project=project: (
-                    len(http.post("/workflows/runs", json={}).json()["runs"]) == len(runs[project])
-                )
-            )
+
+            def all_listed(http: httpx.Client = http, project: str = project) -> bool:
+                return len(http.post("/workflows/runs", json={}).json()["runs"]) == len(runs[project])
+
+            wait_for(all_listed)
     return {"a": a, "b": b, "runs": runs}
 
 

@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from backends.errors import BackendUnavailable, InvalidInput, PayloadTooLarge
+from backends.protocol import UpdateEvent
 from backends.redis_updates import (
     MAX_DETAILS_BYTES,
     MAX_MESSAGE_BYTES,
@@ -37,6 +38,17 @@ DEADLINE = 30.0
 
 def new_run() -> str:
     return str(uuid.uuid4())
+
+
+async def open_stream(
+    backend: RedisUpdatesBackend,
+    run_id: str,
+    *,
+    after_id: str | None = None,
+    since_ms: int | None = None,
+    skip_history: bool = False,
+) -> RunUpdateStream:
+    return await backend.open_stream(run_id, after_id=after_id, since_ms=since_ms, skip_history=skip_history)
 
 
 @contextlib.asynccontextmanager
@@ -65,14 +77,15 @@ async def redis(services: Services) -> AsyncIterator[Redis]:
 
 
 async def until(predicate: Callable[[], bool], deadline: float = DEADLINE) -> None:
+    """Wait for state the test cannot be notified of (hub internals) under a deadline."""
     async with asyncio.timeout(deadline):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110  # polls a condition under a deadline
             await asyncio.sleep(0.01)
 
 
-async def take(stream: RunUpdateStream, count: int) -> list[sse.UpdateEvent]:
+async def take(stream: RunUpdateStream, count: int) -> list[UpdateEvent]:
     """The next `count` events (updates and control events), waiting for live ones."""
-    out: list[sse.UpdateEvent] = []
+    out: list[UpdateEvent] = []
     async with asyncio.timeout(DEADLINE):
         while len(out) < count:
             event = await stream.next(1.0)
@@ -81,9 +94,9 @@ async def take(stream: RunUpdateStream, count: int) -> list[sse.UpdateEvent]:
     return out
 
 
-async def take_until(stream: RunUpdateStream, last_id: str) -> list[sse.UpdateEvent]:
+async def take_until(stream: RunUpdateStream, last_id: str) -> list[UpdateEvent]:
     """Every event up to and including the update `last_id` (a sentinel posted by the test)."""
-    out: list[sse.UpdateEvent] = []
+    out: list[UpdateEvent] = []
     async with asyncio.timeout(DEADLINE):
         while not out or out[-1][1] != last_id:
             event = await stream.next(1.0)
@@ -92,7 +105,7 @@ async def take_until(stream: RunUpdateStream, last_id: str) -> list[sse.UpdateEv
     return out
 
 
-def ids(events: list[sse.UpdateEvent]) -> list[str]:
+def ids(events: list[UpdateEvent]) -> list[str]:
     return [event_id for name, event_id, _ in events if name == "message"]
 
 
@@ -107,7 +120,7 @@ class Waiting:
         self.stream = stream
         self.waiting = asyncio.Event()
 
-    async def next(self, wait_seconds: float) -> sse.UpdateEvent | None:
+    async def next(self, wait_seconds: float) -> UpdateEvent | None:
         self.waiting.set()
         return await self.stream.next(wait_seconds)
 
@@ -154,7 +167,12 @@ async def test_stored_json_has_the_seed_shape_defaults_and_field_order(backend: 
         ["timestamp", "workflow_run_id", "type", "message", "details", "workstream_id"],
         ["timestamp", "workflow_run_id", "type", "message", "details"],
     ]
-    assert messages[0] == {"timestamp": id_key(first)[0], "workflow_run_id": run_id, "type": "UPDATE", "message": "UPDATE"}
+    assert messages[0] == {
+        "timestamp": id_key(first)[0],
+        "workflow_run_id": run_id,
+        "type": "UPDATE",
+        "message": "UPDATE",
+    }
     assert messages[1]["details"] == {"progress": 50} and messages[1]["workstream_id"] == "w-1"
     assert messages[2]["message"] == "THOUGHT" and messages[2]["details"] is None
     assert raw.startswith(b'[{"timestamp":') and b"\n" not in raw
@@ -211,8 +229,8 @@ async def test_truncated_is_announced_only_when_updates_were_really_lost(backend
     kept = posted[6:]  # 1006 posts: posted[0..5] were trimmed
     kept_after = [*kept, sentinel]
 
-    async def events(**cursor: Any) -> list[sse.UpdateEvent]:
-        stream = await backend.open_stream(run_id, **{"after_id": None, "since_ms": None, "skip_history": False, **cursor})
+    async def events(after_id: str | None = None, since_ms: int | None = None) -> list[UpdateEvent]:
+        stream = await open_stream(backend, run_id, after_id=after_id, since_ms=since_ms)
         try:
             return await take_until(stream, sentinel)
         finally:
@@ -244,9 +262,8 @@ async def test_three_streams_opened_before_and_during_200_concurrent_posts_get_e
     backend: RedisUpdatesBackend,
 ) -> None:
     run_id = new_run()
-    no_cursor = {"after_id": None, "since_ms": None, "skip_history": False}
-    before_a = await backend.open_stream(run_id, **no_cursor)
-    before_b = await backend.open_stream(run_id, **{**no_cursor, "skip_history": True})
+    before_a = await open_stream(backend, run_id)
+    before_b = await open_stream(backend, run_id, skip_history=True)
 
     done = 0
     halfway = asyncio.Event()
@@ -261,8 +278,8 @@ async def test_three_streams_opened_before_and_during_200_concurrent_posts_get_e
 
     posting = asyncio.gather(*(post(i) for i in range(200)))
     await halfway.wait()
-    during = await backend.open_stream(run_id, **no_cursor)  # part history, part live
-    during_skip = await backend.open_stream(run_id, **{**no_cursor, "skip_history": True})
+    during = await open_stream(backend, run_id)  # part history, part live
+    during_skip = await open_stream(backend, run_id, skip_history=True)
     posted = sorted(await posting, key=id_key)
 
     streams = [before_a, before_b, during]
@@ -288,16 +305,14 @@ async def test_three_streams_opened_before_and_during_200_concurrent_posts_get_e
 async def test_resume_after_a_cut_by_last_event_id_or_since_loses_nothing(backend: RedisUpdatesBackend) -> None:
     run_id = new_run()
     posted = await post_many(backend, run_id, 80)
-    no_cursor = {"after_id": None, "since_ms": None, "skip_history": False}
-
-    first = await backend.open_stream(run_id, **no_cursor)
+    first = await open_stream(backend, run_id)
     seen = await take(first, 50)
     await first.aclose()
     assert ids(seen) == posted[:50]
     last_id, last_timestamp = seen[-1][1], orjson.loads(seen[-1][2])["timestamp"]
 
-    by_id = await backend.open_stream(run_id, **{**no_cursor, "after_id": last_id})
-    by_since = await backend.open_stream(run_id, **{**no_cursor, "since_ms": last_timestamp, "skip_history": True})
+    by_id = await open_stream(backend, run_id, after_id=last_id)
+    by_since = await open_stream(backend, run_id, since_ms=last_timestamp, skip_history=True)
     try:
         more = await post_many(backend, run_id, 20)  # live ones after the reconnect
         sentinel = await backend.append(run_id, {"message": "sentinel"})
@@ -402,8 +417,10 @@ async def test_200_streams_opened_and_dropped_leave_nothing_behind(services: Ser
         assert len(asyncio.all_tasks()) == tasks_before
         after = await connections()
         assert after.get(f"{name}-hub") == 1 and after.get(name, 0) <= max_connections
-    final = await connections()
-    assert name not in final and f"{name}-hub" not in final  # close() releases every connection
+    # close() released every connection (Redis notices the closed sockets a moment later).
+    async with asyncio.timeout(DEADLINE):
+        while name in (final := await connections()) or f"{name}-hub" in final:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 async def test_cancelled_sse_generator_unsubscribes_at_once(backend: RedisUpdatesBackend) -> None:
@@ -490,3 +507,26 @@ async def test_open_streams_survive_a_redis_restart(tmp_path: Path) -> None:
             assert [m["message"] for m in orjson.loads(await backend.read_since(run_id, 0))] == ["before", "after"]
     finally:
         redis_child.stop()
+
+
+async def test_cursors_at_the_edges_of_the_id_space(backend: RedisUpdatesBackend) -> None:
+    run_id = new_run()
+    posted = await post_many(backend, run_id, 3)
+    max_id = 2**64 - 1
+    from_start = [await open_stream(backend, run_id, since_ms=-5), await open_stream(backend, run_id, after_id="0-0")]
+    past_the_end = [
+        await open_stream(backend, run_id, since_ms=max_id),
+        await open_stream(backend, run_id, after_id=f"{max_id}-{max_id}"),
+    ]
+    try:
+        for stream in from_start:
+            assert ids(await take(stream, 3)) == posted
+        for stream in past_the_end:
+            assert await stream.next(0.0) is None
+    finally:
+        for stream in [*from_start, *past_the_end]:
+            await stream.aclose()
+    for bad in [f"{max_id + 1}-0", "12-ab", "-1"]:
+        with pytest.raises(InvalidInput):
+            await open_stream(backend, run_id, after_id=bad)
+    assert backend.hub.subscriber_count == 0

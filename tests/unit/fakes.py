@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections import deque
 from typing import Any
 
 import orjson
 
 from backends.errors import Conflict, NotFound
-from backends.protocol import Action, Principal, RunFilters, RunPage, RunRef
+from backends.protocol import Action, Principal, RunFilters, RunPage, RunRef, UpdateEvent
 from server.context import Backends
 from server.settings import Settings
 
@@ -84,6 +84,24 @@ class FakeRuns:
         return None
 
 
+class FakeUpdateStream:
+    def __init__(self, pending: deque[UpdateEvent]) -> None:
+        self.pending, self.finished = pending, False
+
+    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+        if self.pending:
+            return self.pending.popleft()
+        if self.finished:
+            raise StopAsyncIteration
+        return None
+
+    def finish(self) -> None:
+        self.finished = True
+
+    async def aclose(self) -> None:
+        self.pending.clear()
+
+
 class FakeUpdates:
     def __init__(self) -> None:
         self.stored: list[bytes] = []
@@ -96,9 +114,11 @@ class FakeUpdates:
     async def read_since(self, run_id: str, since_ms: int) -> bytes:
         return b"[" + b",".join(self.stored) + b"]"
 
-    async def stream(self, run_id: str, **kwargs: Any) -> AsyncIterator[tuple[str, str, bytes]]:
-        for item in self.stored:
-            yield "message", "0-0", item
+    async def open_stream(
+        self, run_id: str, *, after_id: str | None, since_ms: int | None, skip_history: bool
+    ) -> FakeUpdateStream:
+        replay = [] if skip_history and after_id is None and since_ms is None else self.stored
+        return FakeUpdateStream(deque(("message", f"{1678886400000 + i}-0", data) for i, data in enumerate(replay)))
 
     async def ping(self) -> None:
         return None

@@ -12,6 +12,7 @@ import pytest
 from starlette.types import Message
 
 from backends.errors import BackendUnavailable
+from backends.protocol import UpdateEvent
 from server import sse
 
 UPDATE = b'{"timestamp":1678886400000,"workflow_run_id":"r1","type":"UPDATE","message":"Processing document"}'
@@ -23,14 +24,14 @@ FAILED = "failed"  # Redis failed mid-stream
 class FakeStream:
     """Plays a script of `next` results; after `finish()` plays `stored` then ends."""
 
-    def __init__(self, script: list[Any], stored: list[sse.UpdateEvent] | None = None) -> None:
+    def __init__(self, script: list[Any], stored: list[UpdateEvent] | None = None) -> None:
         self.script: deque[Any] = deque(script)
-        self.stored: deque[sse.UpdateEvent] = deque(stored or [])
+        self.stored: deque[UpdateEvent] = deque(stored or [])
         self.finished = False
         self.closed = False
         self.next_calls = 0
 
-    async def next(self, wait_seconds: float) -> sse.UpdateEvent | None:
+    async def next(self, wait_seconds: float) -> UpdateEvent | None:
         self.next_calls += 1
         if self.finished:
             if self.stored:
@@ -43,7 +44,7 @@ class FakeStream:
             raise BackendUnavailable("Redis did not answer")
         if item is IDLE:
             await asyncio.sleep(0)  # yield like a real wait would
-        return item  # type: ignore[no-any-return]
+        return item  # type: ignore[no-any-return,unused-ignore]
 
     def finish(self) -> None:
         self.finished = True
@@ -52,11 +53,11 @@ class FakeStream:
         self.closed = True
 
 
-def message(n: int) -> sse.UpdateEvent:
+def message(n: int) -> UpdateEvent:
     return ("message", f"1678886400{n:03d}-0", UPDATE)
 
 
-def statuses(*values: str | None | Exception) -> Any:
+def statuses(*values: str | Exception | None) -> Any:
     queue = deque(values)
 
     async def closed_status() -> str | None:
@@ -221,7 +222,7 @@ async def test_cancelling_the_consumer_closes_the_stream() -> None:
     release = asyncio.Event()
 
     class BlockingStream(FakeStream):
-        async def next(self, wait_seconds: float) -> sse.UpdateEvent | None:
+        async def next(self, wait_seconds: float) -> UpdateEvent | None:
             release.set()
             await asyncio.Event().wait()  # never: the consumer is cancelled while waiting here
             return None
