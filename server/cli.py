@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from server import logs, stack
@@ -93,8 +94,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
             f"  API         {base}\n  Swagger UI  {base}/ui/\n  document    {base}/openapi.json\n"
             f"  Temporal    {os.environ['TEMPORAL_ADDRESS']}\n  Redis       {os.environ['REDIS_URL']}\n"
             f"  logs        {data_dir / 'logs'}\n\n"
-            f"Dev token (project dev-project, 7 days):\n{token}\n\n"
-            f"  curl -s -X POST {base}/workflows/runs -H 'Authorization: Bearer {token[:12]}...' "
+            f"Dev token (project dev-project, 7 days):\n\n  export TOKEN={token}\n"
+            f"  curl -s -X POST {base}/workflows/runs -H \"Authorization: Bearer $TOKEN\" "
             "-H 'Content-Type: application/json' -d '{}'\n",
             flush=True,
         )
@@ -197,6 +198,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Connexion imports Starlette's test client at import time, which warns about httpx: noise here.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     args = parser().parse_args(argv)
     args.func(args)
 
