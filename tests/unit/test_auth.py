@@ -88,3 +88,42 @@ def test_claims_without_user_give_no_principal() -> None:
     assert principal.user_id == "u"
     assert principal.project_id is None
     assert principal.permissions == frozenset()
+
+
+def test_jwks_keys_are_fetched_and_cached(settings: Settings) -> None:
+    """RS256 tokens verified with keys from a JWKS endpoint (a real HTTP server on loopback)."""
+    import http.server
+    import json
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    body = json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]}).encode()
+    fetches: list[str] = []
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetches.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+        verifier = TokenVerifier(replace(settings, jwt_secret=None, jwks_url=url))
+        token = jwt.encode(_claims(), key, algorithm="RS256", headers={"kid": "k1"})
+        assert verifier.verify(token) is not None
+        assert verifier.verify(token) is not None
+        assert len(fetches) == 1  # cached
+        assert verifier.verify(jwt.encode(_claims(), SECRET, algorithm="HS256")) is None
+    finally:
+        server.shutdown()
+        server.server_close()
