@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from backends.errors import InvalidInput, PayloadTooLarge
@@ -183,6 +184,11 @@ class RedisUpdatesBackend:
         plus the hub's own reader connection; the hub's task starts now. Redis need not be up yet."""
         timeout = float(settings.backend_timeout_seconds)
         no_retry = Retry(NoBackoff(), 0)  # a retried post could be stored twice; callers retry
+        # redis-py 8 turns "maintenance notifications" on by default (RESP3), and with them on its
+        # pool skips the check that drops a pooled connection the server has closed: after a Redis
+        # restart every idle connection would fail one request with 503. Off: the pool reconnects
+        # them, and our own timeouts are never "relaxed" by a maintenance notice either.
+        no_maintenance = MaintNotificationsConfig(enabled=False)
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -191,6 +197,7 @@ class RedisUpdatesBackend:
             socket_connect_timeout=timeout,
             retry=no_retry,
             client_name=client_name,
+            maint_notifications_config=no_maintenance,
         )
         client = Redis(connection_pool=pool)
         reader = Redis.from_url(
@@ -200,6 +207,7 @@ class RedisUpdatesBackend:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             client_name=f"{client_name}-hub",
+            maint_notifications_config=no_maintenance,
         )
         hub = UpdateHub(reader, client, timeout=timeout, block_ms=hub_block_ms, queue_size=queue_size)
         hub.start()

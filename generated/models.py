@@ -352,7 +352,7 @@ class StreamControlEventType(StrEnum):
     The SSE event type of a control event of `streamWorkflowRunUpdates`.
 
     - `truncated`: the requested resume point (`Last-Event-ID` or `since`) is older than the oldest update still kept; some updates were dropped and delivery continues from the oldest kept one.
-    - `end`: the run is closed and every stored update has been sent; the server closes the stream right after this event.
+    - `end`: the stream is over and the server closes it right after this event. Its `reason` says why: `run_closed` (the run is closed and every stored update has been sent: do not reconnect) or `server_shutdown` (the server is stopping: reconnect with `Last-Event-ID`).
 
     """
 
@@ -366,11 +366,13 @@ class StreamControlReason(StrEnum):
 
     - `truncated`: updates between the requested resume point and `oldest_id` were dropped (the log keeps the 1000 most recent updates); delivery continues from `oldest_id`.
     - `run_closed`: the run is closed (its final status is in `status`) and every stored update was sent; the stream ends.
+    - `server_shutdown`: the server answering this stream is shutting down (deploy, scale-in); the stream ends although the run may still be open. Reconnect, with `Last-Event-ID` set to the last update id received (EventSource does this by itself unless closed), to any replica: nothing is lost, every update being stored.
 
     """
 
     truncated = "truncated"
     run_closed = "run_closed"
+    server_shutdown = "server_shutdown"
 
 
 class WorkflowRunAction(StrEnum):
@@ -525,7 +527,7 @@ class PendingActivity(BaseModel):
 
 class StreamControl(BaseModel):
     """
-    The JSON payload of a control event (`data` of a `truncated` or `end` event). `{"reason":"truncated","oldest_id":"..."}` or `{"reason":"run_closed","status":"COMPLETED"}`.
+    The JSON payload of a control event (`data` of a `truncated` or `end` event). `{"reason":"truncated","oldest_id":"..."}`, `{"reason":"run_closed","status":"COMPLETED"}` or `{"reason":"server_shutdown"}`.
     """
 
     reason: StreamControlReason

@@ -13,7 +13,7 @@ from typing import Any
 from connexion import request
 from starlette.responses import Response, StreamingResponse
 
-from backends.errors import InvalidInput
+from backends.errors import BackendUnavailable, InvalidInput
 from backends.protocol import Principal, RunsBackend
 from server import sse
 from server.context import backends, principal_of
@@ -45,14 +45,29 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
     context = backends()
     principal = require(principal_of(token_info), READ_RUN)
     runs, settings = context.runs, context.settings
-    await runs.find_run(principal, run_id, workflow_id)
-    last_event_id = (request.headers.get("last-event-id") or "").strip() or None
-    stream = await context.updates.open_stream(
-        run_id,
-        after_id=last_event_id,
-        since_ms=None if since is None else _since_ms(since),
-        skip_history=bool(skip_history),
+    if sse.SHUTDOWN.is_set:
+        # uvicorn still answers on open keep-alive connections for a moment after SIGTERM.
+        raise BackendUnavailable("This server is shutting down; reconnect to another one.", retry_after=1)
+    limiter = sse.limiter_for(
+        context.updates,
+        per_principal=settings.max_streams_per_principal,
+        per_process=settings.max_streams_per_process,
     )
+    # Taken before any backend call, so a caller over its limit costs nothing; released by the
+    # response once it is over, or below if the stream cannot start.
+    slot = limiter.acquire(principal)
+    try:
+        await runs.find_run(principal, run_id, workflow_id)
+        last_event_id = (request.headers.get("last-event-id") or "").strip() or None
+        stream = await context.updates.open_stream(
+            run_id,
+            after_id=last_event_id,
+            since_ms=None if since is None else _since_ms(since),
+            skip_history=bool(skip_history),
+        )
+    except BaseException:
+        slot.release()
+        raise
 
     async def closed_status() -> str | None:
         return await _closed_status(runs, principal, workflow_id, run_id)
@@ -60,6 +75,7 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
     try:
         status_at_open = await closed_status()
     except BaseException:
+        slot.release()
         await stream.aclose()
         raise
     frames = sse.update_frames(
@@ -69,7 +85,7 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
         closed_status=closed_status,
         status_at_open=status_at_open,
     )
-    return sse.event_stream_response(frames, send_timeout=settings.sse_send_timeout_seconds)
+    return sse.event_stream_response(frames, send_timeout=settings.sse_send_timeout_seconds, slot=slot, stream=stream)
 
 
 async def post_workflow_run_update(

@@ -19,6 +19,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from types import FrameType
 
 from server import logs, stack
 from server.auth import DEV_PERMISSIONS, mint_token
@@ -40,18 +41,36 @@ def jwt_secret(settings: Settings, *, create: bool = False) -> str:
 
 
 def serve(settings: Settings) -> None:
+    """Run the API under uvicorn until SIGTERM / Ctrl-C, then shut down gracefully: stop accepting,
+    end open update streams with `event: end` `server_shutdown` (clients resume elsewhere with
+    `Last-Event-ID`), let in-flight requests finish (at most `shutdown_timeout_seconds`), close the
+    backends (the app's lifespan) and exit."""
     import uvicorn
 
+    from server import sse
+
+    class GracefulServer(uvicorn.Server):
+        # uvicorn waits for open connections *before* the lifespan shutdown, so an open stream
+        # would hold it for the whole timeout: tell the streams first, from the signal handler.
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            sse.SHUTDOWN.trigger()
+            super().handle_exit(sig, frame)
+
     logs.configure()
-    uvicorn.run(
+    config = uvicorn.Config(
         "server.app:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
         access_log=False,  # server.middleware.RequestContext logs requests, with secrets redacted
         log_config=None,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
+    server = GracefulServer(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run does
+        server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE: the app could not start (port taken, bad settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -95,7 +114,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
             f"  Temporal    {os.environ['TEMPORAL_ADDRESS']}\n  Redis       {os.environ['REDIS_URL']}\n"
             f"  logs        {data_dir / 'logs'}\n\n"
             f"Dev token (project dev-project, 7 days):\n\n  export TOKEN={token}\n"
-            f"  curl -s -X POST {base}/workflows/runs -H \"Authorization: Bearer $TOKEN\" "
+            f'  curl -s -X POST {base}/workflows/runs -H "Authorization: Bearer $TOKEN" '
             "-H 'Content-Type: application/json' -d '{}'\n",
             flush=True,
         )

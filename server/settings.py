@@ -38,6 +38,12 @@ class Settings:
     sse_retry_ms: int = field(default_factory=lambda: _int("SSE_RETRY_MS", 3000))
     sse_send_timeout_seconds: int = field(default_factory=lambda: _int("SSE_SEND_TIMEOUT_SECONDS", 30))
     backend_timeout_seconds: int = field(default_factory=lambda: _int("BACKEND_TIMEOUT_SECONDS", 10))
+    # Open update streams are the one resource a client holds for as long as it likes: capped per
+    # principal (its `ref` within its project) and per process, 429 with Retry-After beyond.
+    max_streams_per_principal: int = field(default_factory=lambda: _int("MAX_STREAMS_PER_PRINCIPAL", 1000))
+    max_streams_per_process: int = field(default_factory=lambda: _int("MAX_STREAMS_PER_PROCESS", 10_000))
+    # Seconds uvicorn waits, after SIGTERM, for in-flight requests before cancelling them.
+    shutdown_timeout_seconds: int = field(default_factory=lambda: _int("SHUTDOWN_TIMEOUT_SECONDS", 10))
     # The URL the sample workers use to post updates through the API, as the seed says workflows do.
     api_url: str = field(
         default_factory=lambda: os.environ.get("API_URL", f"http://127.0.0.1:{_int('PORT', 8000)}/api/v1")

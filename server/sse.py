@@ -8,6 +8,8 @@ Frames (what an EventSource reads)
                       `id:` (the client's resume point does not move), before the oldest kept one.
     End of the run:   `event: end` with data `{"reason":"run_closed","status":"<STATUS>"}`, then the
                       response ends; clients should close their EventSource on it.
+    Server stopping:  `event: end` with data `{"reason":"server_shutdown"}`, then the response ends;
+                      the client reconnects (to another replica) with `Last-Event-ID`, losing nothing.
     Heartbeat:        the comment line `: ping` after `heartbeat_seconds` without a frame.
     The first frame, whatever it is, starts with `retry: <ms>`, the client's reconnection delay.
 
@@ -26,20 +28,35 @@ Which task ends the stream
       process is shutting down): the generator returns without `end`; the client reconnects with
       `Last-Event-ID` and loses nothing, every update being stored.
     - Redis failed while reading stored updates: the generator returns without `end`, likewise.
+    - The server is stopping (SIGTERM): `server.cli` calls `SHUTDOWN.trigger()` from uvicorn's signal
+      handler, before uvicorn waits for open connections; every generator waiting for its next event
+      is interrupted at once (`ServerShutdown`), sends `end` with `server_shutdown` and returns, so
+      uvicorn's graceful shutdown finds only in-flight requests to finish.
+
+Limits
+    `StreamLimiter` caps the streams open at once per principal (`principal.ref` within its project)
+    and per process; beyond them `acquire` raises `TooManyRequests` (429 with Retry-After). The
+    handler takes a `StreamSlot` before it opens the stream, and the slot is released exactly once,
+    whichever way the stream ends: `EventStreamResponse` releases it when the response is over
+    (complete, disconnected, timed out, cancelled), the handler when it fails before answering, and
+    the slot's finaliser if a response is dropped without ever being sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from types import TracebackType
 
 import anyio
 import orjson
 from starlette.responses import StreamingResponse
-from starlette.types import Message, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from backends.errors import DomainError
-from backends.protocol import UpdateEvent, UpdateStream
+from backends.errors import DomainError, TooManyRequests
+from backends.protocol import Principal, UpdateEvent, UpdateStream
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +102,178 @@ def end_frame(status: str, *, retry_ms: int | None = None) -> bytes:
     return encode_frame(orjson.dumps({"reason": "run_closed", "status": status}), event="end", retry_ms=retry_ms)
 
 
+def shutdown_frame(*, retry_ms: int | None = None) -> bytes:
+    return encode_frame(orjson.dumps({"reason": "server_shutdown"}), event="end", retry_ms=retry_ms)
+
+
 def ping_frame(*, retry_ms: int | None = None) -> bytes:
     return PING if retry_ms is None else encode_frame(comment="ping", retry_ms=retry_ms)
+
+
+# -- shutdown --------------------------------------------------------------------------------------
+
+
+class ShuttingDown(Exception):
+    """Raised inside a stream's wait when the server is stopping."""
+
+
+class ServerShutdown:
+    """Process-wide: set once the server has been asked to stop, and able to interrupt every stream
+    waiting for its next event at that moment.
+
+    `trigger()` is safe to call from a signal handler (uvicorn's `handle_exit` runs in one, in the
+    event loop's thread) or another thread: it only sets a flag and schedules the interruptions on
+    the loop. Each wait runs under `interruptible()`, an `asyncio.timeout(None)` that `trigger`
+    reschedules to "now"; the stream code under it is cancellation-safe, so nothing is lost."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waits: set[asyncio.Timeout] = set()
+
+    @property
+    def is_set(self) -> bool:
+        return self._set
+
+    def trigger(self) -> None:
+        self._set = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._interrupt_all)
+
+    def reset(self) -> None:
+        """For tests that trigger a shutdown in a process that goes on."""
+        self._set = False
+
+    def _interrupt_all(self) -> None:
+        for wait in list(self._waits):
+            if not wait.expired():
+                wait.reschedule(-1.0)  # a deadline in the past: fires on the next loop iteration
+
+    def interruptible(self) -> _Interruptible:
+        """`async with shutdown.interruptible(): await ...` raises `ShuttingDown` if the server is
+        stopping before or while the block runs."""
+        return _Interruptible(self)
+
+
+class _Interruptible:
+    __slots__ = ("_owner", "_timeout")
+
+    def __init__(self, owner: ServerShutdown) -> None:
+        self._owner = owner
+        self._timeout = asyncio.timeout(None)
+
+    async def __aenter__(self) -> None:
+        owner = self._owner
+        if owner.is_set:
+            raise ShuttingDown
+        owner._loop = asyncio.get_running_loop()
+        await self._timeout.__aenter__()
+        owner._waits.add(self._timeout)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._owner._waits.discard(self._timeout)
+        try:
+            await self._timeout.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            if self._timeout.expired():
+                raise ShuttingDown from None
+            raise
+
+
+SHUTDOWN = ServerShutdown()
+
+
+# -- limits ----------------------------------------------------------------------------------------
+
+StreamOwner = tuple[str | None, str]  # (project id, principal ref)
+
+
+class StreamSlot:
+    """One open stream counted by a `StreamLimiter`; `release()` is idempotent."""
+
+    __slots__ = ("_limiter", "_owner", "_released")
+
+    def __init__(self, limiter: StreamLimiter, owner: StreamOwner) -> None:
+        self._limiter = limiter
+        self._owner = owner
+        self._released = False
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._limiter._release(self._owner)
+
+    def __del__(self) -> None:
+        # The last resort: a slot whose response was never sent must not hold its place forever.
+        self.release()
+
+
+class StreamLimiter:
+    """Counts the streams open at once, per owner and in all; synchronous, so it needs no lock in
+    the event loop and can be released from a cancelled task's `finally`."""
+
+    def __init__(self, *, per_principal: int, per_process: int, retry_after: int = 5) -> None:
+        self.per_principal = per_principal
+        self.per_process = per_process
+        self.retry_after = retry_after
+        self._open: dict[StreamOwner, int] = {}
+        self._total = 0
+
+    @property
+    def open_streams(self) -> int:
+        return self._total
+
+    def open_streams_of(self, principal: Principal) -> int:
+        return self._open.get(self.owner_of(principal), 0)
+
+    @staticmethod
+    def owner_of(principal: Principal) -> StreamOwner:
+        return (principal.project_id, principal.ref)
+
+    def acquire(self, principal: Principal) -> StreamSlot:
+        """A slot for one more stream of `principal`; `TooManyRequests` beyond a limit."""
+        owner = self.owner_of(principal)
+        if self._total >= self.per_process:
+            raise TooManyRequests(
+                f"This server has {self.per_process} update streams open, its limit; "
+                "retry later or on another replica.",
+                retry_after=self.retry_after,
+            )
+        if self._open.get(owner, 0) >= self.per_principal:
+            raise TooManyRequests(
+                f"You have {self.per_principal} update streams open, the limit per caller; close one first.",
+                retry_after=self.retry_after,
+            )
+        self._open[owner] = self._open.get(owner, 0) + 1
+        self._total += 1
+        return StreamSlot(self, owner)
+
+    def _release(self, owner: StreamOwner) -> None:
+        left = self._open.get(owner, 0) - 1
+        if left > 0:
+            self._open[owner] = left
+        else:
+            self._open.pop(owner, None)
+        self._total = max(self._total - 1, 0)
+
+
+_LIMITERS: weakref.WeakKeyDictionary[object, StreamLimiter] = weakref.WeakKeyDictionary()
+
+
+def limiter_for(owner: object, *, per_principal: int, per_process: int) -> StreamLimiter:
+    """The limiter of one running app, keyed by an object that lives exactly as long as it (its
+    updates backend): one per process in production, one per app in tests."""
+    limiter = _LIMITERS.get(owner)
+    if limiter is None:
+        limiter = _LIMITERS[owner] = StreamLimiter(per_principal=per_principal, per_process=per_process)
+    return limiter
 
 
 async def update_frames(
@@ -97,10 +284,12 @@ async def update_frames(
     closed_status: Callable[[], Awaitable[str | None]],
     status_at_open: str | None = None,
     poll_seconds: float | None = None,
+    shutdown: ServerShutdown = SHUTDOWN,
 ) -> AsyncGenerator[bytes, None]:
     """The frames of one stream: updates as they come, heartbeats while idle, `end` once the run is
-    closed and every stored update was sent. `closed_status()` returns the run's final status, or
-    None while it runs; its failures are logged and retried at the next poll. Closes `stream`."""
+    closed and every stored update was sent, or `end` with `server_shutdown` as soon as the server
+    is stopping. `closed_status()` returns the run's final status, or None while it runs; its
+    failures are logged and retried at the next poll. Closes `stream`."""
     now = anyio.current_time
     poll_every = heartbeat_seconds if poll_seconds is None else poll_seconds
     retry: int | None = retry_ms  # sent once, on the first frame
@@ -113,7 +302,11 @@ async def update_frames(
         while True:
             wake_at = idle_deadline if status is not None else min(idle_deadline, poll_deadline)
             try:
-                event = await stream.next(max(wake_at - now(), 0.0))
+                async with shutdown.interruptible():
+                    event = await stream.next(max(wake_at - now(), 0.0))
+            except ShuttingDown:
+                yield shutdown_frame(retry_ms=retry)
+                return
             except StopAsyncIteration:
                 if status is not None:
                     yield end_frame(status, retry_ms=retry)
@@ -130,7 +323,12 @@ async def update_frames(
                 retry = None
                 idle_deadline = now() + heartbeat_seconds
             if status is None and now() >= poll_deadline:
-                status = await _poll(closed_status)
+                try:
+                    async with shutdown.interruptible():
+                        status = await _poll(closed_status)
+                except ShuttingDown:
+                    yield shutdown_frame(retry_ms=retry)
+                    return
                 poll_deadline = now() + poll_every
                 if status is not None:
                     stream.finish()
@@ -149,7 +347,8 @@ async def _poll(closed_status: Callable[[], Awaitable[str | None]]) -> str | Non
 
 
 class EventStreamResponse(StreamingResponse):
-    """A `text/event-stream` response with the SSE headers and a deadline on every send."""
+    """A `text/event-stream` response with the SSE headers and a deadline on every send; `slot`
+    (the stream's place under the limits) is released when the response is over, however."""
 
     def __init__(
         self,
@@ -157,10 +356,26 @@ class EventStreamResponse(StreamingResponse):
         *,
         send_timeout: float,
         headers: Mapping[str, str] | None = None,
+        slot: StreamSlot | None = None,
+        stream: UpdateStream | None = None,
     ) -> None:
         super().__init__(frames, media_type=MEDIA_TYPE, headers={**HEADERS, **(headers or {})})
         self._frames = frames
         self.send_timeout = send_timeout
+        self.slot = slot
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.slot is not None:
+                self.slot.release()
+            # The generator closes the stream in its `finally`, but a generator that never started
+            # (the client left before the first frame) has none to run: close it here too.
+            if self._stream is not None:
+                await self._stream.aclose()
+            await self._frames.aclose()
 
     async def stream_response(self, send: Send) -> None:
         async def send_in_time(message: Message) -> None:
@@ -176,5 +391,11 @@ class EventStreamResponse(StreamingResponse):
             await self._frames.aclose()
 
 
-def event_stream_response(frames: AsyncGenerator[bytes, None], *, send_timeout: float) -> EventStreamResponse:
-    return EventStreamResponse(frames, send_timeout=send_timeout)
+def event_stream_response(
+    frames: AsyncGenerator[bytes, None],
+    *,
+    send_timeout: float,
+    slot: StreamSlot | None = None,
+    stream: UpdateStream | None = None,
+) -> EventStreamResponse:
+    return EventStreamResponse(frames, send_timeout=send_timeout, slot=slot, stream=stream)
