@@ -30,6 +30,7 @@ from temporalio.client import Client, WorkflowExecutionDescription, WorkflowHand
 from temporalio.converter import decode_typed_search_attributes
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
+from backends import temporal_connection
 from backends.errors import BackendUnavailable, Conflict, Forbidden, InvalidInput, NotFound
 from backends.protocol import JSON, Action, Principal, RunFilters, RunPage, RunRef
 from backends.run_view import (
@@ -100,9 +101,8 @@ class TemporalRunsBackend:
         """A backend for the cluster the settings name. The connection is made lazily, so the API
         starts (and answers 503) even while Temporal is still coming up."""
         timeout = settings.backend_timeout_seconds
-        client = await Client.connect(
-            settings.temporal_address,
-            namespace=settings.temporal_namespace,
+        client = await temporal_connection.connect(
+            settings,
             lazy=True,
             retry_config=RetryConfig(
                 initial_interval_millis=100,

@@ -147,13 +147,12 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> None:
-    from temporalio.client import Client
-
+    from backends import temporal_connection
     from workloads.starter import start_workflow
 
     async def start() -> tuple[str, str]:
         settings = Settings()
-        client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+        client = await temporal_connection.connect(settings)
         return await start_workflow(
             client,
             args.type,

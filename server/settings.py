@@ -21,6 +21,12 @@ class Settings:
     port: int = field(default_factory=lambda: _int("PORT", 8000))
     temporal_address: str = field(default_factory=lambda: os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"))
     temporal_namespace: str = field(default_factory=lambda: os.environ.get("TEMPORAL_NAMESPACE", "default"))
+    # Temporal Cloud or a TLS cluster: an API key, and/or mTLS with PEM file paths.
+    temporal_api_key: str | None = field(default_factory=lambda: _opt("TEMPORAL_API_KEY"))
+    temporal_tls: bool = field(default_factory=lambda: os.environ.get("TEMPORAL_TLS", "0") == "1")
+    temporal_tls_cert: str | None = field(default_factory=lambda: _opt("TEMPORAL_TLS_CERT"))
+    temporal_tls_key: str | None = field(default_factory=lambda: _opt("TEMPORAL_TLS_KEY"))
+    temporal_tls_ca: str | None = field(default_factory=lambda: _opt("TEMPORAL_TLS_CA"))
     temporal_task_queue: str = field(
         default_factory=lambda: os.environ.get("TEMPORAL_TASK_QUEUE", "workflow-runs-samples")
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from backends import temporal_connection
 from server.settings import Settings
 from workloads.activities import WorkloadActivities
 from workloads.workflows import WORKFLOWS
@@ -54,7 +55,7 @@ async def run_worker(
 ) -> None:
     """Run the sample worker until `stop` is set (or, without `stop`, until cancelled)."""
     if client is None:
-        client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+        client = await temporal_connection.connect(settings)
     queue = task_queue or settings.temporal_task_queue
     async with build_activities(settings, api_url=api_url) as activities:
         worker = create_worker(client, task_queue=queue, activities=activities)

@@ -1,0 +1,29 @@
+"""Connection settings for a TLS cluster or Temporal Cloud."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from temporalio.service import TLSConfig
+
+from backends.temporal_connection import tls_config
+from server.settings import Settings
+
+
+def test_plain_by_default_tls_when_asked_or_with_an_api_key() -> None:
+    base = replace(Settings(), temporal_api_key=None, temporal_tls=False, temporal_tls_cert=None, temporal_tls_ca=None)
+    assert tls_config(base) is False
+    assert tls_config(replace(base, temporal_tls=True)) is True
+    assert tls_config(replace(base, temporal_api_key="key")) is True
+
+
+def test_mtls_reads_the_pem_files(tmp_path: Path) -> None:
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_bytes(b"CERT")
+    key.write_bytes(b"KEY")
+    config = tls_config(
+        replace(Settings(), temporal_tls_cert=str(cert), temporal_tls_key=str(key), temporal_tls_ca=None)
+    )
+    assert isinstance(config, TLSConfig)
+    assert (config.client_cert, config.client_private_key, config.server_root_ca_cert) == (b"CERT", b"KEY", None)
