@@ -18,18 +18,19 @@ from temporalio.api.enums.v1 import EventType, PendingActivityState, WorkflowExe
 from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflow.v1 import PendingActivityInfo, WorkflowExecutionInfo
-from temporalio.common import SearchAttributeKey, TypedSearchAttributes
+from temporalio.common import TypedSearchAttributes
 from temporalio.converter import DataConverter
 
-JSON = Any
+from backends.search_attributes import (
+    INITIATED_BY,
+    INTERACTION_NAME,
+    IS_CONVERSATION,
+    PROJECT_ID,
+    VERTESIA_WORKFLOW_TYPE,
+    VISIBILITY,
+)
 
-PROJECT_ID = SearchAttributeKey.for_keyword("ProjectId")
-ACCOUNT_ID = SearchAttributeKey.for_keyword("AccountId")
-INITIATED_BY = SearchAttributeKey.for_keyword("InitiatedBy")
-INTERACTION_NAME = SearchAttributeKey.for_keyword("InteractionName")
-VISIBILITY = SearchAttributeKey.for_keyword("Visibility")
-IS_CONVERSATION = SearchAttributeKey.for_bool("IsConversation")
-VERTESIA_WORKFLOW_TYPE = SearchAttributeKey.for_keyword("VertesiaWorkflowType")
+JSON = Any
 
 STATUS_PREFIX = "WORKFLOW_EXECUTION_STATUS_"
 ACTIVITY_STATE_PREFIX = "PENDING_ACTIVITY_STATE_"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy
 
 # Workflow types (what `workflow-runs start TYPE` accepts).
 INGESTION_WORKFLOW = "StandardContentIngestion"
@@ -33,18 +33,6 @@ MEMO_PROJECT = "project"
 MEMO_INTERACTION = "interaction"
 MEMO_TOPIC = "topic"
 MEMO_ACTIVITY_STATE = "activity_state"
-
-# The custom search attributes (registered by `server.stack`, see `backends.search_attributes`).
-PROJECT_ID = SearchAttributeKey.for_keyword("ProjectId")
-ACCOUNT_ID = SearchAttributeKey.for_keyword("AccountId")
-INITIATED_BY = SearchAttributeKey.for_keyword("InitiatedBy")
-DOCUMENT_ID = SearchAttributeKey.for_keyword("DocumentId")
-EVENT_NAME = SearchAttributeKey.for_keyword("EventName")
-RULE_ID = SearchAttributeKey.for_keyword("RuleId")
-INTERACTION_NAME = SearchAttributeKey.for_keyword("InteractionName")
-VISIBILITY = SearchAttributeKey.for_keyword("Visibility")
-IS_CONVERSATION = SearchAttributeKey.for_bool("IsConversation")
-VERTESIA_WORKFLOW_TYPE = SearchAttributeKey.for_keyword("VertesiaWorkflowType")
 
 # Posting an update is best effort: a few quick attempts, then the workflow carries on without it.
 POST_UPDATE_TIMEOUT = timedelta(seconds=10)

@@ -10,24 +10,26 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
-from server.settings import Settings
-from workloads.shared import (
+from backends.search_attributes import (
     ACCOUNT_ID,
-    CONVERSATION_WORKFLOW,
     DOCUMENT_ID,
     EVENT_NAME,
-    INGESTION_WORKFLOW,
     INITIATED_BY,
     INTERACTION_NAME,
     IS_CONVERSATION,
-    MEMO_ACTIVITY_STATE,
-    MEMO_INTERACTION,
-    MEMO_PROJECT,
-    MEMO_TOPIC,
     PROJECT_ID,
     RULE_ID,
     VERTESIA_WORKFLOW_TYPE,
     VISIBILITY,
+)
+from server.settings import Settings
+from workloads.shared import (
+    CONVERSATION_WORKFLOW,
+    INGESTION_WORKFLOW,
+    MEMO_ACTIVITY_STATE,
+    MEMO_INTERACTION,
+    MEMO_PROJECT,
+    MEMO_TOPIC,
     WORKFLOW_TYPES,
     ConversationInput,
     IngestionInput,

@@ -13,6 +13,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from backends.search_attributes import PROJECT_ID
     from workloads.shared import (
         ACTIVITY_STATE_QUERY,
         CONVERSATION_WORKFLOW,
@@ -25,7 +26,6 @@ with workflow.unsafe.imports_passed_through():
         POST_UPDATE_RETRY,
         POST_UPDATE_TIMEOUT,
         PROCESS_DOCUMENT,
-        PROJECT_ID,
         RETRYING_WORKFLOW,
         USER_INPUT_SIGNAL,
         AnswerRequest,
