@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import os
@@ -51,7 +52,7 @@ import orjson
 
 from scripts import bench_profile
 from scripts.bench_load import Load, LoadResult, generate, wrk_path
-from scripts.bench_proc import Placement, raise_open_files_limit, run_pinned, spawn_pinned
+from scripts.bench_proc import CpuMeter, Placement, raise_open_files_limit, run_pinned, spawn_pinned
 from server import stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +62,7 @@ TASK_QUEUE = "bench-samples"
 TARGET_RATIO = 0.8
 TARGET_P99_MS = 100.0
 TARGET_KB_PER_STREAM = 50.0
+MAX_FAILED_SHARE = 0.05  # more failed requests than this and a figure is refused
 POST_BODY = b'{"type":"UPDATE","message":"Processing chunk 42 of 100","details":{"progress":42,"chunk":"c-42"}}'
 
 
@@ -112,6 +114,9 @@ class Stack:
     jwt_secret: str
     children: list[stack.Child]
     api_pid: int = 0
+    baseline_pid: int = 0
+    server_env: dict[str, str] = field(default_factory=dict)
+    backend_pids: dict[str, int] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -127,7 +132,7 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def running_stack(data_dir: Path, placement: Placement) -> Iterator[Stack]:
+def running_stack(data_dir: Path, placement: Placement, server_env: dict[str, str]) -> Iterator[Stack]:
     temporal_port, redis_port = stack.free_port(), stack.free_port()
     api_port, baseline_port = stack.free_port(), stack.free_port()
     bench = Stack(
@@ -138,6 +143,7 @@ def running_stack(data_dir: Path, placement: Placement) -> Iterator[Stack]:
         baseline_port=baseline_port,
         jwt_secret=secrets.token_urlsafe(48),
         children=[],
+        server_env=server_env,
     )
     env = child_env(
         {
@@ -157,7 +163,7 @@ def running_stack(data_dir: Path, placement: Placement) -> Iterator[Stack]:
     with stack.running(bench.children):
         bench.children.append(stack.start_temporal(data_dir, port=temporal_port))
         bench.children.append(stack.start_redis(data_dir, port=redis_port))
-        api = spawn_pinned("api", [*python, "server.cli", "serve"], logs, placement.servers, env)
+        api = spawn_pinned("api", [*python, "server.cli", "serve"], logs, placement.servers, {**env, **server_env})
         bench.children.append(api)
         baseline_argv = [
             *python,
@@ -171,7 +177,8 @@ def running_stack(data_dir: Path, placement: Placement) -> Iterator[Stack]:
         bench.children.append(stack.spawn("worker", [*python, "server.cli", "worker"], logs, env))
         stack.wait_for_port("127.0.0.1", api_port, 60, api.proc)
         stack.wait_for_port("127.0.0.1", baseline_port, 60, bench.children[3].proc)
-        bench.api_pid = api.proc.pid
+        bench.api_pid, bench.baseline_pid = api.proc.pid, bench.children[3].proc.pid
+        bench.backend_pids = {"redis": bench.children[1].proc.pid, "temporal": bench.children[0].proc.pid}
         yield bench
 
 
@@ -318,6 +325,7 @@ class Figure:
     baseline: list[LoadResult] = field(default_factory=list)
     target: float | None = TARGET_RATIO
     profile: dict[str, object] | None = None
+    baseline_profile: dict[str, object] | None = None
 
     @staticmethod
     def median_rps(results: list[LoadResult]) -> float:
@@ -341,9 +349,22 @@ class Figure:
             "server_p99_ms": statistics.median(r.p99_ms for r in self.server) if self.server else 0.0,
             "baseline_p50_ms": statistics.median(r.p50_ms for r in self.baseline) if self.baseline else 0.0,
             "baseline_p99_ms": statistics.median(r.p99_ms for r in self.baseline) if self.baseline else 0.0,
+            "failed_requests": sum(r.non_2xx + r.errors for r in (*self.server, *self.baseline)),
+            "server_cpu_us_per_request": median_cpu(self.server),
+            "baseline_cpu_us_per_request": median_cpu(self.baseline),
             "rounds": {"server": [r.as_json() for r in self.server], "baseline": [r.as_json() for r in self.baseline]},
             **({"profile": self.profile} if self.profile else {}),
+            **({"baseline_profile": self.baseline_profile} if self.baseline_profile else {}),
         }
+
+
+def median_cpu(results: list[LoadResult]) -> dict[str, float]:
+    """Per process, the median over rounds of its CPU microseconds per request."""
+    names = sorted({name for r in results for name in r.cpu_us_per_request})
+    return {
+        name: round(statistics.median(r.cpu_us_per_request[name] for r in results if name in r.cpu_us_per_request), 1)
+        for name in names
+    }
 
 
 class Runner:
@@ -354,21 +375,29 @@ class Runner:
         self.profile_dir = profile_dir
         self.auth = {"Authorization": f"Bearer {seeds.token}"}
 
-    def http(self, load: Load, *, profile_as: str | None = None) -> LoadResult:
-        """Warm up, then measure one load with the configured generator (optionally under py-spy)."""
+    def http(self, load: Load, server_pid: int, *, profile_as: str | None = None) -> LoadResult:
+        """Warm up, then measure one load with the configured generator, metering the CPU time of
+        the server measured, Redis and Temporal (and, with `--profile`, sampling it with py-spy)."""
         config = self.config
         generate(load, generator=config.generator, connections=config.connections, duration=config.warmup,
                  cores=self.placement.generator)  # fmt: skip
         recorder = None
         if profile_as is not None and self.profile_dir is not None:
             output = self.profile_dir / f"{profile_as}.txt"
-            recorder = bench_profile.record(self.bench.api_pid, config.duration, output, self.placement.generator)
+            recorder = bench_profile.record(server_pid, config.duration, output, self.placement.generator)
+        meter = CpuMeter({"server": server_pid, **self.bench.backend_pids})
+        meter.start()
         result = generate(load, generator=config.generator, connections=config.connections,
                           duration=config.duration, cores=self.placement.generator)  # fmt: skip
+        result = dataclasses.replace(result, cpu_us_per_request=meter.per_request(result.requests))
         if recorder is not None:
             recorder.wait(timeout=60)
-        if result.non_2xx or result.errors or result.requests == 0:
+        failed = result.non_2xx + result.errors
+        if result.requests == 0 or failed > MAX_FAILED_SHARE * result.requests:
             raise SystemExit(f"bench: {load.method} {load.url}: {result.non_2xx} non-2xx, {result.errors} errors")
+        if failed:  # a few (e.g. a 503 when Temporal is slow): reported beside the figure, not hidden
+            print(f"bench: WARNING {load.method} {load.url}: {result.non_2xx} non-2xx, {result.errors} errors "
+                  f"of {result.requests}", file=sys.stderr, flush=True)  # fmt: skip
         return result
 
     def sdk(self, mode: str, extra: list[str]) -> LoadResult:
@@ -378,6 +407,7 @@ class Runner:
             "--concurrency", str(config.connections), "--duration", str(config.duration),
             "--warmup", str(config.warmup), *extra,
         ]  # fmt: skip
+        argv += [f"--cpu-pid={name}={pid}" for name, pid in self.bench.backend_pids.items()]
         data = json.loads(run_pinned(argv, self.placement.servers, timeout=config.duration + 120, env=child_env({})))
         result = LoadResult(**data)
         if result.errors or result.requests == 0:
@@ -414,13 +444,14 @@ class Runner:
         ]
         for round_index in range(self.config.rounds):
             for figure, server_load, baseline_load in cases:
-                sides: list[tuple[list[LoadResult], Load | None, str | None]] = [
-                    (figure.server, server_load, figure.name if round_index == 0 else None),
-                    (figure.baseline, baseline_load, None),
+                first = round_index == 0
+                sides: list[tuple[list[LoadResult], Load | None, int, str | None]] = [
+                    (figure.server, server_load, bench.api_pid, figure.name if first else None),
+                    (figure.baseline, baseline_load, bench.baseline_pid, f"{figure.name}.baseline" if first else None),
                 ]
-                for results, load, profile_as in sides if round_index % 2 == 0 else reversed(sides):
+                for results, load, pid, profile_as in sides if round_index % 2 == 0 else reversed(sides):
                     if load is not None:
-                        results.append(self.http(load, profile_as=profile_as))
+                        results.append(self.http(load, pid, profile_as=profile_as))
                 self.progress(figure, round_index)
         return [case[0] for case in cases]
 
@@ -440,11 +471,11 @@ class Runner:
                         figure.baseline.append(self.sdk("list", ["--query", seeds.list_query, "--page-size", "50"]))
                     elif figure is details:
                         load = Load(f"{bench.api_url}/workflows/runs/{workflow_id}/{run_id}", "GET", None, self.auth)
-                        figure.server.append(self.http(load, profile_as="details" if profile else None))
+                        figure.server.append(self.http(load, bench.api_pid, profile_as="details" if profile else None))
                     else:
                         headers = {**self.auth, "Content-Type": "application/json"}
                         load = Load(f"{bench.api_url}/workflows/runs", "POST", b"{}", headers)
-                        figure.server.append(self.http(load, profile_as="list" if profile else None))
+                        figure.server.append(self.http(load, bench.api_pid, profile_as="list" if profile else None))
                 self.progress(figure, round_index)
         return [details, listing]
 
@@ -459,7 +490,15 @@ class Runner:
             "--settle", "0.5" if config.smoke else "2",
         ]  # fmt: skip
         timeout = 300 + config.streams * 0.2 + config.stream_posts * config.stream_interval
-        result: dict[str, Any] = json.loads(run_pinned(argv, self.placement.generator, timeout, env=child_env({})))
+        recorder = None
+        if self.profile_dir is not None:
+            output = self.profile_dir / "streams.txt"
+            recorder = bench_profile.record(self.bench.api_pid, None, output, self.placement.generator)
+        try:
+            result: dict[str, Any] = json.loads(run_pinned(argv, self.placement.generator, timeout, env=child_env({})))
+        finally:
+            if recorder is not None:
+                bench_profile.stop(recorder)
         result["targets"] = {"latency_p99_ms": TARGET_P99_MS, "kb_per_stream": TARGET_KB_PER_STREAM}
         result["meets_targets"] = {
             "latency_p99": result["latency_p99_ms"] < TARGET_P99_MS,
@@ -506,6 +545,7 @@ def meta(config: Config, placement: Placement, bench: Stack) -> dict[str, object
     )
     return {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "server_env": bench.server_env,
         "commit": commit.stdout.strip(),
         "smoke": config.smoke,
         "python": platform.python_version(),
@@ -536,7 +576,6 @@ def table(report: dict[str, Any]) -> str:
         f"Workflow Runs API benchmark ({m['generator']}, 1 thread, {m['connections']} connections, "
         f"{m['duration_s']:g} s x {m['rounds']} rounds, medians; {where})",
         "",
-        f"{'updates':<30}{'server req/s':>14}{'baseline req/s':>16}{'ratio':>8}  target",
     ]
 
     def verdict(figure: dict[str, Any]) -> str:
@@ -544,17 +583,32 @@ def table(report: dict[str, Any]) -> str:
             return "(info)"
         return f">= {figure['target_ratio']:.2f} {'ok' if figure['meets_target'] else 'MISS'}"
 
-    for figure in report["updates"].values():
+    def cpu(figure: dict[str, Any], side: str, name: str) -> str:
+        value = figure[f"{side}_cpu_us_per_request"].get(name)
+        return "-" if value is None else f"{value:.0f}"
+
+    def failed(figure: dict[str, Any]) -> str:
+        return f"({figure['failed_requests']} failed)" if figure["failed_requests"] else ""
+
+    def section(title: str, baseline: str, backend: str, figures: dict[str, dict[str, Any]]) -> None:
         lines.append(
-            f"{figure['label']:<30}{figure['server_rps']:>14.1f}{figure['baseline_rps']:>16.1f}"
-            f"{figure['ratio']:>8.2f}  {verdict(figure)}"
+            f"{title:<26}{'server/s':>10}{baseline + '/s':>12}{'ratio':>7}  {'target':<13}"
+            f"{'CPU us/req:':>12}{'server':>8}{baseline:>10}{backend:>10}"
         )
-    lines += ["", f"{'runs':<30}{'server req/s':>14}{'direct SDK /s':>16}{'ratio':>8}  target"]
-    for figure in report["runs"].values():
-        lines.append(
-            f"{figure['label']:<30}{figure['server_rps']:>14.1f}{figure['baseline_rps']:>16.1f}"
-            f"{figure['ratio']:>8.2f}  {verdict(figure)}"
-        )
+        for f in figures.values():
+            lines.append(
+                f"{f['label']:<26}{f['server_rps']:>10.1f}{f['baseline_rps']:>12.1f}{f['ratio']:>7.2f}  "
+                f"{verdict(f):<13}{failed(f):>12}{cpu(f, 'server', 'server'):>8}{cpu(f, 'baseline', 'server'):>10}"
+                f"{cpu(f, 'server', backend):>10}"
+            )
+
+    if "updates" in report:
+        section("updates", "baseline", "redis", report["updates"])
+    if "runs" in report:
+        lines.append("")
+        section("runs", "SDK", "temporal", report["runs"])
+    if "streams" not in report:
+        return "\n".join(lines)
     s = report["streams"]
     ok = s["meets_targets"]
     lines += [
@@ -574,13 +628,22 @@ def table(report: dict[str, Any]) -> str:
 def profile_summary(report: dict[str, Any]) -> str:
     lines = []
     for section in ("updates", "runs"):
-        for figure in report[section].values():
-            profile = figure.get("profile")
-            if not profile:
-                continue
-            lines.append(f"\nprofile: {figure['label']} ({profile['samples']} samples), top own time:")
-            lines += [f"  {pct:>5.1f}%  {name}" for name, pct in profile["own_pct"][:12]]
+        for figure in report.get(section, {}).values():
+            for key, side in (("profile", "server"), ("baseline_profile", "baseline")):
+                if figure.get(key):
+                    lines += profile_lines(f"{figure['label']}, {side}", figure[key])
+    profile = report.get("streams", {}).get("profile")
+    if profile:
+        lines += profile_lines("streams, opening and posting", profile)
     return "\n".join(lines)
+
+
+def profile_lines(label: str, profile: dict[str, Any]) -> list[str]:
+    lines = [f"\nprofile: {label} ({profile['samples']} busy samples)", "  by component:"]
+    lines += [f"    {pct:>5.1f}%  {name}" for name, pct in profile["components_pct"][:10]]
+    lines.append("  top own time:")
+    lines += [f"    {pct:>5.1f}%  {name}" for name, pct in profile["own_pct"][:10]]
+    return lines
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -598,12 +661,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the server in the first round")
     parser.add_argument("--keep", action="store_true", help="keep the data folder (logs) afterwards")
+    parser.add_argument("--only", default="streams,updates,runs", help="figure groups to measure (comma-separated)")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment of the API server, for experiments (e.g. SSE_HEARTBEAT_SECONDS=60)",
+    )
     return parser.parse_args(argv)
+
+
+def measure(runner: Runner, groups: set[str], profile_dir: Path | None) -> dict[str, Any]:
+    """The groups of figures asked for, as JSON-ready dicts (with their profiles, if recorded)."""
+    measured: dict[str, Any] = {}
+    if "streams" in groups:  # first: the server's heap is at its smallest
+        measured["streams"] = runner.streams_figure()
+        raw = profile_dir / "streams.txt" if profile_dir else None
+        if raw is not None and raw.exists():
+            measured["streams"]["profile"] = bench_profile.summarize(raw)
+    for group, figures in (("updates", runner.updates_figures), ("runs", runner.runs_figures)):
+        if group not in groups:
+            continue
+        measured[group] = {}
+        for figure in figures():
+            if profile_dir is not None:
+                for side, raw in (("profile", profile_dir / f"{figure.name}.txt"),
+                                  ("baseline_profile", profile_dir / f"{figure.name}.baseline.txt")):  # fmt: skip
+                    if raw.exists():
+                        setattr(figure, side, bench_profile.summarize(raw))
+            measured[group][figure.name] = figure.as_json()
+    return measured
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config.from_args(args)
+    groups = {g.strip() for g in args.only.split(",") if g.strip()}
+    if not groups <= {"streams", "updates", "runs"}:
+        raise SystemExit(f"bench: --only takes streams, updates, runs; got {args.only!r}")
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    # Every stream is opened by one principal: leave headroom above the per-principal cap.
+    server_env.setdefault("MAX_STREAMS_PER_PRINCIPAL", str(max(1000, config.streams + 16)))
     placement = Placement.detect()
     raise_open_files_limit()
     profile_dir: Path | None = args.profile
@@ -614,30 +713,22 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="bench-"))
     started = time.monotonic()
     print(f"bench: generator {config.generator}, {placement.describe()}, data in {data_dir}", flush=True)
+    keep = bool(args.keep)
     try:
-        with running_stack(data_dir, placement) as bench:
+        with running_stack(data_dir, placement, server_env) as bench:
             seeds = seed(bench, config)
             stop_worker(bench)
             check_seeds(bench, seeds)
             print(f"bench: stack up and seeded in {time.monotonic() - started:.1f} s", flush=True)
             runner = Runner(bench, seeds, config, placement, profile_dir)
-            streams = runner.streams_figure()  # first: the server's heap is at its smallest
-            updates = runner.updates_figures()
-            runs = runner.runs_figures()
-            if profile_dir is not None:
-                for figure in (*updates, *runs):
-                    raw = profile_dir / f"{figure.name}.txt"
-                    if raw.exists():
-                        figure.profile = bench_profile.summarize(raw)
-            report: dict[str, Any] = {
-                "meta": meta(config, placement, bench),
-                "seeds": seeds.counts,
-                "updates": {f.name: f.as_json() for f in updates},
-                "runs": {f.name: f.as_json() for f in runs},
-                "streams": streams,
-            }
+            report: dict[str, Any] = {"meta": meta(config, placement, bench), "seeds": seeds.counts}
+            report.update(measure(runner, groups, profile_dir))
+    except BaseException:
+        keep = True
+        print(f"bench: failed; the stack's logs are kept in {data_dir / 'logs'}", file=sys.stderr, flush=True)
+        raise
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(data_dir, ignore_errors=True)
     report["meta"]["seconds"] = round(time.monotonic() - started, 1)
     print()

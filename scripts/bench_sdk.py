@@ -7,7 +7,9 @@ seconds, what the server does for one request:
 - `list`: `list_workflows` with the visibility query the server builds for the caller, one page.
 
 It runs in a child process pinned where the servers run (`scripts.bench_proc`) and prints one
-JSON object (`scripts.bench_load.LoadResult`'s fields).
+JSON object (`scripts.bench_load.LoadResult`'s fields). Its own CPU time per call is metered as
+the "server" (it is both client and server here: an upper bound of what the SDK costs), and so
+are the processes named with `--cpu-pid` (Temporal).
 
     python -m scripts.bench_sdk details --address 127.0.0.1:7233 --workflow-id W --run-id R
     python -m scripts.bench_sdk list --address 127.0.0.1:7233 --query "ProjectId = 'p'" --page-size 50
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from temporalio.client import Client
 
 from scripts.bench_load import LoadResult, percentile
+from scripts.bench_proc import CpuMeter
 
 HISTORY_PAGE_SIZE = 1000  # backends.temporal_runs.HISTORY_PAGE_SIZE
 
@@ -47,7 +51,7 @@ def list_call(client: Client, query: str, page_size: int) -> Callable[[], Awaita
 
 
 async def measure(
-    call: Callable[[], Awaitable[int]], *, concurrency: int, duration: float, warmup: float
+    call: Callable[[], Awaitable[int]], *, concurrency: int, duration: float, warmup: float, meter: CpuMeter
 ) -> LoadResult:
     latencies: list[float] = []
     errors = 0
@@ -67,9 +71,11 @@ async def measure(
     if warmup > 0:
         await asyncio.gather(*(loop(time.perf_counter() + warmup) for _ in range(concurrency)))
     counting = True
+    meter.start()
     started = time.perf_counter()
     await asyncio.gather(*(loop(started + duration) for _ in range(concurrency)))
     seconds = time.perf_counter() - started
+    cpu = meter.per_request(len(latencies))
     latencies.sort()
     return LoadResult(
         generator="temporalio-sdk",
@@ -80,6 +86,7 @@ async def measure(
         p99_ms=round(percentile(latencies, 0.99), 3),
         non_2xx=0,
         errors=errors,
+        cpu_us_per_request=cpu,
     )
 
 
@@ -90,7 +97,14 @@ async def run(args: argparse.Namespace) -> LoadResult:
     else:
         call = list_call(client, args.query, args.page_size)
     await call()  # fail loudly now if the target is wrong
-    return await measure(call, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup)
+    pids = {"server": os.getpid(), **dict(_named_pid(text) for text in args.cpu_pid)}
+    meter = CpuMeter(pids)
+    return await measure(call, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup, meter=meter)
+
+
+def _named_pid(text: str) -> tuple[str, int]:
+    name, _, pid = text.partition("=")
+    return name, int(pid)
 
 
 def main() -> None:
@@ -105,8 +119,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID", help="also meter this process")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args)).as_json()))
+    print(json.dumps(asyncio.run(run(args)).as_json()), flush=True)
+    # temporalio's core runtime threads can abort the interpreter's finalisation
+    # ("PyGILState_Release: thread state ... must be current"): the figures are out, skip it.
+    os._exit(0)
 
 
 if __name__ == "__main__":

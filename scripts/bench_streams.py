@@ -1,6 +1,6 @@
 """N concurrent SSE streams on one API process and one poster: POST→receipt latency and memory.
 
-Opens `streams` streams of one running run (`skip_history=true`, raw HTTP/1.1 over asyncio
+Opens `streams` streams of one running run (`skipHistory=true`, raw HTTP/1.1 over asyncio
 sockets: a thousand httpx streams would cost the client more than the server), reads the server's
 VmRSS before the first and after the last one is open, then posts `posts` updates through the API,
 one every `interval` seconds. Each update carries its send time (`details.bench_sent_ns`,
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import statistics
 import time
@@ -34,6 +35,7 @@ SENT = "bench_sent_ns"
 class Tally:
     latencies_ns: list[int] = field(default_factory=list)
     per_stream: dict[int, int] = field(default_factory=dict)
+    slowest_by_post: dict[int, int] = field(default_factory=dict)  # seq -> slowest delivery (ns)
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
     expected: int = 0
 
@@ -43,7 +45,10 @@ class Tally:
                 continue
             details = orjson.loads(line[6:]).get("details")
             if isinstance(details, dict) and isinstance(details.get(SENT), int):
-                self.latencies_ns.append(received_ns - details[SENT])
+                latency = received_ns - details[SENT]
+                self.latencies_ns.append(latency)
+                seq = details.get("seq", 0)
+                self.slowest_by_post[seq] = max(self.slowest_by_post.get(seq, 0), latency)
                 self.per_stream[stream] = self.per_stream.get(stream, 0) + 1
                 if self.expected and len(self.latencies_ns) >= self.expected:
                     self.all_in.set()
@@ -92,76 +97,119 @@ async def consume(stream: int, reader: asyncio.StreamReader, chunked: bool, tall
             tally.record(stream, frame, received)
 
 
-async def run(args: argparse.Namespace) -> dict[str, object]:
-    raise_open_files_limit()
-    path = f"/api/v1/workflows/runs/{args.workflow_id}/{args.run_id}/stream?skip_history=true"
-    tally = Tally()
-    rss_before = rss_kb(args.server_pid)
-    gate = asyncio.Semaphore(args.open_concurrency)
-    writers: list[asyncio.StreamWriter] = []
-    readers: list[asyncio.Task[None]] = []
-    failures: list[str] = []
+class StreamBench:
+    """The streams, the poster and the server's memory, for one run of the measurement."""
 
-    async def start(index: int) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.path = f"/api/v1/workflows/runs/{args.workflow_id}/{args.run_id}/stream?skipHistory=true"
+        base = f"http://{args.host}:{args.port}/api/v1"
+        self.http = httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {args.token}"})
+        self.seq = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.readers: list[asyncio.Task[None]] = []
+        self.failures: list[str] = []
+
+    async def post(self) -> int:
+        """Post one update stamped with its send time; the HTTP status."""
+        self.seq += 1
+        body = {"type": "BENCH", "message": "bench", "details": {SENT: time.time_ns(), "seq": self.seq}}
+        response = await self.http.post(f"/workflows/runs/{self.args.run_id}/updates", content=orjson.dumps(body),
+                                        headers={"Content-Type": "application/json"})  # fmt: skip
+        return response.status_code
+
+    async def open(self, index: int, tally: Tally, gate: asyncio.Semaphore) -> None:
         async with gate:
             try:
-                reader, writer, chunked = await open_stream(args.host, args.port, path, args.token)
+                reader, writer, chunked = await open_stream(self.args.host, self.args.port, self.path, self.args.token)
             except (OSError, RuntimeError, asyncio.IncompleteReadError) as exc:
-                failures.append(f"{type(exc).__name__}: {exc}")
+                self.failures.append(f"{type(exc).__name__}: {exc}")
                 return
-        writers.append(writer)
-        readers.append(asyncio.create_task(consume(index, reader, chunked, tally)))
+        self.writers.append(writer)
+        self.readers.append(asyncio.create_task(consume(index, reader, chunked, tally)))
 
-    opening = time.perf_counter()
-    await asyncio.gather(*(start(i) for i in range(args.streams)))
-    open_seconds = time.perf_counter() - opening
-    await asyncio.sleep(args.settle)  # let the server finish the handlers' first steps
-    rss_open = rss_kb(args.server_pid)
-    opened = len(writers)
+    async def close_all(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        for task in self.readers:
+            task.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+        self.writers.clear()
+        self.readers.clear()
 
-    tally.expected = opened * args.posts
-    base = f"http://{args.host}:{args.port}/api/v1"
-    post_errors = 0
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {args.token}"}) as http:
-        for seq in range(args.posts):
+    async def wait_for(self, tally: Tally) -> None:
+        if tally.expected:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.args.drain_timeout):
+                    await tally.all_in.wait()
+
+    async def warm_up(self) -> None:
+        """One stream and one post first: first-use imports and caches are not per-stream memory."""
+        warm = Tally(expected=1)
+        await self.open(-1, warm, asyncio.Semaphore(1))
+        await asyncio.sleep(0.2)
+        await self.post()
+        await self.wait_for(warm)
+        await self.close_all()
+        await asyncio.sleep(self.args.settle)
+
+    async def run(self) -> dict[str, object]:
+        args = self.args
+        await self.warm_up()
+        tally = Tally()
+        rss_before = rss_kb(args.server_pid)
+        gate = asyncio.Semaphore(args.open_concurrency)
+        opening = time.perf_counter()
+        await asyncio.gather(*(self.open(i, tally, gate) for i in range(args.streams)))
+        open_seconds = time.perf_counter() - opening
+        await asyncio.sleep(args.settle)  # let the server finish the handlers' first steps
+        rss_open = rss_kb(args.server_pid)
+        opened = len(self.writers)
+
+        tally.expected = opened * args.posts
+        # This process's own garbage collections would stamp receipts late: a full collection over
+        # a thousand streams' objects takes tens of milliseconds. Only the server's pauses count.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        post_errors = 0
+        for _ in range(args.posts):
             tick = time.perf_counter()
-            body = {"type": "BENCH", "message": "bench", "details": {SENT: time.time_ns(), "seq": seq}}
-            response = await http.post(f"/workflows/runs/{args.run_id}/updates", content=orjson.dumps(body),
-                                       headers={"Content-Type": "application/json"})  # fmt: skip
-            if response.status_code != 200:
+            if await self.post() != 200:
                 post_errors += 1
             await asyncio.sleep(max(0.0, args.interval - (time.perf_counter() - tick)))
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(args.drain_timeout):
-            await tally.all_in.wait()
-    rss_posts = rss_kb(args.server_pid)
+        await self.wait_for(tally)
+        gc.enable()
+        gc.unfreeze()
+        rss_posts = rss_kb(args.server_pid)
+        await self.close_all()
+        await self.http.aclose()
 
-    for writer in writers:
-        writer.close()
-    for task in readers:
-        task.cancel()
-    await asyncio.gather(*readers, return_exceptions=True)
-
-    latencies_ms = sorted(ns / 1e6 for ns in tally.latencies_ns)
-    return {
-        "streams": args.streams,
-        "opened": opened,
-        "open_failures": len(failures),
-        "open_failure_sample": failures[:3],
-        "open_seconds": round(open_seconds, 3),
-        "posts": args.posts,
-        "post_interval_s": args.interval,
-        "post_errors": post_errors,
-        "expected_deliveries": tally.expected,
-        "deliveries": len(latencies_ms),
-        "latency_p50_ms": round(statistics.median(latencies_ms), 3) if latencies_ms else 0.0,
-        "latency_p99_ms": round(percentile(latencies_ms, 0.99), 3),
-        "latency_max_ms": round(latencies_ms[-1], 3) if latencies_ms else 0.0,
-        "rss_before_kb": rss_before,
-        "rss_open_kb": rss_open,
-        "rss_after_posts_kb": rss_posts,
-        "kb_per_stream": round((rss_open - rss_before) / opened, 2) if opened else 0.0,
-    }
+        latencies_ms = sorted(ns / 1e6 for ns in tally.latencies_ns)
+        return {
+            "streams": args.streams,
+            "opened": opened,
+            "open_failures": len(self.failures),
+            "open_failure_sample": self.failures[:3],
+            "open_seconds": round(open_seconds, 3),
+            "posts": args.posts,
+            "post_interval_s": args.interval,
+            "post_errors": post_errors,
+            "expected_deliveries": tally.expected,
+            "deliveries": len(latencies_ms),
+            "latency_p50_ms": round(statistics.median(latencies_ms), 3) if latencies_ms else 0.0,
+            "latency_p99_ms": round(percentile(latencies_ms, 0.99), 3),
+            "latency_max_ms": round(latencies_ms[-1], 3) if latencies_ms else 0.0,
+            # Per post, in posting order: its slowest delivery. Spikes that come back at a fixed
+            # period point at periodic server work (e.g. every stream polling the run's status).
+            "slowest_delivery_by_post_ms": [
+                round(tally.slowest_by_post[k] / 1e6, 1) for k in sorted(tally.slowest_by_post)
+            ],
+            "rss_before_kb": rss_before,
+            "rss_open_kb": rss_open,
+            "rss_after_posts_kb": rss_posts,
+            "kb_per_stream": round((rss_open - rss_before) / opened, 2) if opened else 0.0,
+        }
 
 
 def main() -> None:
@@ -179,7 +227,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=1.0)
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args))))
+    raise_open_files_limit()
+    print(json.dumps(asyncio.run(StreamBench(args).run())))
 
 
 if __name__ == "__main__":
