@@ -65,7 +65,7 @@ class RunRef:
 
     workflow_id: str
     run_id: str
-    closed: bool
+    closed: bool  # as last seen by this process (`RunsBackend.is_closed` asks Temporal)
     extra: dict[str, JSON] = field(default_factory=dict)
 
 

@@ -292,10 +292,10 @@ class TemporalRunsBackend:
     async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
         known = self._known.get(run_id)
         if known is not None and workflow_id in (None, known.workflow_id):
+            # What find_run decides on (the run exists, and whose it is) never changes, so a known
+            # run costs no Temporal call: workflows post many updates, each one a find_run.
             self._check_scope(principal, known.scope, workflow_id, run_id)
-            if known.closed:  # closing is final: no need to ask again
-                return self._ref(run_id, known)
-            workflow_id = known.workflow_id
+            return self._ref(run_id, known)
         async with self._temporal("find run", workflow_id=workflow_id, run_id=run_id):
             if workflow_id is not None:
                 # Describe needs no visibility index, so a run started a moment ago is found too.

@@ -20,6 +20,7 @@ HMAC_ALGORITHMS = ["HS256"]
 ASYMMETRIC_ALGORITHMS = ["RS256", "ES256"]
 
 DEV_PERMISSIONS = ("workflow:read", "workflow:run", "workflow:admin")
+VERIFIED_CACHE_SIZE = 10_000
 
 
 class TokenVerifier:
@@ -30,6 +31,7 @@ class TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300) if settings.jwks_url else None
+        self._verified: dict[str, tuple[dict[str, Any], float]] = {}
         if not (settings.jwt_secret or settings.jwt_public_key or self._jwks):
             raise RuntimeError("no JWT key configured: set JWT_SECRET, JWT_PUBLIC_KEY or JWKS_URL")
 
@@ -41,7 +43,24 @@ class TokenVerifier:
         return self.settings.jwt_secret, HMAC_ALGORITHMS
 
     def verify(self, token: str) -> dict[str, Any] | None:
-        """The token's claims, or None when it is malformed, badly signed, expired or not for us."""
+        """The token's claims, or None when it is malformed, badly signed, expired or not for us.
+
+        A client sends the same token on every request, and verifying a signature costs about as
+        much as the rest of a small request: verified claims are remembered until shortly before
+        the token expires (bounded; only valid tokens are kept, so garbage cannot fill it)."""
+        cached = self._verified.get(token)
+        if cached is not None:
+            if time.time() < cached[1]:
+                return cached[0]
+            del self._verified[token]
+        claims = self._verify(token)
+        if claims is not None:
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.pop(next(iter(self._verified)))  # the oldest entry
+            self._verified[token] = (claims, float(claims["exp"]))
+        return claims
+
+    def _verify(self, token: str) -> dict[str, Any] | None:
         try:
             key, algorithms = self._key_and_algorithms(token)
             claims: dict[str, Any] = jwt.decode(

@@ -127,3 +127,25 @@ def test_jwks_keys_are_fetched_and_cached(settings: Settings) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_verified_tokens_are_remembered_until_they_expire(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = TokenVerifier(settings)
+    checks: list[str] = []
+    verify_signature = verifier._verify
+
+    def counted(token: str) -> dict[str, object] | None:
+        checks.append(token)
+        return verify_signature(token)
+
+    monkeypatch.setattr(verifier, "_verify", counted)
+    token = mint_token(SECRET, user="u1", project="p1", ttl_seconds=60)
+    assert verifier.verify(token) is not None
+    assert verifier.verify(token) is not None
+    assert len(checks) == 1  # the second answer came from the cache
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)  # past `exp`: checked again
+    verifier.verify(token)
+    assert len(checks) == 2
+    assert verifier.verify("garbage") is None
+    assert "garbage" not in verifier._verified
