@@ -95,6 +95,7 @@ class TemporalRunsBackend:
         self._deadline = timeout_seconds * 3
         self._known: OrderedDict[str, _KnownRun] = OrderedDict()
         self._cache_size = cache_size
+        self._closed_checks: dict[tuple[str, str], asyncio.Future[bool]] = {}
 
     @classmethod
     async def connect(cls, settings: Settings) -> TemporalRunsBackend:
@@ -328,6 +329,17 @@ class TemporalRunsBackend:
         known = self._known.get(run_id)
         if known is not None and known.closed and known.workflow_id == workflow_id:
             return True
+        # Every open stream of a run asks this on each heartbeat: concurrent askers of one run share
+        # one describe instead of sending Temporal a burst (1000 streams = 1 call, not 1000).
+        key = (workflow_id, run_id)
+        check = self._closed_checks.get(key)
+        if check is None:
+            check = asyncio.ensure_future(self._describe_closed(workflow_id, run_id))
+            self._closed_checks[key] = check
+            check.add_done_callback(lambda _: self._closed_checks.pop(key, None))
+        return await asyncio.shield(check)
+
+    async def _describe_closed(self, workflow_id: str, run_id: str) -> bool:
         async with self._temporal("describe run", workflow_id=workflow_id, run_id=run_id):
             handle = self._client.get_workflow_handle(workflow_id, run_id=run_id)
             description = await handle.describe(rpc_timeout=self._rpc_timeout)
