@@ -29,6 +29,7 @@ run: install  ## the API on the embedded stack (Temporal dev server, Redis, samp
 
 test: install lint typecheck lint-spec check-generated browser-deps clients-deps  ## the whole suite (what CI runs)
 	$(BIN)/pytest
+	$(BIN)/python -m contract_tests.run
 
 unit: install  ## only the tests that need no services
 	$(BIN)/pytest tests/unit
