@@ -10,6 +10,7 @@ import base64
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -36,11 +37,24 @@ STATUS_PREFIX = "WORKFLOW_EXECUTION_STATUS_"
 ACTIVITY_STATE_PREFIX = "PENDING_ACTIVITY_STATE_"
 ACTIVITY_STATES = frozenset({"working", "idle"})
 RUNNING = WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+# The protobuf enum wrappers resolve every member through `__getattr__` and every `Name()` through
+# the descriptor: read them once, as plain ints and strings.
+_EV: Any = SimpleNamespace(**dict(EventType.items()))
+_EVENT_NAMES: dict[int, str] = {int(value): name for name, value in EventType.items()}
+_STATUS_NAMES: dict[int, str] = {
+    int(value): name.removeprefix(STATUS_PREFIX) for name, value in WorkflowExecutionStatus.items()
+}
+_ACTIVITY_STATE_NAMES: dict[int, str] = {
+    int(value): name.removeprefix(ACTIVITY_STATE_PREFIX) for name, value in PendingActivityState.items()
+}
 
 
 def status_name(status: int) -> str:
     """`WORKFLOW_EXECUTION_STATUS_CONTINUED_AS_NEW` -> `CONTINUED_AS_NEW`."""
-    return WorkflowExecutionStatus.Name(status).removeprefix(STATUS_PREFIX)  # type: ignore[arg-type]
+    name = _STATUS_NAMES.get(status)
+    if name is None:  # a value this SDK's enum does not know: as `Name` does (raises)
+        return WorkflowExecutionStatus.Name(status).removeprefix(STATUS_PREFIX)  # type: ignore[arg-type]
+    return name
 
 
 def seconds(stamp: Timestamp) -> int:
@@ -122,13 +136,16 @@ def summary(
     memo: Mapping[str, JSON],
     *,
     now: float | None = None,
+    scope: RunScope | None = None,
 ) -> dict[str, JSON]:
-    """A WorkflowRunSummary: what listings show for each run."""
+    """A WorkflowRunSummary: what listings show for each run (`scope`: `RunScope.of(attributes)`,
+    when the caller has it already)."""
     running = info.status == RUNNING
     started = seconds(info.start_time)
     closed = None if running or not info.HasField("close_time") else seconds(info.close_time)
     end = closed if closed is not None else int(now if now is not None else time.time())
-    scope = RunScope.of(attributes)
+    if scope is None:
+        scope = RunScope.of(attributes)
     run: dict[str, JSON] = {
         "status": status_name(info.status),
         "started_at": started,
@@ -155,7 +172,9 @@ def summary(
 
 
 def pending_activity(info: PendingActivityInfo) -> dict[str, JSON]:
-    state = PendingActivityState.Name(info.state).removeprefix(ACTIVITY_STATE_PREFIX)
+    state = _ACTIVITY_STATE_NAMES.get(info.state)
+    if state is None:
+        state = PendingActivityState.Name(info.state).removeprefix(ACTIVITY_STATE_PREFIX)
     if info.paused or state == "PAUSE_REQUESTED":
         state = "PAUSED"
     return {
@@ -179,12 +198,12 @@ class _ActivityIndex:
 
 
 _ACTIVITY_ATTRIBUTES = {
-    EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED: "activity_task_started_event_attributes",
-    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
-    EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
-    EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
-    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED: "activity_task_cancel_requested_event_attributes",
-    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
+    _EV.EVENT_TYPE_ACTIVITY_TASK_STARTED: "activity_task_started_event_attributes",
+    _EV.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
+    _EV.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
+    _EV.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
+    _EV.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED: "activity_task_cancel_requested_event_attributes",
+    _EV.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
 }
 
 
@@ -205,11 +224,11 @@ class HistoryView:
     async def render(self, events: Sequence[HistoryEvent]) -> list[dict[str, JSON]]:
         index = _ActivityIndex()
         for event in events:
-            if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            if event.event_type == _EV.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
                 attrs = event.activity_task_scheduled_event_attributes
                 decoded = await decode_payloads(self.converter, attrs.input.payloads)
                 index.scheduled[event.event_id] = (attrs.activity_type.name, attrs.activity_id, decoded)
-            elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            elif event.event_type == _EV.EVENT_TYPE_ACTIVITY_TASK_STARTED:
                 index.started_by_scheduled[event.activity_task_started_event_attributes.scheduled_event_id] = (
                     event.event_id
                 )
@@ -234,17 +253,17 @@ class HistoryView:
         out: dict[str, JSON] = {
             "event_id": int(event.event_id),
             "event_time": seconds(event.event_time),
-            "event_type": EventType.Name(kind),
+            "event_type": _EVENT_NAMES[kind] if kind in _EVENT_NAMES else EventType.Name(kind),
             "task_id": str(event.task_id),
             "attempt": 0,
         }
-        if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+        if kind == _EV.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
             self.input = await self._first(event.workflow_execution_started_event_attributes.input)
-        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+        elif kind == _EV.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             out["activity"] = self._activity(index, event.event_id)
         elif kind in _ACTIVITY_ATTRIBUTES:
             await self._activity_event(event, out, index)
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+        elif kind == _EV.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
             out["attempt"] = int(event.workflow_task_scheduled_event_attributes.attempt)
         else:
             await self._workflow_event(event, out)
@@ -254,32 +273,32 @@ class HistoryView:
         kind = event.event_type
         attrs: Any = getattr(event, _ACTIVITY_ATTRIBUTES[kind])
         out["activity"] = self._activity(index, int(attrs.scheduled_event_id))
-        if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+        if kind == _EV.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             out["attempt"] = int(attrs.attempt)
-        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+        elif kind == _EV.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
             out["result"] = await decode_payloads(self.converter, attrs.result.payloads)
-        elif kind in (EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED, EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT):
+        elif kind in (_EV.EVENT_TYPE_ACTIVITY_TASK_FAILED, _EV.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT):
             out["error"] = failure_message(attrs.failure)
 
     async def _workflow_event(self, event: HistoryEvent, out: dict[str, JSON]) -> None:
         kind = event.event_type
-        if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
+        if kind == _EV.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
             payloads = event.workflow_execution_completed_event_attributes.result
             out["result"] = await decode_payloads(self.converter, payloads.payloads)
             self.result = out["result"][0] if out["result"] else None
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
+        elif kind == _EV.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
             out["error"] = self.error = failure_message(event.workflow_execution_failed_event_attributes.failure)
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT:
+        elif kind == _EV.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT:
             out["error"] = self.error = "Workflow execution timed out"
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+        elif kind == _EV.EVENT_TYPE_WORKFLOW_TASK_FAILED:
             out["error"] = failure_message(event.workflow_task_failed_event_attributes.failure)
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+        elif kind == _EV.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
             attrs = event.workflow_execution_signaled_event_attributes
             out["signal"] = {
                 "name": attrs.signal_name,
                 "input": await decode_payloads(self.converter, attrs.input.payloads),
             }
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
+        elif kind == _EV.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
             out["reason"] = event.workflow_execution_cancel_requested_event_attributes.cause
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED:
+        elif kind == _EV.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED:
             out["reason"] = event.workflow_execution_terminated_event_attributes.reason

@@ -62,6 +62,7 @@ UNAVAILABLE_CODES = frozenset(
         RPCStatusCode.INTERNAL,
     }
 )
+COMPLETED = WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED
 FAILURE_STATUSES = frozenset(
     {
         WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_FAILED,
@@ -158,6 +159,13 @@ class TemporalRunsBackend:
         self, principal: Principal, workflow_id: str, run_id: str
     ) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionDescription]:
         """Describe exactly this run and check the caller may see it (call inside `_temporal`)."""
+        handle, description, _ = await self._describe_scoped(principal, workflow_id, run_id)
+        return handle, description
+
+    async def _describe_scoped(
+        self, principal: Principal, workflow_id: str, run_id: str
+    ) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionDescription, RunScope]:
+        """`_describe`, and the run's scope as read from its search attributes."""
         handle = self._client.get_workflow_handle(workflow_id, run_id=run_id)
         description = await handle.describe(rpc_timeout=self._rpc_timeout)
         info = description.raw_description.workflow_execution_info
@@ -166,13 +174,13 @@ class TemporalRunsBackend:
         scope = RunScope.of(description.typed_search_attributes)
         self._remember(run_id, _KnownRun(workflow_id, scope, closed=info.status != RUNNING))
         self._check_scope(principal, scope, workflow_id, run_id)
-        return handle, description
+        return handle, description, scope
 
     # -- RunsBackend -------------------------------------------------------------------------
 
     async def get_run(self, principal: Principal, workflow_id: str, run_id: str) -> dict[str, JSON]:
         async with self._temporal("describe run", workflow_id=workflow_id, run_id=run_id):
-            handle, description = await self._describe(principal, workflow_id, run_id)
+            handle, description, scope = await self._describe_scoped(principal, workflow_id, run_id)
             events = [
                 event
                 async for event in handle.fetch_history_events(
@@ -185,11 +193,11 @@ class TemporalRunsBackend:
         memo = await decode_memo(converter, info.memo.fields)
         view = HistoryView(converter)
         history = await view.render(events)
-        base = summary(info, description.typed_search_attributes, memo)
+        base = summary(info, description.typed_search_attributes, memo, scope=scope)
         run: dict[str, JSON] = {key: base[key] for key in SEED_SUMMARY_FIELDS}  # the seed's order first
         run.update(
             input=view.input,
-            result=view.result if info.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED else None,
+            result=view.result if info.status == COMPLETED else None,
             memo=memo,
             history=history,
             pendingActivities=[pending_activity(p) for p in raw.pending_activities],
@@ -241,7 +249,7 @@ class TemporalRunsBackend:
             info.execution.run_id, _KnownRun(info.execution.workflow_id, scope, closed=info.status != RUNNING)
         )
         memo = await decode_memo(self._client.data_converter, info.memo.fields)
-        return summary(info, attributes, memo)
+        return summary(info, attributes, memo, scope=scope)
 
     async def apply_action(
         self, principal: Principal, workflow_id: str, run_id: str, action: Action, reason: str | None

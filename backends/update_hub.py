@@ -84,28 +84,48 @@ async def call(awaitable: Awaitable[T], seconds: float) -> T:
 
 
 class Subscription:
-    """One stream's view of a feed: a bounded queue of `(id, data)` the hub fills."""
+    """One stream's view of a feed: a bounded queue of `(id, data)` the hub fills.
+
+    A waiting `get` sleeps on a future the hub resolves; its deadline is kept by one timer per
+    subscription that is re-armed only when it would fire after the wanted deadline (an early wake
+    just waits again), so a delivery costs no timer of its own."""
+
+    __slots__ = ("_maxsize", "_queue", "_timer", "_timer_at", "_waiter", "closed_reason", "key")
 
     def __init__(self, key: str, maxsize: int) -> None:
         self.key = key
         self.closed_reason: str | None = None
         self._maxsize = maxsize
         self._queue: deque[tuple[StreamId, bytes]] = deque()
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake()
 
     def _deliver(self, stream_id: StreamId, data: bytes) -> bool:
         """Called by the hub; False when the queue is full (the hub then drops this subscriber)."""
         if len(self._queue) >= self._maxsize:
             return False
         self._queue.append((stream_id, data))
-        self._ready.set()
+        self._wake()
         return True
 
     def _close(self, reason: str) -> None:
         if self.closed_reason is None:
             self.closed_reason = reason
         self._queue.clear()  # free the memory now; the client resumes from what it received
-        self._ready.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake()
 
     @property
     def closed(self) -> bool:
@@ -115,10 +135,21 @@ class Subscription:
         """The next entry; None after `wait_seconds` without one. Raises `StopAsyncIteration` once
         the hub dropped this subscriber (queue overflow, hub closed)."""
         if not self._queue and self.closed_reason is None:
-            self._ready.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(wait_seconds, 0.0)):
-                    await self._ready.wait()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + max(wait_seconds, 0.0)
+            while True:
+                if self._timer is None or self._timer_at > deadline:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = loop.call_at(deadline, self._on_timer)
+                    self._timer_at = deadline
+                waiter = self._waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+                if self._queue or self.closed_reason is not None or loop.time() >= deadline:
+                    break
         if self.closed_reason is not None:
             raise StopAsyncIteration(self.closed_reason)
         if self._queue:

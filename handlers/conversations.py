@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlers.runs import filters_of, page_answer
+from starlette.responses import Response
+
+from handlers.runs import filters_of, page_response
 from server.context import backends, principal_of
 from server.permissions import LIST_RUNS, require
 
 
-async def list_conversations(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> dict[str, Any]:
+async def list_conversations(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> Response:
     principal = require(principal_of(token_info), LIST_RUNS)
     page = await backends().runs.list_runs(principal, filters_of(body), conversations_only=True)
-    return page_answer(page)
+    return page_response(page)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from types import ModuleType
 from typing import Any
+
+from starlette.responses import Response
 
 from backends.errors import InvalidInput
 from backends.protocol import RunFilters, RunPage
@@ -46,6 +49,18 @@ def shape(model_name: str, data: dict[str, Any]) -> dict[str, Any]:
     return dumped
 
 
+def respond(model_name: str, data: dict[str, Any]) -> Response:
+    """The JSON answer of `data` validated by the generated model of that schema name: what `shape`
+    returns, serialised once by the model (in Rust) instead of dumped to a dict that the framework
+    re-encodes with the standard library."""
+    models = _generated_models()
+    model: Any = getattr(models, model_name, None) if models is not None else None
+    if model is None:
+        return Response(json.dumps(data).encode(), media_type="application/json")
+    body: bytes = model.model_validate(data).model_dump_json(by_alias=True, exclude_unset=True).encode()
+    return Response(body, media_type="application/json")
+
+
 def filters_of(body: dict[str, Any] | None) -> RunFilters:
     """The list inputs of a request body (the document has already validated their types)."""
     if body is None:
@@ -55,22 +70,30 @@ def filters_of(body: dict[str, Any] | None) -> RunFilters:
     return RunFilters(**{name: body[name] for name in FILTER_FIELDS if body.get(name) is not None})
 
 
+def page_body(page: RunPage) -> dict[str, Any]:
+    return {"runs": page.runs, "next_page_token": page.next_page_token, "has_more": page.has_more}
+
+
 def page_answer(page: RunPage) -> dict[str, Any]:
-    """A WorkflowRunList answer."""
-    body = {"runs": page.runs, "next_page_token": page.next_page_token, "has_more": page.has_more}
-    return shape("WorkflowRunList", body)
+    """A WorkflowRunList answer, as data."""
+    return shape("WorkflowRunList", page_body(page))
 
 
-async def get_workflow_run(workflow_id: str, run_id: str, token_info: dict[str, Any]) -> dict[str, Any]:
+def page_response(page: RunPage) -> Response:
+    """A WorkflowRunList answer, as the response."""
+    return respond("WorkflowRunList", page_body(page))
+
+
+async def get_workflow_run(workflow_id: str, run_id: str, token_info: dict[str, Any]) -> Response:
     principal = require(principal_of(token_info), READ_RUN)
     run = await backends().runs.get_run(principal, workflow_id, run_id)
-    return shape("WorkflowRun", run)
+    return respond("WorkflowRun", run)
 
 
-async def list_workflow_runs(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> dict[str, Any]:
+async def list_workflow_runs(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> Response:
     principal = require(principal_of(token_info), LIST_RUNS)
     page = await backends().runs.list_runs(principal, filters_of(body))
-    return page_answer(page)
+    return page_response(page)
 
 
 async def apply_workflow_run_action(

@@ -50,7 +50,6 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from types import TracebackType
 
-import anyio
 import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
@@ -95,7 +94,18 @@ def _one_line(value: bytes) -> bytes:
 
 def encode_update_event(event: UpdateEvent, *, retry_ms: int | None = None) -> bytes:
     name, event_id, data = event
+    if name == "message" and retry_ms is None and event_id:
+        # The common case (an update after the first frame) in one step, when nothing needs
+        # splitting or replacing: the same bytes as `encode_frame`.
+        raw_id = event_id.encode()
+        if b"\n" not in data and b"\r" not in data and _plain(raw_id):
+            return b"id: %s\ndata: %s\n\n" % (raw_id, data)
     return encode_frame(data, event_id=event_id or None, event=None if name == "message" else name, retry_ms=retry_ms)
+
+
+def _plain(value: bytes) -> bool:
+    """No byte that `_one_line` would replace."""
+    return b"\n" not in value and b"\r" not in value and b"\0" not in value
 
 
 def end_frame(status: str, *, retry_ms: int | None = None) -> bytes:
@@ -290,7 +300,7 @@ async def update_frames(
     closed and every stored update was sent, or `end` with `server_shutdown` as soon as the server
     is stopping. `closed_status()` returns the run's final status, or None while it runs; its
     failures are logged and retried at the next poll. Closes `stream`."""
-    now = anyio.current_time
+    now = asyncio.get_running_loop().time
     poll_every = heartbeat_seconds if poll_seconds is None else poll_seconds
     retry: int | None = retry_ms  # sent once, on the first frame
     status = status_at_open
@@ -378,16 +388,45 @@ class EventStreamResponse(StreamingResponse):
             await self._frames.aclose()
 
     async def stream_response(self, send: Send) -> None:
+        # The deadline on every send is kept by a watchdog rather than a timeout around each send
+        # (which costs a timer and a cancel scope per frame): a send records when it started, and
+        # a timer, re-armed at most once per `send_timeout`, expires the stream's one timeout when
+        # a send has been pending for `send_timeout`. A stuck send is thus caught after between
+        # one and two `send_timeout`s.
+        loop = asyncio.get_running_loop()
+        clock = loop.time
+        limit = self.send_timeout
+        pending_since: float | None = None
+        timer: asyncio.TimerHandle | None = None
+        deadline = asyncio.timeout(None)
+
+        def check() -> None:
+            nonlocal timer
+            now = clock()
+            if pending_since is not None and now - pending_since >= limit:
+                timer = None
+                deadline.reschedule(now)  # expires the stream on the next loop iteration
+                return
+            timer = loop.call_at((now if pending_since is None else pending_since) + limit, check)
+
         async def send_in_time(message: Message) -> None:
-            with anyio.fail_after(self.send_timeout):
+            nonlocal pending_since
+            pending_since = clock()
+            try:
                 await send(message)
+            finally:
+                pending_since = None
 
         try:
-            await super().stream_response(send_in_time)
+            async with deadline:
+                timer = loop.call_at(clock() + limit, check)
+                await super().stream_response(send_in_time)
         except TimeoutError:
             # The client stopped reading: stop here; the server closes the connection.
             logger.info("ending an event stream: the client did not read for %ss", self.send_timeout)
         finally:
+            if timer is not None:
+                timer.cancel()
             await self._frames.aclose()
 
 

@@ -292,3 +292,36 @@ async def test_client_disconnect_closes_the_stream_at_once() -> None:
     async with asyncio.timeout(10):
         await response(scope("2.3"), receive, send)
     assert stream.closed
+
+
+@pytest.mark.parametrize("name", ["message", "truncated"])
+@pytest.mark.parametrize("event_id", ["", "1678886400000-0", "a\nb", "x\0y", "c\rd"])
+@pytest.mark.parametrize("data", [UPDATE, b"a\nb", b"a\r\nb", b"c\rd", b"x\0y", b""])
+@pytest.mark.parametrize("retry_ms", [None, 3000])
+def test_the_update_fast_path_frames_exactly_like_encode_frame(
+    name: str, event_id: str, data: bytes, retry_ms: int | None
+) -> None:
+    expected = sse.encode_frame(
+        data, event_id=event_id or None, event=None if name == "message" else name, retry_ms=retry_ms
+    )
+    assert sse.encode_update_event((name, event_id, data), retry_ms=retry_ms) == expected
+
+
+async def test_a_slow_send_that_completes_within_the_timeout_does_not_end_the_stream() -> None:
+    stream = FakeStream([message(1), message(2), message(3), DROPPED])
+    bodies: list[bytes] = []
+
+    async def send(msg: Message) -> None:
+        if msg["type"] == "http.response.body":
+            await asyncio.sleep(0.03)  # each send slower than nothing, faster than the timeout
+            bodies.append(msg["body"])
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    response = sse.event_stream_response(frames(stream), send_timeout=0.1)
+    async with asyncio.timeout(10):
+        await response(scope("2.3"), receive, send)
+    assert len([b for b in bodies if b.startswith((b"retry", b"id"))]) == 3
+    assert bodies[-1] == b""
