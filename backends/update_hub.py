@@ -67,7 +67,16 @@ def range_entries(raw: Any, field: bytes = b"u") -> list[tuple[StreamId, bytes]]
 
 def unavailable(exc: BaseException) -> bool:
     """Whether `exc` means Redis could not be reached or could not serve (→ 503), not a bug."""
-    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | TimeoutError | OSError):
+    # InvalidResponse: a reply cut short by a server that died mid-answer (seen once as a 500 while
+    # Redis was being SIGKILLed under load).
+    if isinstance(
+        exc,
+        redis_errors.ConnectionError
+        | redis_errors.TimeoutError
+        | redis_errors.InvalidResponse
+        | TimeoutError
+        | OSError,
+    ):
         return True
     return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 

@@ -59,3 +59,14 @@ async def test_a_full_queue_refuses_the_delivery() -> None:
     assert sub._deliver((1, 0), b"a")
     assert not sub._deliver((2, 0), b"b")
     assert await sub.get(0) == ((1, 0), b"a")
+
+
+def test_redis_failures_that_mean_unavailable() -> None:
+    from redis import exceptions as redis_errors
+
+    from backends.update_hub import unavailable
+
+    assert unavailable(redis_errors.ConnectionError("refused"))
+    assert unavailable(redis_errors.InvalidResponse("Protocol Error: reply cut short"))
+    assert unavailable(redis_errors.ResponseError("LOADING Redis is loading the dataset in memory"))
+    assert not unavailable(redis_errors.ResponseError("ERR wrong number of arguments"))
