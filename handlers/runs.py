@@ -1,63 +1,32 @@
 """Run operations: details, listing, cancel / terminate, signal.
 
 Thin by design: check the permission, call the runs backend, shape the answer through the Pydantic
-model generated from the document (when `generated/models.py` is there), so that what leaves the
-server is what the contract says. Domain errors raised below become the JSON error body in
-`server.errors`.
+model generated from the document, so that what leaves the server is what the contract says.
+Domain errors raised below become the JSON error body in `server.errors`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
-from types import ModuleType
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from backends.errors import InvalidInput
 from backends.protocol import RunFilters, RunPage
+from generated.models import ActionResult, SignalResult, WorkflowRun, WorkflowRunList
 from server.context import backends, principal_of
 from server.permissions import ACT_ON_RUN, LIST_RUNS, READ_RUN, require
 
 FILTER_FIELDS = tuple(field.name for field in dataclasses.fields(RunFilters))
 ACTION_VERBS = {"cancel": "cancelled", "terminate": "terminated"}
 
-_models: ModuleType | None = None
 
-
-def _generated_models() -> ModuleType | None:
-    """`generated.models`, once it exists (it is produced by `make generate`)."""
-    global _models  # noqa: PLW0603  # a process-wide memo of one import
-    if _models is None:
-        try:
-            _models = importlib.import_module("generated.models")
-        except ImportError:
-            return None
-    return _models
-
-
-def shape(model_name: str, data: dict[str, Any]) -> dict[str, Any]:
-    """`data` validated by the generated model of that schema name and dumped as JSON data; as is
-    when the models have not been generated."""
-    models = _generated_models()
-    model: Any = getattr(models, model_name, None) if models is not None else None
-    if model is None:
-        return data
-    dumped: dict[str, Any] = model.model_validate(data).model_dump(mode="json", by_alias=True, exclude_unset=True)
-    return dumped
-
-
-def respond(model_name: str, data: dict[str, Any]) -> Response:
-    """The JSON answer of `data` validated by the generated model of that schema name: what `shape`
-    returns, serialised once by the model (in Rust) instead of dumped to a dict that the framework
-    re-encodes with the standard library."""
-    models = _generated_models()
-    model: Any = getattr(models, model_name, None) if models is not None else None
-    if model is None:
-        return Response(json.dumps(data).encode(), media_type="application/json")
-    body: bytes = model.model_validate(data).model_dump_json(by_alias=True, exclude_unset=True).encode()
+def respond(model: type[BaseModel], data: dict[str, Any]) -> Response:
+    """`data` validated by the model generated from the document and serialised once by it (in
+    Rust), rather than dumped to a dict the framework re-encodes with the standard library."""
+    body = model.model_validate(data).model_dump_json(by_alias=True, exclude_unset=True).encode()
     return Response(body, media_type="application/json")
 
 
@@ -74,20 +43,15 @@ def page_body(page: RunPage) -> dict[str, Any]:
     return {"runs": page.runs, "next_page_token": page.next_page_token, "has_more": page.has_more}
 
 
-def page_answer(page: RunPage) -> dict[str, Any]:
-    """A WorkflowRunList answer, as data."""
-    return shape("WorkflowRunList", page_body(page))
-
-
 def page_response(page: RunPage) -> Response:
     """A WorkflowRunList answer, as the response."""
-    return respond("WorkflowRunList", page_body(page))
+    return respond(WorkflowRunList, page_body(page))
 
 
 async def get_workflow_run(workflow_id: str, run_id: str, token_info: dict[str, Any]) -> Response:
     principal = require(principal_of(token_info), READ_RUN)
     run = await backends().runs.get_run(principal, workflow_id, run_id)
-    return respond("WorkflowRun", run)
+    return respond(WorkflowRun, run)
 
 
 async def list_workflow_runs(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> Response:
@@ -98,7 +62,7 @@ async def list_workflow_runs(token_info: dict[str, Any], body: dict[str, Any] | 
 
 async def apply_workflow_run_action(
     workflow_id: str, run_id: str, action: str, token_info: dict[str, Any], body: dict[str, Any] | None = None
-) -> dict[str, Any]:
+) -> Response:
     principal = require(principal_of(token_info), ACT_ON_RUN)
     reason = body.get("reason") if isinstance(body, dict) else None
     if reason is not None and not isinstance(reason, str):
@@ -110,14 +74,14 @@ async def apply_workflow_run_action(
         await runs.apply_action(principal, workflow_id, run_id, "terminate", reason)
     else:
         raise InvalidInput("action must be cancel or terminate.", details=f"got {action!r}")
-    return shape("ActionResult", {"message": f"Workflow {run_id} {ACTION_VERBS[action]}"})
+    return respond(ActionResult, {"message": f"Workflow {run_id} {ACTION_VERBS[action]}"})
 
 
 async def signal_workflow_run(
     workflow_id: str, run_id: str, signal_name: str, body: dict[str, Any], token_info: dict[str, Any]
-) -> dict[str, Any]:
+) -> Response:
     principal = require(principal_of(token_info), ACT_ON_RUN)
     if not isinstance(body, dict) or not isinstance(body.get("message"), str):
         raise InvalidInput("The signal body must be a JSON object with a string `message`.")
     await backends().runs.signal(principal, workflow_id, run_id, signal_name, body)
-    return shape("SignalResult", {"status": "success", "message": f"Workflow {run_id} signalled with {signal_name}"})
+    return respond(SignalResult, {"status": "success", "message": f"Workflow {run_id} signalled with {signal_name}"})

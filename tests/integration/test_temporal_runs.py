@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,8 @@ from temporalio.client import Client, WorkflowFailureError
 from backends.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from backends.protocol import Principal, RunFilters
 from backends.temporal_runs import TemporalRunsBackend
-from handlers.runs import page_answer, shape
+from generated.models import WorkflowRun
+from handlers.runs import page_body, page_response, respond
 from server import stack
 from server.settings import Settings
 from tests.conftest import Services
@@ -164,7 +166,7 @@ async def test_completed_ingestion_reads_back_in_the_seed_shape(
     # Progress went out as postUpdate activities (best effort: no API in this test).
     assert [u["type"] for u in posted_updates(run)] == ["UPDATE", "COMPLETE"]
     # The generated model of the contract takes the answer as it is.
-    assert shape("WorkflowRun", run) == run
+    assert json.loads(bytes(respond(WorkflowRun, run).body)) == run
 
 
 async def test_unknown_runs_and_other_projects_runs_are_not_found(
@@ -269,11 +271,15 @@ async def test_each_filter_returns_exactly_the_matching_runs(
     assert all(run["vertesia_workflow_type"] == run["type"] and run["visibility"] == "project" for run in runs.values())
     assert ids((await backend.list_runs(me, RunFilters(), conversations_only=True)).runs) == {r5}
     page = await backend.list_runs(me, RunFilters(page_size=3))
-    assert page_answer(page) == {"runs": page.runs, "next_page_token": page.next_page_token, "has_more": True}
+    assert (
+        json.loads(bytes(page_response(page).body))
+        == page_body(page)
+        == {"runs": page.runs, "next_page_token": page.next_page_token, "has_more": True}
+    )
     for run_id in (r5, r6):  # a running conversation, a failed run: the contract takes them as they are
         workflow_id = next(wf for wf, run in started if run == run_id)
         details = await backend.get_run(me, workflow_id, run_id)
-        assert shape("WorkflowRun", details) == details
+        assert json.loads(bytes(respond(WorkflowRun, details).body)) == details
 
     # Nothing of this project leaks into another one, whatever the filters.
     stranger = principal("another-project")
