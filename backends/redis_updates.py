@@ -150,6 +150,28 @@ def encode_update(run_id: str, update: dict[str, Any]) -> bytes:
     return b"".join(parts)
 
 
+# redis-py 8 turns "maintenance notifications" on by default (RESP3), and with them on its pool
+# skips the check that drops a pooled connection the server has closed: after a Redis restart every
+# idle connection would fail one request with 503. Off: the pool reconnects them, and our own
+# timeouts are never "relaxed" by a maintenance notice either.
+NO_MAINTENANCE = MaintNotificationsConfig(enabled=False)
+
+
+def request_pool(url: str, max_connections: int, timeout: float, client_name: str) -> BlockingConnectionPool:
+    """The pool requests use: bounded (a request waits up to `timeout` for a free connection),
+    every call bounded by `timeout`, and no retries (a retried post could be stored twice)."""
+    return BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        client_name=client_name,
+        maint_notifications_config=NO_MAINTENANCE,
+    )
+
+
 class RedisUpdatesBackend:
     """`UpdatesBackend` on Redis Streams; build it with `await RedisUpdatesBackend.from_url(...)`."""
 
@@ -183,23 +205,7 @@ class RedisUpdatesBackend:
         """A bounded pool for requests (waiting up to the backend timeout for a free connection)
         plus the hub's own reader connection; the hub's task starts now. Redis need not be up yet."""
         timeout = float(settings.backend_timeout_seconds)
-        no_retry = Retry(NoBackoff(), 0)  # a retried post could be stored twice; callers retry
-        # redis-py 8 turns "maintenance notifications" on by default (RESP3), and with them on its
-        # pool skips the check that drops a pooled connection the server has closed: after a Redis
-        # restart every idle connection would fail one request with 503. Off: the pool reconnects
-        # them, and our own timeouts are never "relaxed" by a maintenance notice either.
-        no_maintenance = MaintNotificationsConfig(enabled=False)
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=no_retry,
-            client_name=client_name,
-            maint_notifications_config=no_maintenance,
-        )
-        client = Redis(connection_pool=pool)
+        client = Redis(connection_pool=request_pool(url, max_connections, timeout, client_name))
         reader = Redis.from_url(
             url,
             single_connection_client=True,
@@ -207,7 +213,7 @@ class RedisUpdatesBackend:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             client_name=f"{client_name}-hub",
-            maint_notifications_config=no_maintenance,
+            maint_notifications_config=NO_MAINTENANCE,
         )
         hub = UpdateHub(reader, client, timeout=timeout, block_ms=hub_block_ms, queue_size=queue_size)
         hub.start()

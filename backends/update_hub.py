@@ -67,8 +67,7 @@ def range_entries(raw: Any, field: bytes = b"u") -> list[tuple[StreamId, bytes]]
 
 def unavailable(exc: BaseException) -> bool:
     """Whether `exc` means Redis could not be reached or could not serve (→ 503), not a bug."""
-    # InvalidResponse: a reply cut short by a server that died mid-answer (seen once as a 500 while
-    # Redis was being SIGKILLed under load).
+    # InvalidResponse: a reply cut short by a server that died mid-answer.
     if isinstance(
         exc,
         redis_errors.ConnectionError
@@ -78,6 +77,10 @@ def unavailable(exc: BaseException) -> bool:
         | OSError,
     ):
         return True
+    if isinstance(exc, RuntimeError):
+        # uvloop: a connection Redis closed between connect and its first command (Redis dying
+        # under load) fails the write with this RuntimeError, which redis-py does not wrap.
+        return "unable to perform operation on" in str(exc) and "closed" in str(exc)
     return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 
 
@@ -86,7 +89,7 @@ async def call(awaitable: Awaitable[T], seconds: float) -> T:
     try:
         async with asyncio.timeout(seconds):
             return await awaitable
-    except (redis_errors.RedisError, TimeoutError, OSError) as exc:
+    except (redis_errors.RedisError, TimeoutError, OSError, RuntimeError) as exc:
         if unavailable(exc):
             raise BackendUnavailable(f"Redis did not answer: {exc or type(exc).__name__}") from exc
         raise

@@ -23,9 +23,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -36,6 +34,7 @@ from backends.redis_updates import (
     MAX_UPDATES_PER_RUN,
     TTL_SECONDS,
     encode_update,
+    request_pool,
     stream_key,
     trim_marker_key,
 )
@@ -47,15 +46,7 @@ SUCCESS = b'{"success":true}'
 
 
 def create_app(redis_url: str) -> Starlette:
-    pool = BlockingConnectionPool.from_url(
-        redis_url,
-        max_connections=POOL_SIZE,
-        timeout=TIMEOUT_SECONDS,
-        socket_timeout=TIMEOUT_SECONDS,
-        socket_connect_timeout=TIMEOUT_SECONDS,
-        retry=Retry(NoBackoff(), 0),
-        client_name="bench-baseline",
-    )
+    pool = request_pool(redis_url, POOL_SIZE, TIMEOUT_SECONDS, "bench-baseline")
     client = Redis(connection_pool=pool)
     append = client.register_script(_APPEND)
 

@@ -16,12 +16,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -29,6 +27,7 @@ import pytest
 from playwright.sync_api import BrowserContext, FloatRect, Locator, Page, Request, expect, sync_playwright
 
 from tests.conftest import LiveApi
+from tests.integration.test_api_e2e import wait_for
 
 pytestmark = pytest.mark.services
 
@@ -51,15 +50,6 @@ OPERATIONS = {
     "Updates": {"getWorkflowRunUpdates", "streamWorkflowRunUpdates", "postWorkflowRunUpdate"},
     "Conversations": {"listConversations"},
 }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.2)
-    return value
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import LiveApi
+from tests.integration.test_api_e2e import start, wait_for
 
 pytestmark = pytest.mark.services
 
@@ -38,28 +38,6 @@ STEPS = [
     "ok streamWorkflowRunUpdates: retry ",
     "ok streamWorkflowRunUpdates (closed run):",
 ]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.2)
-    return value
-
-
-def start(live: LiveApi, project: str, kind: str, *args: str) -> tuple[str, str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "start", kind, "--project", project, "--user", "u-clients", *args],
-        env=live.env(),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    ids = json.loads(out.stdout)
-    return ids["workflow_id"], ids["run_id"]
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +65,25 @@ def smoke_env(live_api: LiveApi) -> Iterator[dict[str, str]]:
     """A project of its own with an open conversation (the signal target) and a completed ingestion run."""
     project = f"clients-{uuid.uuid4().hex[:8]}"
     token = live_api.token(project=project, user="u-clients")
-    conversation = start(live_api, project, "AgentConversation", "--interaction", "smoke", "--visibility", "project")
+    conversation = start(
+        live_api,
+        "AgentConversation",
+        "--interaction",
+        "smoke",
+        "--visibility",
+        "project",
+        project=project,
+        user="u-clients",
+    )
     document_id = f"doc-clients-{uuid.uuid4().hex[:8]}"
-    ingestion = start(live_api, project, "StandardContentIngestion", "--input", json.dumps({"documentId": document_id}))
+    ingestion = start(
+        live_api,
+        "StandardContentIngestion",
+        "--input",
+        json.dumps({"documentId": document_id}),
+        project=project,
+        user="u-clients",
+    )
     with httpx.Client(base_url=live_api.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
         wait_for(lambda: http.get(f"/workflows/runs/{ingestion[0]}/{ingestion[1]}").json().get("status") == "COMPLETED")
         yield {

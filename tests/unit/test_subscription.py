@@ -70,3 +70,8 @@ def test_redis_failures_that_mean_unavailable() -> None:
     assert unavailable(redis_errors.InvalidResponse("Protocol Error: reply cut short"))
     assert unavailable(redis_errors.ResponseError("LOADING Redis is loading the dataset in memory"))
     assert not unavailable(redis_errors.ResponseError("ERR wrong number of arguments"))
+    # seen as a 500 under a Redis SIGKILL (tests/integration/test_faults.py): uvloop's write on a
+    # transport Redis had just closed
+    closed = "unable to perform operation on <TCPTransport closed=True reading=False>; the handler is closed"
+    assert unavailable(RuntimeError(closed))
+    assert not unavailable(RuntimeError("some other bug"))
