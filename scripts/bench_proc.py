@@ -9,19 +9,15 @@ thousand SSE streams need a thousand sockets) and die with the benchmark (`PR_SE
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import resource
-import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.stack import Child
+from server.stack import Child, spawn
 
-_PR_SET_PDEATHSIG = 1
 WANTED_OPEN_FILES = 65_536
 
 
@@ -67,14 +63,12 @@ def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> int:
 
 
 def preexec(cores: frozenset[int]) -> Callable[[], None]:
-    """What runs in the child between fork and exec: pin, raise the fd limit, die with the parent."""
+    """What runs in the child between fork and exec: pin, raise the fd limit."""
 
     def setup() -> None:
         if cores:
             os.sched_setaffinity(0, cores)
         raise_open_files_limit()
-        with contextlib.suppress(OSError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
     return setup
 
@@ -82,20 +76,8 @@ def preexec(cores: frozenset[int]) -> Callable[[], None]:
 def spawn_pinned(
     name: str, argv: Sequence[str], log_dir: Path, cores: frozenset[int], env: dict[str, str] | None = None
 ) -> Child:
-    """Like `server.stack.spawn` (own session, output to `<log_dir>/<name>.log`), pinned to `cores`."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            list(argv),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            preexec_fn=preexec(cores),  # noqa: PLW1509  # the benchmark starts no threads before this
-        )
-    return Child(name, proc, log_path)
+    """`server.stack.spawn`, pinned to `cores` and with a raised open-files limit."""
+    return spawn(name, argv, log_dir, env, setup=preexec(cores))
 
 
 def run_pinned(argv: Sequence[str], cores: frozenset[int], timeout: float, env: dict[str, str] | None = None) -> str:

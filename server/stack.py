@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +88,21 @@ class Child:
             self.proc.wait()
 
 
-def spawn(name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> Child:
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    setup: Callable[[], None] | None = None,
+) -> Child:
+    """Start `argv` in its own session, output to `<log_dir>/<name>.log`; `setup` runs in the child
+    before exec (after it is told to die with its parent)."""
+
+    def in_child() -> None:
+        _die_with_parent()
+        if setup is not None:
+            setup()
+
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = log_path.open("ab")
@@ -99,7 +113,7 @@ def spawn(name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | N
         stdin=subprocess.DEVNULL,
         env=env,
         start_new_session=True,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509  # no threads exist yet in the children we start
+        preexec_fn=in_child,  # noqa: PLW1509  # no threads exist yet in the children we start
     )
     log.close()
     return Child(name, proc, log_path)

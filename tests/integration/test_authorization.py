@@ -93,39 +93,18 @@ def test_matrix(live_api: LiveApi, conversation: tuple[str, str], operation: str
             assert conversation[1] not in {r["run_id"] for r in response.json()["runs"]}
 
 
+def ingestion(live_api: LiveApi, project: str) -> tuple[str, str]:
+    args = ("--input", '{"documentId": "shared-doc"}', "--event-name", "create", "--rule-id", "rule-1")
+    return start(live_api, "StandardContentIngestion", *args, project=project)
+
+
 @pytest.fixture(scope="module")
 def two_projects(live_api: LiveApi) -> dict[str, Any]:
     tag = secrets.token_hex(3)
     a, b = f"iso-a-{tag}", f"iso-b-{tag}"
     runs = {
-        a: [
-            start(
-                live_api,
-                "StandardContentIngestion",
-                "--input",
-                '{"documentId": "shared-doc"}',
-                "--event-name",
-                "create",
-                "--rule-id",
-                "rule-1",
-                project=a,
-            )
-            for _ in range(3)
-        ],
-        b: [
-            start(
-                live_api,
-                "StandardContentIngestion",
-                "--input",
-                '{"documentId": "shared-doc"}',
-                "--event-name",
-                "create",
-                "--rule-id",
-                "rule-1",
-                project=b,
-            )
-            for _ in range(3)
-        ],
+        a: [ingestion(live_api, a) for _ in range(3)],
+        b: [ingestion(live_api, b) for _ in range(3)],
     }
     runs[a].append(start(live_api, "AgentConversation", "--visibility", "project", project=a, user="alice"))
     runs[a].append(start(live_api, "AgentConversation", "--visibility", "private", project=a, user="alice"))
