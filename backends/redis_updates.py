@@ -24,9 +24,9 @@ Streams
     one returned. See `backends.update_hub` for why this has neither gap nor duplicate.
 
 Failures
-    Every call has a deadline (`backend_timeout_seconds`); a Redis that cannot be reached or cannot
-    serve raises `BackendUnavailable` (503 with Retry-After). Posts are never retried by the client
-    library, so a post is stored at most once.
+    Every call has a deadline (`backend_timeout_seconds`, kept by the connection pool); a Redis
+    that cannot be reached or cannot serve raises `BackendUnavailable` (503 with Retry-After). Posts
+    are never retried by the client library, so a post is stored at most once.
 """
 
 from __future__ import annotations
@@ -179,14 +179,12 @@ class RedisUpdatesBackend:
         self,
         client: Redis,
         hub: UpdateHub,
-        settings: Settings,
         *,
         max_updates: int = MAX_UPDATES_PER_RUN,
         ttl_seconds: int = TTL_SECONDS,
     ) -> None:
         self._client = client
         self.hub = hub
-        self._timeout = float(settings.backend_timeout_seconds)
         self._max_updates = max_updates
         self._ttl_seconds = ttl_seconds
         self._append_script = client.register_script(_APPEND)
@@ -217,21 +215,19 @@ class RedisUpdatesBackend:
         )
         hub = UpdateHub(reader, client, timeout=timeout, block_ms=hub_block_ms, queue_size=queue_size)
         hub.start()
-        return cls(client, hub, settings)
+        return cls(client, hub)
 
     async def append(self, run_id: str, update: dict[str, Any]) -> str:
         rest = encode_update(run_id, update)
         keys = [stream_key(run_id), trim_marker_key(run_id)]
-        new_id = await call(
-            self._append_script(keys=keys, args=[rest, self._max_updates, self._ttl_seconds]), self._timeout
-        )
+        new_id = await call(self._append_script(keys=keys, args=[rest, self._max_updates, self._ttl_seconds]))
         return new_id.decode() if isinstance(new_id, bytes) else str(new_id)
 
     async def read_since(self, run_id: str, since_ms: int) -> bytes:
         start = max(since_ms, -1) + 1
         if start > MAX_SEQ:
             return b"[]"
-        entries = await call(self._client.xrange(stream_key(run_id), f"{start}-0", "+"), self._timeout)
+        entries = await call(self._client.xrange(stream_key(run_id), f"{start}-0", "+"))
         return b"[" + b",".join(entry_data(fields, FIELD) for _, fields in entries or ()) + b"]"
 
     async def open_stream(
@@ -249,7 +245,7 @@ class RedisUpdatesBackend:
         subscription = await self.hub.subscribe(key)
         try:
             if cursor is None and skip_history:
-                last = range_entries(await call(self._client.xrevrange(key, "+", "-", count=1), self._timeout))
+                last = range_entries(await call(self._client.xrevrange(key, "+", "-", count=1)))
                 cursor = last[0][0] if last else (0, 0)
             stream = RunUpdateStream(self, run_id, subscription, cursor)
             await stream.load_page()
@@ -268,11 +264,11 @@ class RedisUpdatesBackend:
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.xrange(stream_key(run_id), start, "+", count=HISTORY_PAGE)
             pipe.get(trim_marker_key(run_id))
-            entries, marker = await call(pipe.execute(), self._timeout)
+            entries, marker = await call(pipe.execute())
         return range_entries(entries, FIELD), (parse_id(marker) if marker else None)
 
     async def ping(self) -> None:
-        await call(self._client.ping(), self._timeout)
+        await call(self._client.ping())
 
     async def close(self) -> None:
         await self.hub.close()

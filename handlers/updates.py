@@ -16,21 +16,29 @@ from starlette.responses import Response, StreamingResponse
 from backends.errors import BackendUnavailable, InvalidInput
 from backends.protocol import Principal, RunsBackend
 from server import sse
-from server.context import backends, principal_of
+from server.context import Backends, backends, principal_of
 from server.permissions import ACT_ON_RUN, READ_RUN, require
 
 MAX_MS = 2**64 - 1
+SUCCESS = b'{"success":true}'
 CLOSED_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED", "TERMINATED", "CONTINUED_AS_NEW", "TIMED_OUT"})
 
 
 async def get_workflow_run_updates(
     workflow_id: str, run_id: str, token_info: dict[str, Any], since: int = 0
 ) -> Response:
-    context = backends()
+    return Response(
+        await read_updates(backends(), token_info, workflow_id, run_id, since), media_type="application/json"
+    )
+
+
+async def read_updates(
+    context: Backends, token_info: dict[str, Any], workflow_id: str, run_id: str, since: int
+) -> bytes:
+    """The body of getWorkflowRunUpdates (shared with `server.fast_lane`)."""
     principal = require(principal_of(token_info), READ_RUN)
     await context.runs.find_run(principal, run_id, workflow_id)
-    messages = await context.updates.read_since(run_id, _since_ms(since))
-    return Response(b'{"messages":' + messages + b"}", media_type="application/json")
+    return b'{"messages":' + await context.updates.read_since(run_id, _since_ms(since)) + b"}"
 
 
 async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for the operation's parameters
@@ -88,14 +96,16 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
     return sse.event_stream_response(frames, send_timeout=settings.sse_send_timeout_seconds, slot=slot, stream=stream)
 
 
-async def post_workflow_run_update(
-    run_id: str, body: dict[str, Any] | None, token_info: dict[str, Any]
-) -> dict[str, bool]:
-    context = backends()
+async def post_workflow_run_update(run_id: str, body: dict[str, Any] | None, token_info: dict[str, Any]) -> Response:
+    await append_update(backends(), token_info, run_id, body or {})
+    return Response(SUCCESS, media_type="application/json")
+
+
+async def append_update(context: Backends, token_info: dict[str, Any], run_id: str, update: dict[str, Any]) -> None:
+    """What postWorkflowRunUpdate does (shared with `server.fast_lane`)."""
     principal = require(principal_of(token_info), ACT_ON_RUN)
     await context.runs.find_run(principal, run_id)
-    await context.updates.append(run_id, body or {})
-    return {"success": True}
+    await context.updates.append(run_id, update)
 
 
 async def _closed_status(runs: RunsBackend, principal: Principal, workflow_id: str, run_id: str) -> str | None:

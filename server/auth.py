@@ -131,10 +131,13 @@ def mint_token(
 
 
 async def decode_token(token: str, request: Any) -> dict[str, Any] | None:
-    """Connexion's `x-bearerInfoFunc`: the claims plus the principal handlers use, or None (401).
+    """Connexion's `x-bearerInfoFunc`: the claims plus the principal handlers use, or None (401)."""
+    return await token_info(request.state.verifier, token)
 
-    Verification may fetch JWKS keys (blocking I/O), so that case runs in a worker thread."""
-    verifier: TokenVerifier = request.state.verifier
+
+async def token_info(verifier: TokenVerifier, token: str) -> dict[str, Any] | None:
+    """The token's claims and principal, or None when the token is not acceptable. Verification may
+    fetch JWKS keys (blocking I/O), so that case runs in a worker thread."""
     if verifier.settings.jwks_url:
         import anyio.to_thread
 

@@ -82,6 +82,10 @@ def _problem_message(exc: ProblemException) -> str:
 
 def on_problem(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     assert isinstance(exc, ProblemException)
+    return problem_response(exc)
+
+
+def problem_response(exc: ProblemException) -> ConnexionResponse:
     status = exc.status_code
     if status >= 500:
         # e.g. a response that does not conform to the document: a bug, logged with its cause.
@@ -102,6 +106,10 @@ def on_http_exception(request: ConnexionRequest, exc: Exception) -> ConnexionRes
 
 def on_domain_error(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     assert isinstance(exc, DomainError)
+    return domain_error_response(exc)
+
+
+def domain_error_response(exc: DomainError) -> ConnexionResponse:
     headers = {}
     if isinstance(exc, BackendUnavailable | TooManyRequests):
         headers["Retry-After"] = str(exc.retry_after)
@@ -109,5 +117,9 @@ def on_domain_error(request: ConnexionRequest, exc: Exception) -> ConnexionRespo
 
 
 def on_unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    return unexpected_error_response(exc)
+
+
+def unexpected_error_response(exc: Exception) -> ConnexionResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "Internal server error.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -13,15 +12,15 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.errors import PayloadTooLarge
-from server.logs import monotonic_ms, request_id_var
-
-access_log = logging.getLogger("workflow_runs.access")
+from server.logs import access_log, monotonic_ms, request_id_var
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SECRET_QUERY_PARAMS = {"access_token"}
 
 
 def redacted_query(query_string: bytes) -> str:
+    if not any(name.encode() in query_string for name in _SECRET_QUERY_PARAMS):
+        return query_string.decode("latin-1")
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
     return urlencode([(k, "[redacted]" if k in _SECRET_QUERY_PARAMS else v) for k, v in pairs])
 
@@ -52,20 +51,15 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            query = redacted_query(scope.get("query_string", b""))
-            access_log.info(
-                "%s %s %s",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
-                    "fields": {
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "query": query,
-                        "status": status,
-                        "duration_ms": monotonic_ms(start),
-                    }
+            method, path = scope["method"], scope["path"]
+            access_log.write(
+                f"{method} {path} {status}",
+                {
+                    "method": method,
+                    "path": path,
+                    "query": redacted_query(scope.get("query_string", b"")),
+                    "status": status,
+                    "duration_ms": monotonic_ms(start),
                 },
             )
             request_id_var.reset(token)

@@ -105,9 +105,17 @@ class JSONBody202012Validator(JSONRequestBodyValidator):  # type: ignore[misc]
 
 class JSONResponse202012Validator(JSONResponseBodyValidator):  # type: ignore[misc]
     def _validate(self, body: Any) -> None:
-        error = first_error(self._schema, body, "response body")
-        if error:
-            raise NonConformingResponseBody(detail=f"Response body does not conform to the document. {error}")
+        problem = nonconforming(self._schema, body)
+        if problem is not None:
+            raise problem
+
+
+def nonconforming(schema: dict[str, Any], body: Any) -> NonConformingResponseBody | None:
+    """The problem (a 500) of a response body that does not conform to its schema, if it does not."""
+    error = first_error(schema, body, "response body")
+    if error is None:
+        return None
+    return NonConformingResponseBody(detail=f"Response body does not conform to the document. {error}")
 
 
 VALIDATOR_MAP: dict[str, Any] = {

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-import orjson
-
 from backends.errors import Conflict, NotFound
 from backends.protocol import Action, Principal, RunFilters, RunPage, RunRef, UpdateEvent
+from backends.redis_updates import encode_update
 from server.context import Backends
 from server.settings import Settings
 
@@ -108,7 +107,7 @@ class FakeUpdates:
 
     async def append(self, run_id: str, update: dict[str, Any]) -> str:
         ts = 1678886400000 + len(self.stored)
-        self.stored.append(orjson.dumps({"timestamp": ts, "workflow_run_id": run_id, **update}))
+        self.stored.append(b'{"timestamp":%d' % ts + encode_update(run_id, update))  # as Redis stores it
         return f"{ts}-0"
 
     async def read_since(self, run_id: str, since_ms: int) -> bytes:
