@@ -16,7 +16,7 @@ from starlette.responses import Response
 from backends.errors import InvalidInput
 from backends.protocol import RunFilters, RunPage
 from generated.models import ActionResult, SignalResult, WorkflowRun, WorkflowRunList
-from server.context import backends, principal_of
+from server.context import Backends, backends, principal_of
 from server.permissions import ACT_ON_RUN, LIST_RUNS, READ_RUN, require
 
 FILTER_FIELDS = tuple(field.name for field in dataclasses.fields(RunFilters))
@@ -24,10 +24,13 @@ ACTION_VERBS = {"cancel": "cancelled", "terminate": "terminated"}
 
 
 def respond(model: type[BaseModel], data: dict[str, Any]) -> Response:
+    return Response(serialised(model, data), media_type="application/json")
+
+
+def serialised(model: type[BaseModel], data: dict[str, Any]) -> bytes:
     """`data` validated by the model generated from the document and serialised once by it (in
     Rust), rather than dumped to a dict the framework re-encodes with the standard library."""
-    body = model.model_validate(data).model_dump_json(by_alias=True, exclude_unset=True).encode()
-    return Response(body, media_type="application/json")
+    return model.model_validate(data).model_dump_json(by_alias=True, exclude_unset=True).encode()
 
 
 def filters_of(body: dict[str, Any] | None) -> RunFilters:
@@ -49,9 +52,13 @@ def page_response(page: RunPage) -> Response:
 
 
 async def get_workflow_run(workflow_id: str, run_id: str, token_info: dict[str, Any]) -> Response:
+    return Response(await run_details(backends(), token_info, workflow_id, run_id), media_type="application/json")
+
+
+async def run_details(context: Backends, token_info: dict[str, Any], workflow_id: str, run_id: str) -> bytes:
+    """The body of getWorkflowRun (shared with `server.fast_lane`)."""
     principal = require(principal_of(token_info), READ_RUN)
-    run = await backends().runs.get_run(principal, workflow_id, run_id)
-    return respond(WorkflowRun, run)
+    return serialised(WorkflowRun, await context.runs.get_run(principal, workflow_id, run_id))
 
 
 async def list_workflow_runs(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> Response:

@@ -97,15 +97,15 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
 
 
 async def post_workflow_run_update(run_id: str, body: dict[str, Any] | None, token_info: dict[str, Any]) -> Response:
-    await append_update(backends(), token_info, run_id, body or {})
-    return Response(SUCCESS, media_type="application/json")
+    return Response(await append_update(backends(), token_info, run_id, body or {}), media_type="application/json")
 
 
-async def append_update(context: Backends, token_info: dict[str, Any], run_id: str, update: dict[str, Any]) -> None:
-    """What postWorkflowRunUpdate does (shared with `server.fast_lane`)."""
+async def append_update(context: Backends, token_info: dict[str, Any], run_id: str, update: dict[str, Any]) -> bytes:
+    """The body of postWorkflowRunUpdate (shared with `server.fast_lane`)."""
     principal = require(principal_of(token_info), ACT_ON_RUN)
     await context.runs.find_run(principal, run_id)
     await context.updates.append(run_id, update)
+    return SUCCESS
 
 
 async def _closed_status(runs: RunsBackend, principal: Principal, workflow_id: str, run_id: str) -> str | None:

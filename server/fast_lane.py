@@ -1,23 +1,25 @@
-"""The fast lane: the two update operations workflows call in a loop, served without Connexion's stack.
+"""The fast lane: the three operations clients call in a loop, served without Connexion's stack.
 
-Posting an update and reading a run's updates are the hot path (a workflow posts many updates per
-run, a UI polls them). Connexion's middlewares cost about 450 µs of CPU per request, more than the
-whole request in a bare Starlette handler (issue 7). This lane answers those two operations
-directly, for requests that are *plainly valid*:
+Posting an update, reading a run's updates and reading a run's details are the hot path (a workflow
+posts many updates per run, a UI polls the others). Connexion's middlewares cost about 450 µs of
+CPU per request, more than a whole request in a bare Starlette handler (issue 7). This lane answers
+those operations directly, for requests that are *plainly valid*:
 
 - it is built from the same bundled document (paths, parameter and body schemas, compiled once with
   the same 2020-12 validators as `server.openapi31`);
 - it takes a request only when everything about it is unremarkable: the path matches, the query is
-  empty or one well-formed `since`, the body is a JSON object of `application/json`, every
-  parameter and the body pass their schemas, and the bearer token verifies;
+  empty or one well-formed `since` where the operation has it, a body is a JSON object sent as
+  `application/json` within the size limit, every parameter and the body pass their schemas, and
+  the bearer token verifies;
 - anything else (a malformed token, an unknown parameter, an invalid body, ...) is handed on to
-  Connexion untouched (the body it read is replayed), so every refusal keeps Connexion's exact
-  answer and there is one implementation of each error message;
-- the operation itself is the same handler code (`handlers.updates`); its domain errors (403, 404,
-  413, 503) propagate to Connexion's exception middleware like any handler's.
+  Connexion untouched (a body the lane read is replayed), so every refusal keeps Connexion's exact
+  answer and each error message has one implementation;
+- the operation itself is the handlers' code (`OPERATIONS`), and its domain errors (403, 404, 413,
+  503) leave as `server.errors` shapes them for Connexion; with VALIDATE_RESPONSES=1 its answers
+  are validated against the document as Connexion's are.
 
 `tests/unit/test_fast_lane.py` proves, request by request, that the lane and Connexion answer the
-same; `FAST_LANE=0` turns it off.
+same; `FAST_LANE=0` turns the lane off.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from connexion.lifecycle import ConnexionResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.errors import DomainError
-from handlers import updates
+from handlers import runs, updates
 from server import errors, openapi31
 from server.auth import token_info
 from server.context import Backends
@@ -43,10 +45,23 @@ from server.context import Backends
 _SINCE = re.compile(rb"^since=([0-9]{1,19})$")
 
 
+# What the lane calls for each operation it serves: the same code as the Connexion handler, given
+# the backends, the token's info and the request's parameters (path, and `since` where it has one).
+Operation = Callable[[Backends, dict[str, Any], dict[str, Any]], Awaitable[bytes]]
+OPERATIONS: dict[str, Operation] = {
+    "getWorkflowRun": lambda context, info, p: runs.run_details(context, info, p["workflowId"], p["runId"]),
+    "getWorkflowRunUpdates": lambda context, info, p: updates.read_updates(
+        context, info, p["workflowId"], p["runId"], p["since"]
+    ),
+    "postWorkflowRunUpdate": lambda context, info, p: updates.append_update(context, info, p["runId"], p["body"]),
+}
+
+
 @dataclass(frozen=True)
 class Route:
     """One operation of the document as the lane needs it."""
 
+    operation: Operation
     method: str
     pattern: re.Pattern[str]
     params: dict[str, jsonschema_rs.Validator]  # path, query and header parameters by name
@@ -70,13 +85,13 @@ def route_of(document: dict[str, Any], base_path: str, operation_id: str) -> Rou
                 body = openapi31.compiled(operation["requestBody"]["content"]["application/json"]["schema"])
             response = operation["responses"]["200"]["content"]["application/json"]["schema"]
             regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(base_path + template))
-            return Route(method.upper(), re.compile(f"^{regex}$"), params, body, response)
+            return Route(OPERATIONS[operation_id], method.upper(), re.compile(f"^{regex}$"), params, body, response)
     raise LookupError(f"no operation {operation_id} in the document")
 
 
 class FastLane:
-    """ASGI middleware: serves `postWorkflowRunUpdate` and `getWorkflowRunUpdates` when it can,
-    hands every other request (and every doubtful one) to the next app."""
+    """ASGI middleware: serves the operations of `OPERATIONS` when it can, hands every other
+    request (and every doubtful one) to the next app."""
 
     def __init__(
         self, app: ASGIApp, document: dict[str, Any], base_path: str, max_body_bytes: int, validate_responses: bool
@@ -85,38 +100,40 @@ class FastLane:
         self.max_body_bytes = max_body_bytes
         self.validate_responses = validate_responses  # as Connexion does when VALIDATE_RESPONSES=1
         resolved = resolve_refs(copy.deepcopy(document))
-        self.post = route_of(resolved, base_path, "postWorkflowRunUpdate")
-        self.get = route_of(resolved, base_path, "getWorkflowRunUpdates")
+        self.routes = [route_of(resolved, base_path, operation_id) for operation_id in OPERATIONS]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             method = scope["method"]
-            if method == "POST" and (match := self.post.pattern.match(scope["path"])):
-                await self._post(match.groupdict(), scope, receive, send)
-                return
-            if method == "GET" and (match := self.get.pattern.match(scope["path"])):
-                await self._get(match.groupdict(), scope, receive, send)
-                return
+            for route in self.routes:
+                if route.method == method and (match := route.pattern.match(scope["path"])):
+                    serve = self._post if method == "POST" else self._get
+                    await serve(route, match.groupdict(), scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
-    async def _get(self, path: dict[str, str], scope: Scope, receive: Receive, send: Send) -> None:
+    async def _get(self, route: Route, params: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
         query = scope["query_string"]
-        since = 0
-        if query:
-            found = _SINCE.match(query)
-            if found is None or not self.get.params["since"].is_valid(since := int(found[1])):
-                await self.app(scope, receive, send)
-                return
+        if "since" in route.params:
+            params["since"] = 0
+            if query:
+                found = _SINCE.match(query)
+                if found is None or not route.params["since"].is_valid(since := int(found[1])):
+                    await self.app(scope, receive, send)
+                    return
+                params["since"] = since
+        elif query:
+            await self.app(scope, receive, send)
+            return
         headers = _headers(scope)
         info = await self._token_info(scope, headers)
         # A GET has no body; one that declares a media type is Connexion's to judge (it parses it).
-        if info is None or b"content-type" in headers or not _valid(self.get.params, path, headers):
+        if info is None or b"content-type" in headers or not _valid(route.params, params, headers):
             await self.app(scope, receive, send)
             return
-        reading = updates.read_updates(_backends(scope), info, path["workflowId"], path["runId"], since)
-        await self._answer(send, self.get, reading)
+        await self._answer(send, route, route.operation(_backends(scope), info, params))
 
-    async def _post(self, path: dict[str, str], scope: Scope, receive: Receive, send: Send) -> None:
+    async def _post(self, route: Route, params: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
         headers = _headers(scope)
         length = headers.get(b"content-length", b"")
         if (
@@ -129,19 +146,18 @@ class FastLane:
             return
         raw = await _read_body(receive)
         info = await self._token_info(scope, headers)
-        if info is not None and _valid(self.post.params, path, headers):
-            update = _json_object(raw)
-            if update is not None and self.post.body is not None and self.post.body.is_valid(update):
-                appending = updates.append_update(_backends(scope), info, path["runId"], update)
-                await self._answer(send, self.post, appending)
+        if info is not None and _valid(route.params, params, headers):
+            body = _json_object(raw)
+            if body is not None and route.body is not None and route.body.is_valid(body):
+                await self._answer(send, route, route.operation(_backends(scope), info, {**params, "body": body}))
                 return
         await self.app(scope, _replay(raw, receive), send)
 
-    async def _answer(self, send: Send, route: Route, operation: Awaitable[bytes | None]) -> None:
-        """Run the operation and send its JSON answer (None: `{"success":true}`), or its error
-        exactly as Connexion's error handlers would have (`server.errors`)."""
+    async def _answer(self, send: Send, route: Route, operation: Awaitable[bytes]) -> None:
+        """Run the operation and send its JSON answer, or its error exactly as Connexion's error
+        handlers would have (`server.errors`)."""
         try:
-            body = await operation or updates.SUCCESS
+            body = await operation
         except DomainError as exc:
             await _send(send, errors.domain_error_response(exc))
             return
@@ -172,14 +188,16 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     return headers
 
 
-def _valid(params: dict[str, jsonschema_rs.Validator], path: dict[str, str], headers: dict[bytes, bytes]) -> bool:
+def _valid(validators: dict[str, jsonschema_rs.Validator], params: dict[str, Any], headers: dict[bytes, bytes]) -> bool:
+    """Whether the parameters (`since` is checked where it is parsed) and the one header parameter
+    these operations have pass their schemas."""
     if b"\x00repeated" in headers:
         return False
-    for name, value in path.items():
-        if not params[name].is_valid(value):
+    for name, value in params.items():
+        if name != "since" and not validators[name].is_valid(value):
             return False
     version = headers.get(b"x-api-version")
-    return version is None or params["x-api-version"].is_valid(version.decode("latin-1"))
+    return version is None or validators["x-api-version"].is_valid(version.decode("latin-1"))
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

@@ -27,7 +27,8 @@ from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_ba
 
 SECRET = "fast-lane-unit-test-secret-" + "x" * 40
 POST = f"/api/v1/workflows/runs/{RUN_ID}/updates"
-GET = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}/updates"
+RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
+GET = f"{RUN}/updates"
 HEADERS_COMPARED = ("content-type", "www-authenticate", "retry-after", "allow")
 
 
@@ -125,6 +126,8 @@ SERVED = {
     "get": get(),
     "get since": get("?since=1678886400000"),
     "get since zero": get("?since=0"),
+    "run details": {**get(), "url": RUN},
+    "run details with api version": {**get(**{"x-api-version": "1"}), "url": RUN},
 }
 
 HANDED_ON = {
@@ -153,6 +156,10 @@ HANDED_ON = {
     "get access_token parameter": get("?access_token=abc"),
     "post lower-case scheme": post(b"{}", Authorization=f"bearer {token()}"),
     "get two spaces after Bearer": get(Authorization=f"Bearer  {token()}"),
+    "run details with a query": {**get(), "url": RUN + "?since=0"},
+    "run details malformed run id": {**get(), "url": f"/api/v1/workflows/runs/{WORKFLOW_ID}/nope"},
+    "run details of the updates path": {**get(), "url": f"/api/v1/workflows/runs/{RUN_ID}/updates"},
+    "run details with a content type": {**get(**{"Content-Type": "application/json"}), "url": RUN},
     "get repeated header": {**get(), "headers": [("x-api-version", "1"), ("x-api-version", "2"), *auth().items()]},
 }
 
@@ -162,6 +169,8 @@ DOMAIN_ERRORS = {
     "post other project": post(b"{}", Authorization=f"Bearer {token(project='p2')}"),
     "post read-only token": post(b"{}", Authorization=f"Bearer {token(permissions=['workflow:read'])}"),
     "get no permission": get(Authorization=f"Bearer {token(permissions=[])}"),
+    "run details of another project": {**get(Authorization=f"Bearer {token(project='p2')}"), "url": RUN},
+    "run details without a project": {**get(Authorization=f"Bearer {token(project='')}"), "url": RUN},
     "post message too large": post(orjson.dumps({"message": "m" * 101})),
     "post Redis down": post(b'{"type":"REDIS_DOWN"}'),
 }
@@ -193,7 +202,7 @@ def test_doubtful_requests_get_connexions_own_answer(clients: tuple[Any, Any], n
 @pytest.mark.parametrize("name", DOMAIN_ERRORS)
 def test_domain_errors_leave_the_lane_as_they_leave_connexion(clients: tuple[Any, Any], name: str) -> None:
     status, body, headers = assert_same(clients, DOMAIN_ERRORS[name])
-    assert status in {403, 404, 413, 503}
+    assert status in {403, 404, 405, 413, 503}
     assert body["status"] == status and body["errorCode"]
     assert (headers["retry-after"] is not None) == (status == 503)
 
@@ -217,7 +226,7 @@ def test_a_valid_post_is_stored_once_whichever_path_serves_it(clients: tuple[Any
 
 
 schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", FAST).include(
-    operation_id=["postWorkflowRunUpdate", "getWorkflowRunUpdates"]
+    operation_id=["postWorkflowRunUpdate", "getWorkflowRunUpdates", "getWorkflowRun"]
 )
 
 
