@@ -7,7 +7,7 @@ production can point the same code at any Temporal cluster and Redis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 JSON = Any
@@ -66,7 +66,6 @@ class RunRef:
     workflow_id: str
     run_id: str
     closed: bool  # as last seen by this process (`RunsBackend.is_closed` asks Temporal)
-    extra: dict[str, JSON] = field(default_factory=dict)
 
 
 class RunsBackend(Protocol):

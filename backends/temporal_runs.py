@@ -320,18 +320,7 @@ class TemporalRunsBackend:
 
     @staticmethod
     def _ref(run_id: str, known: _KnownRun) -> RunRef:
-        scope = known.scope
-        return RunRef(
-            workflow_id=known.workflow_id,
-            run_id=run_id,
-            closed=known.closed,
-            extra={
-                "project_id": scope.project_id,
-                "initiated_by": scope.initiated_by,
-                "visibility": scope.visibility,
-                "interactive": scope.conversation,
-            },
-        )
+        return RunRef(workflow_id=known.workflow_id, run_id=run_id, closed=known.closed)
 
     async def is_closed(self, workflow_id: str, run_id: str) -> bool:
         known = self._known.get(run_id)

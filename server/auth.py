@@ -12,6 +12,7 @@ from typing import Any
 
 import jwt
 
+from backends.errors import BackendUnavailable
 from backends.protocol import Principal
 from server.settings import Settings
 
@@ -30,7 +31,11 @@ class TokenVerifier:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300) if settings.jwks_url else None
+        self._jwks = (
+            jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300, timeout=settings.backend_timeout_seconds)
+            if settings.jwks_url
+            else None
+        )
         self._verified: dict[str, tuple[dict[str, Any], float]] = {}
         if not (settings.jwt_secret or settings.jwt_public_key or self._jwks):
             raise RuntimeError("no JWT key configured: set JWT_SECRET, JWT_PUBLIC_KEY or JWKS_URL")
@@ -47,7 +52,8 @@ class TokenVerifier:
 
         A client sends the same token on every request, and verifying a signature costs about as
         much as the rest of a small request: verified claims are remembered until shortly before
-        the token expires (bounded; only valid tokens are kept, so garbage cannot fill it)."""
+        the token expires (bounded; only valid tokens are kept, so garbage cannot fill it).
+        Raises `BackendUnavailable` when the keys of JWKS_URL cannot be fetched."""
         cached = self._verified.get(token)
         if cached is not None:
             if time.time() < cached[1]:
@@ -72,6 +78,10 @@ class TokenVerifier:
                 leeway=self.settings.jwt_leeway_seconds,
                 options={"require": ["exp"], "verify_aud": self.settings.jwt_audience is not None},
             )
+        except jwt.PyJWKClientConnectionError as exc:
+            # The key server is down: the token may well be valid, so this is ours to retry (503),
+            # not the caller's fault (401).
+            raise BackendUnavailable(f"The token's signing keys could not be fetched: {exc}") from exc
         except (jwt.PyJWTError, ValueError):
             return None
         return claims

@@ -108,7 +108,10 @@ class FastLane:
             for route in self.routes:
                 if route.method == method and (match := route.pattern.match(scope["path"])):
                     serve = self._post if method == "POST" else self._get
-                    await serve(route, match.groupdict(), scope, receive, send)
+                    try:
+                        await serve(route, match.groupdict(), scope, receive, send)
+                    except DomainError as exc:  # the token's check could not be made (JWKS down: 503)
+                        await _send(send, errors.domain_error_response(exc))
                     return
         await self.app(scope, receive, send)
 

@@ -15,14 +15,14 @@ from backends.errors import PayloadTooLarge
 from server.logs import access_log, monotonic_ms, request_id_var
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_SECRET_QUERY_PARAMS = {"access_token"}
+_REDACTED_PARAM = "access_token"
 
 
 def redacted_query(query_string: bytes) -> str:
-    if not any(name.encode() in query_string for name in _SECRET_QUERY_PARAMS):
+    if _REDACTED_PARAM.encode() not in query_string:
         return query_string.decode("latin-1")
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-    return urlencode([(k, "[redacted]" if k in _SECRET_QUERY_PARAMS else v) for k, v in pairs])
+    return urlencode([(k, "[redacted]" if k == _REDACTED_PARAM else v) for k, v in pairs])
 
 
 class RequestContext:
@@ -45,7 +45,8 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                # Appended as is (no header object per response): nothing else sets this header.
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:

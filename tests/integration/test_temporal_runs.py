@@ -535,7 +535,8 @@ async def test_find_run_by_run_id_and_is_closed(
     fresh = TemporalRunsBackend(client)  # no cache: must resolve through the visibility index
     ref = await fresh.find_run(me, run_id, workflow_id)  # by describe: no need to wait for indexing
     assert (ref.workflow_id, ref.run_id, ref.closed) == (workflow_id, run_id, False)
-    assert ref.extra["project_id"] == project
+    with pytest.raises(NotFound):  # scoped: the run of `project` is not found for another project
+        await TemporalRunsBackend(client).find_run(principal("someone-else"), run_id, workflow_id)
 
     other = TemporalRunsBackend(client)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import replace
 
@@ -10,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from backends.errors import BackendUnavailable
 from server.auth import TokenVerifier, mint_token, principal_from_claims
 from server.settings import Settings
 
@@ -149,3 +151,21 @@ def test_verified_tokens_are_remembered_until_they_expire(settings: Settings, mo
     assert len(checks) == 2
     assert verifier.verify("garbage") is None
     assert "garbage" not in verifier._verified
+
+
+def test_an_unreachable_jwks_is_unavailable_not_unauthenticated(settings: Settings) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    url = f"http://127.0.0.1:{closed_port()}/jwks"
+    verifier = TokenVerifier(replace(settings, jwt_secret=None, jwks_url=url))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = jwt.encode(_claims(), key, algorithm="RS256", headers={"kid": "k1"})
+    with pytest.raises(BackendUnavailable):
+        verifier.verify(token)
+    assert verifier.verify("not.a.jwt") is None  # garbage is refused without asking the key server
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

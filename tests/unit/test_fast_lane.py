@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import jwt
 import orjson
 import pytest
 import schemathesis
@@ -250,3 +251,23 @@ def test_generated_requests_get_the_same_answer(clients: tuple[Any, Any], case: 
     elif kwargs.get("data") is not None:
         request["content"] = kwargs["data"]
     assert_same(clients, request)
+
+
+def test_an_unreachable_key_server_is_503_on_both_paths(unused_tcp_port: int) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    def jwks_settings(fast_lane: bool) -> Settings:
+        return replace(app_settings(fast_lane), jwt_secret=None, jwks_url=f"http://127.0.0.1:{unused_tcp_port}/jwks")
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    claims = {"sub": "u1", "project": {"id": "p1"}, "permissions": ["workflow:run"], "exp": 2**31}
+    signed = {"Authorization": f"Bearer {jwt.encode(claims, key, algorithm='RS256', headers={'kid': 'k1'})}"}
+    backends = fake_backends_factory(FakeRuns(status="RUNNING"))
+    with (
+        create_app(jwks_settings(True), backends).test_client() as fast,
+        create_app(jwks_settings(False), backends).test_client() as connexion,
+    ):
+        for request in (post(b"{}", **signed), get(**signed), {**get(**signed), "url": f"{RUN}/stream"}):
+            status, body, headers = assert_same((fast, connexion), request)
+            assert status == 503 and body["errorCode"] == "backend_unavailable", body
+            assert headers["retry-after"]
