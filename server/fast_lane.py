@@ -64,7 +64,9 @@ class Route:
     operation: Operation
     method: str
     pattern: re.Pattern[str]
-    params: dict[str, jsonschema_rs.Validator]  # path, query and header parameters by name
+    path: dict[str, jsonschema_rs.Validator]  # path parameters by name
+    since: jsonschema_rs.Validator | None  # the one query parameter the lane knows how to read
+    headers: dict[bytes, jsonschema_rs.Validator]  # header parameters by lower-case name
     body: jsonschema_rs.Validator | None
     response: dict[str, Any]  # the schema of the 200 answer
 
@@ -76,16 +78,29 @@ def route_of(document: dict[str, Any], base_path: str, operation_id: str) -> Rou
         for method, operation in item.items():
             if not isinstance(operation, dict) or operation.get("operationId") != operation_id:
                 continue
-            params = {
-                param["name"].lower() if param["in"] == "header" else param["name"]: openapi31.compiled(param["schema"])
-                for param in operation.get("parameters", [])
-            }
+            params: dict[str, dict[str, jsonschema_rs.Validator]] = {"path": {}, "query": {}, "header": {}}
+            for param in operation.get("parameters", []):
+                params[param["in"]][param["name"].lower() if param["in"] == "header" else param["name"]] = (
+                    openapi31.compiled(param["schema"])
+                )
+            if set(params["query"]) - {"since"}:
+                raise ValueError(f"{operation_id}: the fast lane reads no query parameter but `since`")
             body = None
             if "requestBody" in operation:
                 body = openapi31.compiled(operation["requestBody"]["content"]["application/json"]["schema"])
-            response = operation["responses"]["200"]["content"]["application/json"]["schema"]
-            regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(base_path + template))
-            return Route(OPERATIONS[operation_id], method.upper(), re.compile(f"^{regex}$"), params, body, response)
+            # Parameters stop at `/` and at a newline: Connexion mounts the API under its base path
+            # with `.*`, which never crosses a newline (such paths are Connexion's to refuse).
+            regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/\\n]+)", re.escape(base_path + template))
+            return Route(
+                operation=OPERATIONS[operation_id],
+                method=method.upper(),
+                pattern=re.compile(rf"^{regex}\Z"),
+                path=params["path"],
+                since=params["query"].get("since"),
+                headers={name.encode(): validator for name, validator in params["header"].items()},
+                body=body,
+                response=operation["responses"]["200"]["content"]["application/json"]["schema"],
+            )
     raise LookupError(f"no operation {operation_id} in the document")
 
 
@@ -117,30 +132,33 @@ class FastLane:
 
     async def _get(self, route: Route, params: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
         query = scope["query_string"]
-        if "since" in route.params:
-            params["since"] = 0
-            if query:
-                found = _SINCE.match(query)
-                if found is None or not route.params["since"].is_valid(since := int(found[1])):
-                    await self.app(scope, receive, send)
-                    return
-                params["since"] = since
+        if route.since is not None:
+            found = _SINCE.match(query) if query else None
+            params["since"] = int(found[1]) if found else 0
+            if (query and found is None) or not route.since.is_valid(params["since"]):
+                await self.app(scope, receive, send)
+                return
         elif query:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
-        info = await self._token_info(scope, headers)
         # A GET has no body; one that declares a media type is Connexion's to judge (it parses it).
-        if info is None or b"content-type" in headers or not _valid(route.params, params, headers):
+        if headers is None or b"content-type" in headers or not _valid(route, params, headers):
+            await self.app(scope, receive, send)
+            return
+        info = await self._token_info(scope, headers)
+        if info is None:
             await self.app(scope, receive, send)
             return
         await self._answer(send, route, route.operation(_backends(scope), info, params))
 
     async def _post(self, route: Route, params: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
         headers = _headers(scope)
-        length = headers.get(b"content-length", b"")
+        length = headers.get(b"content-length", b"") if headers is not None else b""
         if (
-            scope["query_string"]
+            headers is None
+            or not _valid(route, params, headers)
+            or scope["query_string"]
             or headers.get(b"content-type") != b"application/json"
             or not length.isdigit()
             or int(length) > self.max_body_bytes
@@ -149,7 +167,7 @@ class FastLane:
             return
         raw = await _read_body(receive)
         info = await self._token_info(scope, headers)
-        if info is not None and _valid(route.params, params, headers):
+        if info is not None:
             body = _json_object(raw)
             if body is not None and route.body is not None and route.body.is_valid(body):
                 await self._answer(send, route, route.operation(_backends(scope), info, {**params, "body": body}))
@@ -181,26 +199,26 @@ class FastLane:
         return await token_info(scope["state"]["verifier"], authorization[7:].decode("latin-1"))
 
 
-def _headers(scope: Scope) -> dict[bytes, bytes]:
-    """The request's headers by lower-case name; a repeated header makes the request doubtful."""
+def _headers(scope: Scope) -> dict[bytes, bytes] | None:
+    """The request's headers by lower-case name; None when one is repeated (a doubtful request)."""
     headers: dict[bytes, bytes] = {}
     for name, value in scope["headers"]:
         if name in headers:
-            headers[b"\x00repeated"] = b""
+            return None
         headers[name] = value
     return headers
 
 
-def _valid(validators: dict[str, jsonschema_rs.Validator], params: dict[str, Any], headers: dict[bytes, bytes]) -> bool:
-    """Whether the parameters (`since` is checked where it is parsed) and the one header parameter
-    these operations have pass their schemas."""
-    if b"\x00repeated" in headers:
-        return False
-    for name, value in params.items():
-        if name != "since" and not validators[name].is_valid(value):
+def _valid(route: Route, params: dict[str, Any], headers: dict[bytes, bytes]) -> bool:
+    """Whether the path parameters and the header parameters pass their schemas."""
+    for param, validator in route.path.items():
+        if not validator.is_valid(params[param]):
             return False
-    version = headers.get(b"x-api-version")
-    return version is None or validators["x-api-version"].is_valid(version.decode("latin-1"))
+    for header, validator in route.headers.items():
+        value = headers.get(header)
+        if value is not None and not validator.is_valid(value.decode("latin-1")):
+            return False
+    return True
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
