@@ -45,6 +45,21 @@ def create_worker(client: Client, *, task_queue: str, activities: WorkloadActivi
     return Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=activities.all())
 
 
+async def connect_when_up(settings: Settings, *, first_delay: float = 0.5, max_delay: float = 5.0) -> Client:
+    """Connect to Temporal, waiting for it as long as it takes: a worker started before its server
+    (or while it restarts) waits instead of exiting, as the API does."""
+    delay = first_delay
+    while True:
+        try:
+            return await temporal_connection.connect(settings)
+        except RuntimeError as exc:  # temporalio's "Failed client connect: ..."
+            log.warning(
+                "Temporal at %s is not reachable (%s); retrying in %.1f s", settings.temporal_address, exc, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+
+
 async def run_worker(
     settings: Settings,
     *,
@@ -55,7 +70,7 @@ async def run_worker(
 ) -> None:
     """Run the sample worker until `stop` is set (or, without `stop`, until cancelled)."""
     if client is None:
-        client = await temporal_connection.connect(settings)
+        client = await connect_when_up(settings)
     queue = task_queue or settings.temporal_task_queue
     async with build_activities(settings, api_url=api_url) as activities:
         worker = create_worker(client, task_queue=queue, activities=activities)

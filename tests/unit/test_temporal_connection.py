@@ -1,14 +1,17 @@
-"""Connection settings for a TLS cluster or Temporal Cloud."""
+"""Connection settings for a TLS cluster or Temporal Cloud, and the worker's patience."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from temporalio.service import TLSConfig
 
+from backends import temporal_connection
 from backends.temporal_connection import tls_config
 from server.settings import Settings
+from workloads.worker import connect_when_up
 
 
 def test_plain_by_default_tls_when_asked_or_with_an_api_key() -> None:
@@ -27,3 +30,24 @@ def test_mtls_reads_the_pem_files(tmp_path: Path) -> None:
     )
     assert isinstance(config, TLSConfig)
     assert (config.client_cert, config.client_private_key, config.server_root_ca_cert) == (b"CERT", b"KEY", None)
+
+
+async def test_the_worker_waits_for_temporal_instead_of_exiting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[str] = []
+    client = object()
+
+    async def connect(settings: Settings) -> object:
+        attempts.append(settings.temporal_address)
+        if len(attempts) < 3:
+            raise RuntimeError("Failed client connect: Connection refused")
+        return client
+
+    monkeypatch.setattr(temporal_connection, "connect", connect)
+    settings = replace(Settings(), temporal_address="127.0.0.1:7999")
+    assert await connect_when_up(settings, first_delay=0) is client
+    assert attempts == ["127.0.0.1:7999"] * 3
+    assert [r.getMessage() for r in caplog.records].count(
+        "Temporal at 127.0.0.1:7999 is not reachable (Failed client connect: Connection refused); retrying in 0.0 s"
+    ) == 2
