@@ -167,7 +167,11 @@ def cmd_start(args: argparse.Namespace) -> None:
             task_queue=settings.temporal_task_queue,
         )
 
-    workflow_id, run_id = asyncio.run(start())
+    try:
+        workflow_id, run_id = asyncio.run(start())
+    except (ValueError, RuntimeError) as exc:  # bad input (exit 2, as argparse), or Temporal unreachable
+        print(f"workflow-runs start: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(2 if isinstance(exc, ValueError) else 1)
     print(json.dumps({"workflow_id": workflow_id, "run_id": run_id}), flush=True)
     # The Temporal client's Rust runtime threads can call back into Python while the interpreter
     # finalizes ("PyGILState_Release ... finalizing", exit 134, seen once): the work is done and

@@ -19,15 +19,20 @@ from tests.conftest import LiveApi
 pytestmark = pytest.mark.services
 
 
-def start(live: LiveApi, kind: str, *args: str, project: str = "p1", user: str = "u1") -> tuple[str, str]:
-    out = subprocess.run(
+def start_command(live: LiveApi, kind: str, *args: str, project: str = "p1", user: str = "u1") -> Any:
+    return subprocess.run(
         [sys.executable, "-m", "server.cli", "start", kind, "--project", project, "--user", user, *args],
         env=live.env(),
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
         timeout=60,
     )
+
+
+def start(live: LiveApi, kind: str, *args: str, project: str = "p1", user: str = "u1") -> tuple[str, str]:
+    out = start_command(live, kind, *args, project=project, user=user)
+    assert out.returncode == 0, out.stderr
     ids = json.loads(out.stdout)
     return ids["workflow_id"], ids["run_id"]
 
@@ -143,3 +148,19 @@ def test_access_token_query_parameter_only_on_stream(live_api: LiveApi) -> None:
             assert "event: end" in "".join(streamed.iter_text())
         refused = anonymous.get(f"{base}/updates", params={"access_token": token})
         assert refused.status_code in (400, 401)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "needs an input"),
+        (["--input", "{not json"], "Expecting property name"),
+    ],
+)
+def test_start_refuses_bad_input_with_a_message_not_a_traceback(
+    live_api: LiveApi, args: list[str], message: str
+) -> None:
+    out = start_command(live_api, "StandardContentIngestion", *args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("workflow-runs start: error: ") and message in out.stderr
+    assert "Traceback" not in out.stderr
