@@ -1,8 +1,9 @@
 """Bearer JWT verification and the principal it yields.
 
-Connexion calls `decode_token` (wired into the runtime view of the document by `server.openapi31`)
-for every operation. Returning None makes Connexion answer 401, which `server.errors` turns into
-the JSON error body with `WWW-Authenticate: Bearer`.
+Connexion calls `decode_token` (wired into the runtime view of the document by `server.app`) for
+every operation, and the fast lane calls `token_info`. Returning None makes Connexion answer 401,
+which `server.errors` turns into the JSON error body with `WWW-Authenticate: Bearer`; keys that
+cannot be fetched from JWKS_URL are a 503.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ VERIFIED_CACHE_SIZE = 10_000
 class TokenVerifier:
     """Verifies tokens with the key material the settings name: JWT_SECRET (HS256), or
     JWT_PUBLIC_KEY / JWKS_URL (RS256, ES256). JWKS keys are fetched by PyJWT's client, which caches
-    them; the fetch is blocking, so it runs in a worker thread (see `decode_token`)."""
+    them; the fetch is blocking, so it runs in a worker thread (see `token_info`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

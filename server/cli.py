@@ -20,6 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from server import logs, stack
 from server.auth import DEV_PERMISSIONS, mint_token
@@ -150,7 +151,7 @@ def cmd_start(args: argparse.Namespace) -> None:
     from backends import temporal_connection
     from workloads.starter import start_workflow
 
-    async def start() -> tuple[str, str]:
+    async def start(given: dict[str, Any] | None) -> tuple[str, str]:
         settings = Settings()
         client = await temporal_connection.connect(settings)
         return await start_workflow(
@@ -158,7 +159,7 @@ def cmd_start(args: argparse.Namespace) -> None:
             args.type,
             project=args.project,
             user=args.user,
-            input=json.loads(args.input) if args.input else None,
+            input=given,
             visibility=args.visibility,
             interaction=args.interaction,
             document_id=args.document_id,
@@ -168,7 +169,7 @@ def cmd_start(args: argparse.Namespace) -> None:
         )
 
     try:
-        workflow_id, run_id = asyncio.run(start())
+        workflow_id, run_id = asyncio.run(start(_json_object_argument("--input", args.input)))
     except (ValueError, RuntimeError) as exc:  # bad input (exit 2, as argparse), or Temporal unreachable
         print(f"workflow-runs start: error: {exc}", file=sys.stderr, flush=True)
         os._exit(2 if isinstance(exc, ValueError) else 1)
@@ -177,6 +178,13 @@ def cmd_start(args: argparse.Namespace) -> None:
     # finalizes ("PyGILState_Release ... finalizing", exit 134, seen once): the work is done and
     # printed, so leave without finalizing.
     os._exit(0)
+
+
+def _json_object_argument(name: str, raw: str | None) -> dict[str, Any] | None:
+    value = json.loads(raw) if raw else None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:

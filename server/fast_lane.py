@@ -42,11 +42,12 @@ from server import errors, openapi31
 from server.auth import token_info
 from server.context import Backends
 
-_SINCE = re.compile(rb"^since=([0-9]{1,19})$")
+_SINCE = re.compile(rb"^since=([0-9]{1,19})\Z")
 
 
 # What the lane calls for each operation it serves: the same code as the Connexion handler, given
-# the backends, the token's info and the request's parameters (path, and `since` where it has one).
+# the backends, the token's info and the request's inputs (its path parameters, plus `since` or the
+# JSON `body` where the operation has one).
 Operation = Callable[[Backends, dict[str, Any], dict[str, Any]], Awaitable[bytes]]
 OPERATIONS: dict[str, Operation] = {
     "getWorkflowRun": lambda context, info, p: runs.run_details(context, info, p["workflowId"], p["runId"]),
@@ -124,35 +125,49 @@ class FastLane:
                 if route.method == method and (match := route.pattern.match(scope["path"])):
                     serve = self._post if method == "POST" else self._get
                     try:
-                        await serve(route, match.groupdict(), scope, receive, send)
-                    except DomainError as exc:  # the token's check could not be made (JWKS down: 503)
-                        await _send(send, errors.domain_error_response(exc))
+                        hand_on = await serve(route, match.groupdict(), scope, receive, send)
+                    except Exception as exc:  # raised before anything was sent: the lane sends last
+                        await _send(send, _error_response(exc))
+                        return
+                    if hand_on is not None:
+                        await self.app(scope, hand_on, send)
                     return
         await self.app(scope, receive, send)
 
-    async def _get(self, route: Route, params: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
+    async def _get(
+        self, route: Route, params: dict[str, Any], scope: Scope, receive: Receive, send: Send
+    ) -> Receive | None:
+        """Serve a GET, or return the `receive` to hand it on to Connexion with."""
         query = scope["query_string"]
         if route.since is not None:
             found = _SINCE.match(query) if query else None
             params["since"] = int(found[1]) if found else 0
             if (query and found is None) or not route.since.is_valid(params["since"]):
-                await self.app(scope, receive, send)
-                return
+                return receive
         elif query:
-            await self.app(scope, receive, send)
-            return
+            return receive
         headers = _headers(scope)
-        # A GET has no body; one that declares a media type is Connexion's to judge (it parses it).
-        if headers is None or b"content-type" in headers or not _valid(route, params, headers):
-            await self.app(scope, receive, send)
-            return
+        # A GET has no body: one that declares a body or its media type is Connexion's to judge
+        # (it reads and parses them, and refuses a body over the size limit).
+        if (
+            headers is None
+            or headers.get(b"content-length", b"0") != b"0"
+            or b"transfer-encoding" in headers
+            or b"content-type" in headers
+            or not _valid(route, params, headers)
+        ):
+            return receive
         info = await self._token_info(scope, headers)
         if info is None:
-            await self.app(scope, receive, send)
-            return
-        await self._answer(send, route, route.operation(_backends(scope), info, params))
+            return receive
+        await self._answer(send, route, await route.operation(_backends(scope), info, params))
+        return None
 
-    async def _post(self, route: Route, params: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
+    async def _post(
+        self, route: Route, params: dict[str, Any], scope: Scope, receive: Receive, send: Send
+    ) -> Receive | None:
+        """Serve a POST, or return the `receive` to hand it on to Connexion with (replaying the
+        part of the body the lane read)."""
         headers = _headers(scope)
         length = headers.get(b"content-length", b"") if headers is not None else b""
         if (
@@ -163,28 +178,21 @@ class FastLane:
             or not length.isdigit()
             or int(length) > self.max_body_bytes
         ):
-            await self.app(scope, receive, send)
-            return
-        raw = await _read_body(receive)
+            return receive
+        messages = await _read_body(receive)
+        raw = b"".join(message.get("body", b"") for message in messages)
+        if messages[-1]["type"] != "http.request" or len(raw) != int(length):
+            return _replay(messages, receive)  # the client left mid-body: nothing is stored
         info = await self._token_info(scope, headers)
-        if info is not None:
-            body = _json_object(raw)
-            if body is not None and route.body is not None and route.body.is_valid(body):
-                await self._answer(send, route, route.operation(_backends(scope), info, {**params, "body": body}))
-                return
-        await self.app(scope, _replay(raw, receive), send)
+        body = _json_object(raw) if info is not None else None
+        if info is None or body is None or route.body is None or not route.body.is_valid(body):
+            return _replay(messages, receive)
+        await self._answer(send, route, await route.operation(_backends(scope), info, {**params, "body": body}))
+        return None
 
-    async def _answer(self, send: Send, route: Route, operation: Awaitable[bytes]) -> None:
-        """Run the operation and send its JSON answer, or its error exactly as Connexion's error
-        handlers would have (`server.errors`)."""
-        try:
-            body = await operation
-        except DomainError as exc:
-            await _send(send, errors.domain_error_response(exc))
-            return
-        except Exception as exc:  # what Connexion's handler of last resort does
-            await _send(send, errors.unexpected_error_response(exc))
-            return
+    async def _answer(self, send: Send, route: Route, body: bytes) -> None:
+        """Send the operation's JSON answer (validated against the document when Connexion would
+        validate it, with the same 500 when it does not conform)."""
         if self.validate_responses and (problem := openapi31.nonconforming(route.response, orjson.loads(body))):
             await _send(send, errors.problem_response(problem))
             return
@@ -193,10 +201,19 @@ class FastLane:
 
     @staticmethod
     async def _token_info(scope: Scope, headers: dict[bytes, bytes]) -> dict[str, Any] | None:
+        """The token's info, or None for Connexion to refuse it (raises `BackendUnavailable` when
+        the keys cannot be fetched)."""
         authorization = headers.get(b"authorization", b"")
         if not authorization.startswith(b"Bearer ") or b" " in authorization[7:] or len(authorization) < 8:
             return None
         return await token_info(scope["state"]["verifier"], authorization[7:].decode("latin-1"))
+
+
+def _error_response(exc: Exception) -> ConnexionResponse:
+    """The error as Connexion's error handlers shape it (`server.errors`)."""
+    if isinstance(exc, DomainError):
+        return errors.domain_error_response(exc)
+    return errors.unexpected_error_response(exc)
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes] | None:
@@ -234,29 +251,24 @@ def _backends(scope: Scope) -> Backends:
     return backends
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+async def _read_body(receive: Receive) -> list[Message]:
+    """The body's messages, up to the last one or to the client's disconnect."""
+    messages = []
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
 
 
-def _replay(raw: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
-    """A `receive` that gives the next app the body the lane already read."""
-    sent = False
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A `receive` that gives the next app the messages the lane already read, then the rest."""
+    pending = list(messages)
 
     async def replayed() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()  # after the body, only the disconnect is left to wait for
-        sent = True
-        return {"type": "http.request", "body": raw, "more_body": False}
+        return pending.pop(0) if pending else await receive()
 
     return replayed
-
-    return receive
 
 
 async def _send(send: Send, response: ConnexionResponse) -> None:

@@ -55,6 +55,7 @@ class AccessLog:
         self._lines: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._output: IO[bytes] | None = None
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def write(self, message: str, fields: dict[str, Any]) -> None:
         if self._output is None:
@@ -66,23 +67,37 @@ class AccessLog:
         self._lines.put(orjson.dumps({**entry, **fields}, default=str))
 
     def start(self, output: IO[bytes]) -> None:
+        if self._thread is not None:
+            return
         self._output = output
         self._stop.clear()
-        threading.Thread(target=self._run, name="access-log", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
         atexit.register(self.stop)
 
     def stop(self) -> None:
+        """Write what is queued and stop; later lines are dropped."""
+        if self._thread is None:
+            return
         self._stop.set()
+        self._thread.join()
+        self._thread = None
         self.flush()
+        self._output = None
 
     def flush(self) -> None:
         batch = []
-        with contextlib.suppress(queue.Empty):  # stop() and the thread may drain at once
+        with contextlib.suppress(queue.Empty):
             while True:
                 batch.append(self._lines.get_nowait())
         if batch and self._output is not None:
-            self._output.write(b"\n".join(batch) + b"\n")
-            self._output.flush()
+            try:
+                self._output.write(b"\n".join(batch) + b"\n")
+                self._output.flush()
+            except (OSError, ValueError):
+                # A closed or broken stderr loses these lines, as `logging` would, but never the
+                # thread: the next batch is tried again.
+                pass
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -95,7 +110,8 @@ access_log = AccessLog()
 def configure(level: str = "INFO") -> None:
     """JSON lines on stderr, written by background threads so that a slow terminal or pipe never
     stalls the event loop (see `AccessLog` for the one line per request)."""
-    access_log.start(sys.stderr.buffer)
+    if logging.getLevelName(level) <= logging.INFO:  # access lines are at INFO
+        access_log.start(sys.stderr.buffer)
     output = logging.StreamHandler(sys.stderr)
     output.setFormatter(JsonFormatter())
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()

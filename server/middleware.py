@@ -19,7 +19,8 @@ _REDACTED_PARAM = "access_token"
 
 
 def redacted_query(query_string: bytes) -> str:
-    if _REDACTED_PARAM.encode() not in query_string:
+    # Most queries hold neither the name nor an escape that could spell it (`access%5Ftoken`).
+    if _REDACTED_PARAM.encode() not in query_string and b"%" not in query_string:
         return query_string.decode("latin-1")
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
     return urlencode([(k, "[redacted]" if k == _REDACTED_PARAM else v) for k, v in pairs])

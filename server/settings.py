@@ -39,7 +39,7 @@ class Settings:
     jwt_leeway_seconds: int = field(default_factory=lambda: _int("JWT_LEEWAY_SECONDS", 30))
     # Response validation costs a lot on large payloads (TOOLING.md 2.5): on in dev, tests and CI.
     validate_responses: bool = field(default_factory=lambda: os.environ.get("VALIDATE_RESPONSES", "0") == "1")
-    # The two update operations served without Connexion's middlewares (server/fast_lane.py).
+    # Three hot operations served without Connexion's middlewares, same answers (server/fast_lane.py).
     fast_lane: bool = field(default_factory=lambda: os.environ.get("FAST_LANE", "1") == "1")
     max_body_bytes: int = field(default_factory=lambda: _int("MAX_BODY_BYTES", 1_048_576))
     sse_heartbeat_seconds: int = field(default_factory=lambda: _int("SSE_HEARTBEAT_SECONDS", 15))

@@ -52,7 +52,11 @@ async def connect_when_up(settings: Settings, *, first_delay: float = 0.5, max_d
     while True:
         try:
             return await temporal_connection.connect(settings)
-        except RuntimeError as exc:  # temporalio's "Failed client connect: ..."
+        except RuntimeError as exc:
+            # temporalio: "Failed client connect: Server connection error: ..." while nothing
+            # answers; anything else (a refused API key, a bad certificate) will not heal by waiting.
+            if "Server connection error" not in str(exc):
+                raise
             log.warning(
                 "Temporal at %s is not reachable (%s); retrying in %.1f s", settings.temporal_address, exc, delay
             )

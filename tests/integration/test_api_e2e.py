@@ -155,6 +155,7 @@ def test_access_token_query_parameter_only_on_stream(live_api: LiveApi) -> None:
     [
         ([], "needs an input"),
         (["--input", "{not json"], "Expecting property name"),
+        (["--input", "[1]"], "--input must be a JSON object"),
     ],
 )
 def test_start_refuses_bad_input_with_a_message_not_a_traceback(

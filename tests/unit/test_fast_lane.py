@@ -3,7 +3,7 @@
 Every request here goes to two apps on the same fake backends, one with the lane (the default) and
 one without (`FAST_LANE=0`): status, JSON body and the headers a client acts on must be the same.
 Hand-picked requests cover each reason the lane hands a request on, and Schemathesis adds generated
-ones for the two operations. A counter on Connexion's routing proves the lane really serves the
+ones for the three operations. A counter on Connexion's routing proves the lane really serves the
 plainly valid requests rather than passing everything on.
 """
 
@@ -22,8 +22,9 @@ from connexion.middleware.routing import RoutingMiddleware
 from hypothesis import HealthCheck, settings
 
 from backends.errors import BackendUnavailable, PayloadTooLarge
-from server.app import create_app
-from server.auth import mint_token
+from server.app import create_app, published_document
+from server.auth import TokenVerifier, mint_token
+from server.fast_lane import FastLane
 from server.settings import Settings
 from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
 
@@ -164,6 +165,8 @@ HANDED_ON = {
     "run details with a content type": {**get(**{"Content-Type": "application/json"}), "url": RUN},
     "get workflow id of a newline": {**get(), "url": f"/api/v1/workflows/runs/%0A/{RUN_ID}/updates"},
     "run details, trailing newline": {**get(), "url": f"{RUN}%0A"},
+    "get with a body over the limit": {**get(), "content": b"x" * 5000},
+    "get with a small body": {**get(), "content": b"{}"},
     "get repeated header": {**get(), "headers": [("x-api-version", "1"), ("x-api-version", "2"), *auth().items()]},
 }
 
@@ -274,3 +277,33 @@ def test_an_unreachable_key_server_is_503_on_both_paths(unused_tcp_port: int) ->
             status, body, headers = assert_same((fast, connexion), request)
             assert status == 503 and body["errorCode"] == "backend_unavailable", body
             assert headers["retry-after"]
+
+
+async def test_a_post_whose_client_left_mid_body_is_not_stored() -> None:
+    """The lane hands the partial body and the disconnect on, exactly as it got them."""
+    handed_on: list[Any] = []
+
+    async def connexion(scope: Any, receive: Any, send: Any) -> None:
+        handed_on.extend([await receive(), await receive()])
+
+    settings = app_settings(True)
+    lane = FastLane(connexion, published_document(), "/api/v1", settings.max_body_bytes, validate_responses=False)
+    updates = Updates()
+    state = {
+        "verifier": TokenVerifier(settings),
+        "backends": await fake_backends_factory(FakeRuns(), updates)(settings),
+    }
+    headers = [(k.lower().encode(), v.encode()) for k, v in post(b"")["headers"].items()]
+    scope = {"type": "http", "method": "POST", "path": POST, "query_string": b"", "state": state}
+    messages = [{"type": "http.request", "body": b"{}", "more_body": True}, {"type": "http.disconnect"}]
+    pending = list(messages)
+
+    async def receive() -> Any:
+        return pending.pop(0)
+
+    async def send(message: Any) -> None:
+        raise AssertionError(f"the lane answered {message}")
+
+    await lane({**scope, "headers": [*headers, (b"content-length", b"20")]}, receive, send)
+    assert handed_on == messages
+    assert updates.stored == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import orjson
 import pytest
@@ -17,6 +18,11 @@ def test_access_token_is_redacted_and_the_rest_kept() -> None:
     query = redacted_query(b"since=5&access_token=eyJhbGciOi.secret.sig&skipHistory=true")
     assert "secret" not in query
     assert query == "since=5&access_token=%5Bredacted%5D&skipHistory=true"
+
+
+def test_an_escaped_parameter_name_is_redacted_too() -> None:
+    # `access%5Ftoken` is `access_token` once decoded, and the stream accepts it as the token.
+    assert "s3cret" not in redacted_query(b"access%5Ftoken=s3cret")
 
 
 def test_queries_without_tokens_are_unchanged() -> None:
@@ -53,3 +59,28 @@ def test_lines_are_dropped_until_the_log_is_started() -> None:
     log.start(output)
     log.stop()
     assert output.getvalue() == b""
+
+
+class FlakyOutput(io.BytesIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    def write(self, data: Any) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise BrokenPipeError("stderr went away")
+        return super().write(data)
+
+
+def test_a_failed_write_loses_its_batch_not_the_log() -> None:
+    log, output = AccessLog(interval=3600), FlakyOutput()
+    log.start(output)
+    log.start(output)  # a second start changes nothing
+    log.write("GET /a 200", {"status": 200})
+    log.flush()  # fails: this batch is lost
+    log.write("GET /b 200", {"status": 200})
+    log.stop()
+    log.write("GET /c 200", {"status": 200})  # after stop: dropped
+    log.stop()
+    assert [orjson.loads(line)["msg"] for line in output.getvalue().splitlines()] == ["GET /b 200"]

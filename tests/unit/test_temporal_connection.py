@@ -41,13 +41,23 @@ async def test_the_worker_waits_for_temporal_instead_of_exiting(
     async def connect(settings: Settings) -> object:
         attempts.append(settings.temporal_address)
         if len(attempts) < 3:
-            raise RuntimeError("Failed client connect: Connection refused")
+            raise RuntimeError("Failed client connect: Server connection error: Connection refused")
         return client
 
     monkeypatch.setattr(temporal_connection, "connect", connect)
     settings = replace(Settings(), temporal_address="127.0.0.1:7999")
     assert await connect_when_up(settings, first_delay=0) is client
     assert attempts == ["127.0.0.1:7999"] * 3
+    refused = "Failed client connect: Server connection error: Connection refused"
     assert [r.getMessage() for r in caplog.records].count(
-        "Temporal at 127.0.0.1:7999 is not reachable (Failed client connect: Connection refused); retrying in 0.0 s"
+        f"Temporal at 127.0.0.1:7999 is not reachable ({refused}); retrying in 0.0 s"
     ) == 2
+
+
+async def test_the_worker_does_not_wait_out_a_refused_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def connect(settings: Settings) -> object:
+        raise RuntimeError("Failed client connect: Unauthenticated: invalid API key")
+
+    monkeypatch.setattr(temporal_connection, "connect", connect)
+    with pytest.raises(RuntimeError, match="invalid API key"):
+        await connect_when_up(Settings(), first_delay=0)
