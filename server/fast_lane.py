@@ -240,8 +240,8 @@ def _valid(route: Route, params: dict[str, Any], headers: dict[bytes, bytes]) ->
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
     try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        value = openapi31.load_json(raw)
+    except ValueError:
         return None
     return value if isinstance(value, dict) else None
 

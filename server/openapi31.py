@@ -15,6 +15,9 @@ proves the 2020-12 semantics end to end).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -54,6 +57,26 @@ def first_error(schema: dict[str, Any], instance: Any, where: str) -> str | None
     return None
 
 
+# A run of digits orjson would not keep exact: it reads integers beyond 64 bits as floats.
+_LONG_NUMBER = re.compile(rb"[0-9]{20,}")
+
+
+def load_json(raw: bytes) -> Any:
+    """A request body's JSON. orjson: strict RFC 8259 (no NaN/Infinity), and it rejects invalid
+    UTF-8 itself where Connexion's own parser answers 500 (spec-first/connexion#1860). A body with
+    a very long number is read again by the standard library, which keeps big integers exact
+    (update details are stored as given). Raises ValueError (`orjson.JSONDecodeError` is one)."""
+    value = orjson.loads(raw)
+    if _LONG_NUMBER.search(raw):
+        with contextlib.suppress(RecursionError):  # nested deeper than it reads: orjson's reading stands
+            value = json.loads(raw, parse_constant=_no_constant)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _skip_spec_check(cls: type, spec: dict[str, Any]) -> None:
     return None
 
@@ -85,10 +108,8 @@ class JSONBody202012Validator(JSONRequestBodyValidator):  # type: ignore[misc]
         if not raw.strip():
             return _ABSENT
         try:
-            # orjson: strict RFC 8259 (no NaN/Infinity) and it rejects invalid UTF-8 itself,
-            # where Connexion's own parser answers 500 (spec-first/connexion#1860).
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
+            return load_json(raw)
+        except ValueError as exc:
             raise BadRequestProblem(detail=f"The request body is not valid JSON: {exc}") from exc
 
     def _validate(self, body: Any) -> dict[str, Any] | None:

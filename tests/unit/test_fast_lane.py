@@ -307,3 +307,10 @@ async def test_a_post_whose_client_left_mid_body_is_not_stored() -> None:
     await lane({**scope, "headers": [*headers, (b"content-length", b"20")]}, receive, send)
     assert handed_on == messages
     assert updates.stored == []
+
+
+def test_big_integers_in_details_are_stored_exactly_on_both_paths(clients: tuple[Any, Any]) -> None:
+    before = len(UPDATES.stored)
+    request = post(b'{"details": {"n": 1180591620717411303425}}')
+    assert assert_same(clients, request)[0] == 200
+    assert [json.loads(u)["details"]["n"] for u in UPDATES.stored[before:]] == [2**70 + 1, 2**70 + 1]

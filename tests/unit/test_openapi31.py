@@ -113,3 +113,15 @@ def test_undecodable_bodies_are_400_not_500(client: Any, raw: bytes) -> None:
 
 def test_unknown_query_parameter_is_refused(client: Any) -> None:
     assert client.get("/items", params={"limit": "1", "other": "x"}).status_code == 400
+
+
+def test_big_integers_are_read_exactly_and_constants_still_refused() -> None:
+    assert openapi31.load_json(b'{"n": 1180591620717411303425}') == {"n": 2**70 + 1}
+    assert openapi31.load_json(b'{"id": "12345678901234567890123", "x": 1.5}') == {
+        "id": "12345678901234567890123",
+        "x": 1.5,
+    }
+    with pytest.raises(ValueError):
+        openapi31.load_json(b'{"n": 1180591620717411303425, "m": NaN}')
+    deep = b"[" * 1000 + b"12345678901234567890123" + b"]" * 1000  # deeper than the standard library reads
+    assert openapi31.load_json(deep) is not None
