@@ -120,7 +120,7 @@ def _dumps(value: Any) -> bytes:
     # Integers beyond 64 bits, lone surrogates: valid JSON that orjson refuses.
     try:
         return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidInput(f"The update cannot be stored as JSON: {exc}") from exc
 
 

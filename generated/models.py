@@ -190,7 +190,7 @@ class ListRunsRequest(BaseModel):
 
 class NewRunUpdate(BaseModel):
     """
-    Body of `postWorkflowRunUpdate`: one update message to append to a run's log. Every field is optional (`{}` posts an `UPDATE` update with message `UPDATE`). Size limits, answered with 413 (not 400): `message` at most 65536 bytes in UTF-8, `details` at most 262144 bytes once serialized as JSON, and the whole request body at most 1 MiB. Unknown fields are refused with 400.
+    Body of `postWorkflowRunUpdate`: one update message to append to a run's log. Every field is optional (`{}` posts an `UPDATE` update with message `UPDATE`). Size limits, answered with 413 (not 400): `message` at most 65536 bytes in UTF-8, `details` at most 262144 bytes once serialized as JSON, and the whole request body at most 1 MiB. Unknown fields, and JSON nested more than 128 levels deep, are refused with 400.
     """
 
     model_config = ConfigDict(

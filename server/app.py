@@ -33,7 +33,7 @@ from server import errors, openapi31
 from server.auth import TokenVerifier
 from server.context import Backends
 from server.fast_lane import FastLane
-from server.middleware import BodySizeLimit, QueryTokenForStreams, RequestContext, SeedPathOverlap
+from server.middleware import BodySizeLimit, MediaTypeCase, QueryTokenForStreams, RequestContext, SeedPathOverlap
 from server.settings import Settings
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "generated" / "openapi.yaml"
@@ -110,13 +110,15 @@ def create_app(settings: Settings | None = None, backends_factory: BackendsFacto
     app.add_error_handler(DomainError, errors.on_domain_error)
     app.add_error_handler(Exception, errors.on_unexpected)
 
-    # Order, outside in: request id + access log, the fast lane (it answers its own errors, with
-    # server.errors), Connexion's exception handling, the seed's path overlap, body cap, query token
-    # (before security reads the Authorization header). At one position, the one added later is inner.
+    # Order, outside in: request id + access log, media types in lower case, the fast lane (it
+    # answers its own errors, with server.errors), Connexion's exception handling, the seed's path
+    # overlap, body cap, query token (before security reads the Authorization header). At one
+    # position, the one added later is inner.
     app.add_middleware(QueryTokenForStreams, position=MiddlewarePosition.BEFORE_SECURITY)
     app.add_middleware(SeedPathOverlap, position=MiddlewarePosition.BEFORE_SWAGGER, base_path=BASE_PATH)
     app.add_middleware(BodySizeLimit, position=MiddlewarePosition.BEFORE_SWAGGER, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(MediaTypeCase, position=MiddlewarePosition.BEFORE_EXCEPTION)
     if settings.fast_lane:
         app.add_middleware(
             FastLane,

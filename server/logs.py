@@ -56,6 +56,7 @@ class AccessLog:
         self._output: IO[bytes] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Lock()
 
     def write(self, message: str, fields: dict[str, Any]) -> None:
         if self._output is None:
@@ -77,23 +78,25 @@ class AccessLog:
 
     def stop(self) -> None:
         """Write what is queued and stop; later lines are dropped."""
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-        self.flush()
-        self._output = None
+        with self._stopping:
+            if self._thread is None:
+                return
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.flush()
+            self._output = None
 
     def flush(self) -> None:
         batch = []
         with contextlib.suppress(queue.Empty):
             while True:
                 batch.append(self._lines.get_nowait())
-        if batch and self._output is not None:
+        output = self._output
+        if batch and output is not None:
             try:
-                self._output.write(b"\n".join(batch) + b"\n")
-                self._output.flush()
+                output.write(b"\n".join(batch) + b"\n")
+                output.flush()
             except (OSError, ValueError):
                 # A closed or broken stderr loses these lines, as `logging` would, but never the
                 # thread: the next batch is tried again.

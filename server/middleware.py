@@ -109,7 +109,8 @@ class QueryTokenForStreams:
             headers = MutableHeaders(scope=scope)
             if "authorization" not in headers:
                 for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
-                    if key == "access_token" and value:
+                    # A token is ASCII (base64url and dots); anything else is no token (401).
+                    if key == "access_token" and value and value.isascii():
                         headers["Authorization"] = f"Bearer {value}"
                         break
         await self.app(scope, receive, send)
@@ -128,4 +129,25 @@ class SeedPathOverlap:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] != "POST" and self.pattern.match(scope["path"]):
             raise HTTPException(405, headers={"Allow": "POST"})
+        await self.app(scope, receive, send)
+
+
+class MediaTypeCase:
+    """Media types are case-insensitive (RFC 9110, 8.3.1), but Connexion's JSON check is not: a body
+    sent as `Application/JSON` reached the handler undecoded (a 500). The type and subtype are
+    lower-cased before anything reads them; parameters such as `charset` are left as sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            for index, (name, value) in enumerate(headers):
+                if name == b"content-type":
+                    media_type, separator, parameters = value.partition(b";")
+                    if media_type != media_type.lower():
+                        lowered = (name, media_type.lower() + separator + parameters)
+                        scope = {**scope, "headers": [*headers[:index], lowered, *headers[index + 1 :]]}
+                    break
         await self.app(scope, receive, send)

@@ -15,7 +15,6 @@ proves the 2020-12 semantics end to end).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -57,8 +56,11 @@ def first_error(schema: dict[str, Any], instance: Any, where: str) -> str | None
     return None
 
 
-# A run of digits orjson would not keep exact: it reads integers beyond 64 bits as floats.
-_LONG_NUMBER = re.compile(rb"[0-9]{20,}")
+# A run of digits orjson might not keep exact: it reads integers beyond 64 bits as floats.
+_LONG_NUMBER = re.compile(rb"[0-9]{19,}")
+# Deeper JSON is refused (400): the standard library, which Connexion and the storage fall back on,
+# overflows Python's stack near 1000 levels, and no update needs more.
+MAX_JSON_DEPTH = 128
 
 
 def load_json(raw: bytes) -> Any:
@@ -67,10 +69,24 @@ def load_json(raw: bytes) -> Any:
     a very long number is read again by the standard library, which keeps big integers exact
     (update details are stored as given). Raises ValueError (`orjson.JSONDecodeError` is one)."""
     value = orjson.loads(raw)
+    # Cheap first: a body with fewer brackets than the limit cannot nest deeper than it.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
     if _LONG_NUMBER.search(raw):
-        with contextlib.suppress(RecursionError):  # nested deeper than it reads: orjson's reading stands
-            value = json.loads(raw, parse_constant=_no_constant)
+        value = json.loads(raw, parse_constant=_no_constant)
     return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            if depth > limit:
+                return True
+            pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _no_constant(name: str) -> Any:
@@ -110,7 +126,7 @@ class JSONBody202012Validator(JSONRequestBodyValidator):  # type: ignore[misc]
         try:
             return load_json(raw)
         except ValueError as exc:
-            raise BadRequestProblem(detail=f"The request body is not valid JSON: {exc}") from exc
+            raise BadRequestProblem(detail=f"The request body is not JSON this API accepts: {exc}") from exc
 
     def _validate(self, body: Any) -> dict[str, Any] | None:
         if body is _ABSENT:

@@ -17,6 +17,7 @@ from workloads.workflows import WORKFLOWS
 log = logging.getLogger(__name__)
 
 _USE_SETTINGS = "settings"
+_PERMANENT_CONNECT_ERRORS = ("Unauthenticated", "PermissionDenied", "certificate")
 
 
 def jwt_secret_of(settings: Settings) -> str | None:
@@ -53,9 +54,10 @@ async def connect_when_up(settings: Settings, *, first_delay: float = 0.5, max_d
         try:
             return await temporal_connection.connect(settings)
         except RuntimeError as exc:
-            # temporalio: "Failed client connect: Server connection error: ..." while nothing
-            # answers; anything else (a refused API key, a bad certificate) will not heal by waiting.
-            if "Server connection error" not in str(exc):
+            # temporalio: "Failed client connect: ..." while nothing answers, or a server (or a
+            # proxy in front of it) accepts and drops the connection. A refused API key or
+            # certificate will not heal by waiting.
+            if any(marker in str(exc) for marker in _PERMANENT_CONNECT_ERRORS):
                 raise
             log.warning(
                 "Temporal at %s is not reachable (%s); retrying in %.1f s", settings.temporal_address, exc, delay

@@ -199,3 +199,10 @@ def test_overlapping_seed_path_answers_405_with_allow_post(client: Any) -> None:
     response = client.get(f"/api/v1/workflows/runs/{RUN_ID}/updates", headers={"Authorization": f"Bearer {token()}"})
     assert_error_body(response, 405)
     assert response.headers["allow"] == "POST"
+
+
+def test_a_non_ascii_access_token_is_no_token(client: Any) -> None:
+    # Percent-encoded UTF-8 in `access_token` cannot be a JWT: 401, not a header that cannot be set.
+    response = client.get(f"{RUN}/stream?access_token=%C5%93")
+    body = assert_error_body(response, 401)
+    assert body["errorCode"] == "unauthenticated"

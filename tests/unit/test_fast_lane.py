@@ -129,6 +129,7 @@ SERVED = {
     "get": get(),
     "get since": get("?since=1678886400000"),
     "get since zero": get("?since=0"),
+    "post Application/JSON": post(b"{}", **{"Content-Type": "Application/JSON"}),
     "run details": {**get(), "url": RUN},
     "run details with api version": {**get(**{"x-api-version": "1"}), "url": RUN},
 }
@@ -144,6 +145,7 @@ HANDED_ON = {
     "post empty body": post(b""),
     "post text/plain": post(b"{}", **{"Content-Type": "text/plain"}),
     "post json with charset": post(b"{}", **{"Content-Type": "application/json; charset=utf-8"}),
+    "post JSON with charset": post(b'{"type":"X"}', **{"Content-Type": "application/JSON; charset=utf-8"}),
     "post query parameter": {**post(b"{}"), "url": POST + "?since=1"},
     "post api version too long": post(b"{}", **{"x-api-version": "x" * 33}),
     "post body over the limit": post(b'{"details":"' + b"x" * 5000 + b'"}'),
@@ -314,3 +316,18 @@ def test_big_integers_in_details_are_stored_exactly_on_both_paths(clients: tuple
     request = post(b'{"details": {"n": 1180591620717411303425}}')
     assert assert_same(clients, request)[0] == 200
     assert [json.loads(u)["details"]["n"] for u in UPDATES.stored[before:]] == [2**70 + 1, 2**70 + 1]
+
+
+def test_json_nested_too_deep_is_refused_on_both_paths(clients: tuple[Any, Any]) -> None:
+    for depth in (128, 129, 960, 2000):
+        body = b'{"details":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+        status, answer_body, _ = assert_same(clients, post(body))
+        assert status == (200 if depth <= 128 else 400), answer_body
+        if status == 400:
+            assert "nested more than 128 levels deep" in answer_body["message"] or depth >= 1024
+
+
+def test_negative_integers_beyond_64_bits_are_stored_exactly(clients: tuple[Any, Any]) -> None:
+    before = len(UPDATES.stored)
+    assert assert_same(clients, post(b'{"details": -9223372036854775809}'))[0] == 200
+    assert [json.loads(u)["details"] for u in UPDATES.stored[before:]] == [-(2**63) - 1] * 2

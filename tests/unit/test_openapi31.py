@@ -123,5 +123,12 @@ def test_big_integers_are_read_exactly_and_constants_still_refused() -> None:
     }
     with pytest.raises(ValueError):
         openapi31.load_json(b'{"n": 1180591620717411303425, "m": NaN}')
-    deep = b"[" * 1000 + b"12345678901234567890123" + b"]" * 1000  # deeper than the standard library reads
-    assert openapi31.load_json(deep) is not None
+    assert openapi31.load_json(b'{"n": -9223372036854775809}') == {"n": -(2**63) - 1}  # 19 digits
+
+
+@pytest.mark.parametrize("depth", [129, 1000, 1023])
+def test_json_nested_deeper_than_the_limit_is_refused(depth: int) -> None:
+    with pytest.raises(ValueError, match="nested more than 128 levels deep"):
+        openapi31.load_json(b"[" * depth + b"12345678901234567890123" + b"]" * depth)
+    assert openapi31.load_json(b"[" * 128 + b"]" * 128) is not None  # at the limit
+    assert openapi31.load_json(b'{"s": "' + b"[" * 500 + b'"}') == {"s": "[" * 500}  # brackets in a string
