@@ -18,21 +18,27 @@ import orjson
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
+def entry(ts: float, level: str, logger: str, msg: str, request_id: str | None) -> dict[str, object]:
+    """The fields every log line starts with, the access log's included."""
+    line: dict[str, object] = {"ts": round(ts, 3), "level": level, "logger": logger, "msg": msg}
+    if request_id:
+        line["request_id"] = request_id
+    return line
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        request_id = getattr(record, "request_id", None)
-        if request_id:
-            entry["request_id"] = request_id
-        entry.update(getattr(record, "fields", {}))
+        line = entry(
+            record.created,
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+            getattr(record, "request_id", None),
+        )
+        line.update(getattr(record, "fields", {}))
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
 
 
 def _with_request_id(record: logging.LogRecord) -> bool:
@@ -61,11 +67,8 @@ class AccessLog:
     def write(self, message: str, fields: dict[str, Any]) -> None:
         if self._output is None:
             return
-        entry = {"ts": round(time.time(), 3), "level": "info", "logger": "workflow_runs.access", "msg": message}
-        request_id = request_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        self._lines.put(orjson.dumps({**entry, **fields}, default=str))
+        line = entry(time.time(), "info", "workflow_runs.access", message, request_id_var.get())
+        self._lines.put(orjson.dumps({**line, **fields}, default=str))
 
     def start(self, output: IO[bytes]) -> None:
         if self._thread is not None:

@@ -15,15 +15,15 @@ from backends.errors import PayloadTooLarge
 from server.logs import access_log, monotonic_ms, request_id_var
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_REDACTED_PARAM = "access_token"
+STREAM_AUTH_PARAM = "access_token"  # the stream's token in the query: accepted there, never logged
 
 
 def redacted_query(query_string: bytes) -> str:
     # Most queries hold neither the name nor an escape that could spell it (`access%5Ftoken`).
-    if _REDACTED_PARAM.encode() not in query_string and b"%" not in query_string:
+    if STREAM_AUTH_PARAM.encode() not in query_string and b"%" not in query_string:
         return query_string.decode("latin-1")
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-    return urlencode([(k, "[redacted]" if k == _REDACTED_PARAM else v) for k, v in pairs])
+    return urlencode([(k, "[redacted]" if k == STREAM_AUTH_PARAM else v) for k, v in pairs])
 
 
 class RequestContext:
@@ -110,7 +110,7 @@ class QueryTokenForStreams:
             if "authorization" not in headers:
                 for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
                     # A token is ASCII (base64url and dots); anything else is no token (401).
-                    if key == "access_token" and value and value.isascii():
+                    if key == STREAM_AUTH_PARAM and value and value.isascii():
                         headers["Authorization"] = f"Bearer {value}"
                         break
         await self.app(scope, receive, send)
