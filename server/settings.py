@@ -11,6 +11,11 @@ def _int(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
 def _opt(name: str) -> str | None:
     return os.environ.get(name) or None
 
@@ -57,3 +62,38 @@ class Settings:
         default_factory=lambda: os.environ.get("API_URL", f"http://127.0.0.1:{_int('PORT', 8000)}/api/v1")
     )
     data_dir: str = field(default_factory=lambda: os.environ.get("DATA_DIR", ".data"))
+
+    # --- Bounds on what one connection or caller may cost (README, "Limits") ---
+    # A request head (request line and headers) larger than this is answered 431 and the connection
+    # closed, before more of it is buffered.
+    max_header_bytes: int = field(default_factory=lambda: _int("MAX_HEADER_BYTES", 32_768))
+    # A request head must arrive whole within this time of the connection opening (or of the previous
+    # response on a kept-alive connection once it starts); else the connection is closed.
+    header_timeout_seconds: int = field(default_factory=lambda: _int("HEADER_TIMEOUT_SECONDS", 10))
+    # A request body must arrive whole within this time of its head; else 408 and the connection closed.
+    body_timeout_seconds: int = field(default_factory=lambda: _int("BODY_TIMEOUT_SECONDS", 30))
+    # An idle kept-alive connection is closed after this long (uvicorn's timeout_keep_alive).
+    keepalive_timeout_seconds: int = field(default_factory=lambda: _int("KEEPALIVE_TIMEOUT_SECONDS", 5))
+    # Open connections per process; beyond it a new connection is answered 503 and closed, except
+    # for the health checks. Lowered at start-up to what the file-descriptor limit allows.
+    max_connections: int = field(default_factory=lambda: _int("MAX_CONNECTIONS", 12_000))
+    # Stored updates of one run are bounded in bytes as well as in count (oldest dropped first).
+    max_update_bytes_per_run: int = field(default_factory=lambda: _int("MAX_UPDATE_BYTES_PER_RUN", 8_388_608))
+    # Updates may still be posted this long after their run closed (late activities); 409 afterwards.
+    post_after_close_seconds: int = field(default_factory=lambda: _int("POST_AFTER_CLOSE_SECONDS", 300))
+    # Run details render at most this many bytes of history events; the rest is left out and marked.
+    max_history_bytes: int = field(default_factory=lambda: _int("MAX_HISTORY_BYTES", 4_194_304))
+    # `maxmemory` of the embedded Redis (`noeviction`: a full Redis refuses posts with 503).
+    redis_maxmemory: str = field(default_factory=lambda: os.environ.get("REDIS_MAXMEMORY", "1gb"))
+    # HMAC key of listing page tokens; every replica must share it. Unset: derived from JWT_SECRET
+    # (HS256), else a random key per process (page tokens then only work on the process that issued them).
+    page_token_secret: str | None = field(default_factory=lambda: _opt("PAGE_TOKEN_SECRET"))
+    # Per-caller token buckets (principal within its project); 0 turns a bucket off. Operations that
+    # reach Temporal (and update operations on a run this process has not seen) take from the first.
+    rate_limit_temporal_per_second: float = field(default_factory=lambda: _float("RATE_LIMIT_TEMPORAL_PER_SECOND", 20))
+    rate_limit_temporal_burst: int = field(default_factory=lambda: _int("RATE_LIMIT_TEMPORAL_BURST", 60))
+    rate_limit_updates_per_second: float = field(default_factory=lambda: _float("RATE_LIMIT_UPDATES_PER_SECOND", 200))
+    rate_limit_updates_burst: int = field(default_factory=lambda: _int("RATE_LIMIT_UPDATES_BURST", 600))
+    # "Run not found" answers are remembered this long, so repeated unknown run ids cost Temporal
+    # nothing; kept short because a just-started run may not be visible yet.
+    not_found_cache_seconds: float = field(default_factory=lambda: _float("NOT_FOUND_CACHE_SECONDS", 2))
