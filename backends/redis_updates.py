@@ -1,27 +1,40 @@
-"""Run updates on Redis: a bounded, ordered, resumable log per run (DESIGN.md, decision 4).
+"""Run updates on Redis: a bounded, ordered, resumable log per run.
 
 Storage
     One Redis Stream per run, `wfr:updates:<run_id>`. Each entry has one field, `u`, holding the
     final JSON bytes of the update exactly as clients receive it, so reading never decodes and
     re-encodes. A post runs one Lua script, atomic like every script, so no reader ever sees half of
-    it: it stamps the time, appends with `XADD ... MAXLEN 1000` (exact, oldest dropped first), and
-    sets the key's TTL to 90 days. Redis 6.2 has no `XADD key <ms>-*`, so the script picks the id
-    itself: `ts = max(now_ms, last_ms + 1)`, id `ts-0`, and writes `{"timestamp":ts` in front of the
-    rest of the JSON that Python serialised. Timestamps are therefore unique and increasing within a
-    run and equal to the entry id's milliseconds, which makes `since` (epoch ms) exact: resuming
-    with `since` = the last timestamp seen loses nothing, even for updates posted in the same
-    millisecond (a burst of more than 1000 posts a second runs ahead of the clock until it ends).
+    it: it stamps the time, appends with `XADD ... MAXLEN <n>` (exact), where `n` drops the oldest
+    entries while the run would hold more than 1000 entries or more than `max_update_bytes_per_run`
+    bytes of JSON (never the entry just added), and sets the keys' TTL to 90 days. Redis 6.2 has no
+    `XADD key <ms>-*`, so the script picks the id itself: `ts = max(now_ms, last_ms + 1)`, id
+    `ts-0`, and writes `{"timestamp":ts` in front of the rest of the JSON that Python serialised.
+    Timestamps are therefore unique and increasing within a run and equal to the entry id's
+    milliseconds, which makes `since` (epoch ms) exact: resuming with `since` = the last timestamp
+    seen loses nothing, even for updates posted in the same millisecond (a burst of more than 1000
+    posts a second runs ahead of the clock until it ends).
 
-    When a post trims an entry, the script records the id of the newest entry ever trimmed in
+    The run's stored bytes (the sum of its entries' JSON lengths) are kept in
+    `wfr:updates-bytes:<run_id>` (same TTL), updated by the same script on every add and trim, so
+    the bound costs no scan. The script counts them again from the stream when the counter is
+    missing while entries exist (written before the counter existed, or lost), and starts from
+    zero when the stream is empty, so the counter cannot drift.
+
+    When a post trims entries, the script records the id of the newest entry ever trimmed in
     `wfr:updates-trimmed:<run_id>` (same TTL). A stream resumed from a cursor older than that id has
     really lost updates and is told so (`truncated`); one whose cursor is older than the oldest kept
     entry but not older than the marker has lost nothing and is not.
 
+    A full Redis (`maxmemory` reached, `noeviction`) refuses the script's `XADD`, its first write,
+    so a refused post leaves nothing behind; it is a 503 (`BackendUnavailable`), never a loss.
+
 Streams
     `open_stream` subscribes to the process's `UpdateHub` first, then reads what is stored after the
-    cursor page by page (XRANGE, with the trim marker in the same MULTI so the truncation check sees
-    one snapshot), then continues with the hub's live entries, dropping ids at or before the last
-    one returned. See `backends.update_hub` for why this has neither gap nor duplicate.
+    cursor page by page, then continues with the hub's live entries, dropping ids at or before the
+    last one returned. See `backends.update_hub` for why this has neither gap nor duplicate. A page
+    is read by a script (with the trim marker, so the truncation check sees one snapshot) that
+    stops at `HISTORY_PAGE` entries or `HISTORY_PAGE_BYTES` bytes, whichever comes first: replaying
+    a run of large updates holds about one MiB per stream at a time, not the whole run.
 
 Failures
     Every call has a deadline (`backend_timeout_seconds`, kept by the connection pool); a Redis
@@ -34,6 +47,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -58,21 +72,26 @@ from backends.update_hub import (
 from server.settings import Settings
 
 MAX_UPDATES_PER_RUN = 1000
+MAX_UPDATE_BYTES_PER_RUN = 8_388_608  # the default of `Settings.max_update_bytes_per_run`
 TTL_SECONDS = 90 * 24 * 3600
 MAX_MESSAGE_BYTES = 65_536  # UTF-8 bytes of `message`
 MAX_DETAILS_BYTES = 262_144  # bytes of `details` serialised as JSON
 DEFAULT_TYPE = "UPDATE"
 FIELD = b"u"
-HISTORY_PAGE = 100
+HISTORY_PAGE = 100  # entries of one history page at most...
+HISTORY_PAGE_BYTES = 1_048_576  # ...and bytes: the page ends before the entry that would pass this
 
 _STREAM_ID = re.compile(r"\A(\d{1,20})(?:-(\d{1,20}))?\Z")
 
-# KEYS[1] the run's stream, KEYS[2] its trim marker.
-# ARGV[1] the update's JSON after the timestamp (`,"workflow_run_id":...}`), ARGV[2] max length,
-# ARGV[3] TTL in seconds. Returns the new entry's id.
+# KEYS[1] the run's stream, KEYS[2] its trim marker, KEYS[3] its stored-bytes counter.
+# ARGV[1] the update's JSON after the timestamp (`,"workflow_run_id":...}`), ARGV[2] max entries,
+# ARGV[3] TTL in seconds, ARGV[4] max stored bytes. Returns the new entry's id.
+# Every read comes first and the XADD (which also trims, by count: `MAXLEN =`) is the first write:
+# a full Redis (noeviction) refuses the script there, before anything changed, and once it has
+# written Redis lets the rest run (a script is never half done).
 _APPEND = """
-local key, marker = KEYS[1], KEYS[2]
-local maxlen, ttl = tonumber(ARGV[2]), ARGV[3]
+local key, marker, sizes = KEYS[1], KEYS[2], KEYS[3]
+local maxlen, ttl, maxbytes = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
@@ -81,17 +100,85 @@ if last[1] then
   local last_ms = tonumber(string.sub(last_id, 1, string.find(last_id, '-', 1, true) - 1))
   if last_ms >= ts then ts = last_ms + 1 end
 end
-local overflow = redis.call('XLEN', key) + 1 - maxlen
-if overflow > 0 then
-  local doomed = redis.call('XRANGE', key, '-', '+', 'COUNT', overflow)
-  redis.call('SET', marker, doomed[#doomed][1])
-end
 local ts_text = string.format('%d', ts)
 local id = ts_text .. '-0'
-redis.call('XADD', key, 'MAXLEN', maxlen, id, 'u', '{"timestamp":' .. ts_text .. ARGV[1])
+local data = '{"timestamp":' .. ts_text .. ARGV[1]
+local len = redis.call('XLEN', key)
+local total = 0
+if len > 0 then
+  total = tonumber(redis.call('GET', sizes))
+  if not total then
+    -- No counter beside stored entries: count them once, a page at a time.
+    total = 0
+    local from = '-'
+    repeat
+      local page = redis.call('XRANGE', key, from, '+', 'COUNT', 100)
+      for _, entry in ipairs(page) do total = total + #entry[2][2] end
+      if page[1] then from = '(' .. page[#page][1] end
+    until #page < 100
+  end
+end
+-- With the new entry the log holds `kept` entries of `total` bytes: pick the oldest to drop while
+-- either bound is passed, never the new one. Their sizes are needed, so they are read, in small
+-- growing batches: a steady-state post reads one.
+local kept = len + 1
+total = total + #data
+local doomed, from = nil, '-'
+local want = kept - maxlen
+while kept > 1 and (kept > maxlen or total > maxbytes) do
+  if want < 1 then want = 1 elseif want > 64 then want = 64 end
+  local page = redis.call('XRANGE', key, from, '+', 'COUNT', want)
+  if not page[1] then break end
+  for _, entry in ipairs(page) do
+    if kept <= 1 or (kept <= maxlen and total <= maxbytes) then break end
+    kept = kept - 1
+    total = total - #entry[2][2]
+    doomed = entry[1]
+  end
+  from = '(' .. doomed
+  want = want * 2
+end
+redis.call('XADD', key, 'MAXLEN', kept, id, 'u', data)
+if doomed then redis.call('SET', marker, doomed) end
+redis.call('SET', sizes, string.format('%d', total), 'EX', ttl)
 redis.call('EXPIRE', key, ttl)
 redis.call('EXPIRE', marker, ttl)
 return id
+"""
+
+# KEYS[1] the run's stream, KEYS[2] its trim marker. ARGV[1] where to start (`-`, or `(<id>`:
+# after that id), ARGV[2] max entries, ARGV[3] max bytes: the page ends before the entry that would
+# pass them (it always holds one entry, whatever its size). Read in small batches, so the script
+# itself never holds much more than the page. Returns {marker or nil, more (0 or 1), id, json, ...}.
+_READ_PAGE = """
+local key, from = KEYS[1], ARGV[1]
+local maxcount, maxbytes = tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {redis.call('GET', KEYS[2]), 0}
+local taken, bytes, full = 0, 0, false
+while not full do
+  local want = maxcount - taken
+  if want > 10 then want = 10 end
+  local batch = redis.call('XRANGE', key, from, '+', 'COUNT', want)
+  for _, entry in ipairs(batch) do
+    local data = entry[2][2]
+    if taken > 0 and bytes + #data > maxbytes then
+      full = true
+      break
+    end
+    out[#out + 1] = entry[1]
+    out[#out + 1] = data
+    taken = taken + 1
+    bytes = bytes + #data
+    from = '(' .. entry[1]
+  end
+  if full or taken >= maxcount then
+    full = true
+    out[2] = 1
+  elseif #batch < want then
+    break
+  end
+end
+return out
 """
 
 
@@ -99,9 +186,26 @@ def stream_key(run_id: str) -> str:
     return f"wfr:updates:{run_id}"
 
 
+# The other keys of a run use prefixes that differ from `wfr:updates:` and from each other before
+# the run id starts, so no run id can make one key name equal another.
+
+
 def trim_marker_key(run_id: str) -> str:
-    # A different prefix, so no run id can make one key name equal another.
     return f"wfr:updates-trimmed:{run_id}"
+
+
+def stored_bytes_key(run_id: str) -> str:
+    return f"wfr:updates-bytes:{run_id}"
+
+
+def append_keys(run_id: str) -> list[str]:
+    """The keys of the append script (`_APPEND`), in its order."""
+    return [stream_key(run_id), trim_marker_key(run_id), stored_bytes_key(run_id)]
+
+
+def append_args(rest: bytes, *, max_updates: int, max_bytes: int, ttl_seconds: int) -> list[bytes | int]:
+    """The arguments of the append script (`_APPEND`), in its order."""
+    return [rest, max_updates, ttl_seconds, max_bytes]
 
 
 def parse_event_id(text: str) -> StreamId:
@@ -181,13 +285,16 @@ class RedisUpdatesBackend:
         hub: UpdateHub,
         *,
         max_updates: int = MAX_UPDATES_PER_RUN,
+        max_bytes: int = MAX_UPDATE_BYTES_PER_RUN,
         ttl_seconds: int = TTL_SECONDS,
     ) -> None:
         self._client = client
         self.hub = hub
         self._max_updates = max_updates
+        self._max_bytes = max_bytes
         self._ttl_seconds = ttl_seconds
         self._append_script = client.register_script(_APPEND)
+        self._read_page_script = client.register_script(_READ_PAGE)
 
     @classmethod
     async def from_url(
@@ -201,8 +308,11 @@ class RedisUpdatesBackend:
         client_name: str = "wfr-updates",
     ) -> RedisUpdatesBackend:
         """A bounded pool for requests (waiting up to the backend timeout for a free connection)
-        plus the hub's own reader connection; the hub's task starts now. Redis need not be up yet."""
+        plus the hub's own reader connection; the hub's task starts now. Redis need not be up yet.
+        The bytes bound (`max_update_bytes_per_run`) caps both what a run keeps and what a stream's
+        undelivered live updates may hold."""
         timeout = float(settings.backend_timeout_seconds)
+        max_bytes = settings.max_update_bytes_per_run
         client = Redis(connection_pool=request_pool(url, max_connections, timeout, client_name))
         reader = Redis.from_url(
             url,
@@ -213,22 +323,35 @@ class RedisUpdatesBackend:
             client_name=f"{client_name}-hub",
             maint_notifications_config=NO_MAINTENANCE,
         )
-        hub = UpdateHub(reader, client, timeout=timeout, block_ms=hub_block_ms, queue_size=queue_size)
+        hub = UpdateHub(
+            reader, client, timeout=timeout, block_ms=hub_block_ms, queue_size=queue_size, queue_bytes=max_bytes
+        )
         hub.start()
-        return cls(client, hub)
+        return cls(client, hub, max_bytes=max_bytes)
 
     async def append(self, run_id: str, update: dict[str, Any]) -> str:
         rest = encode_update(run_id, update)
-        keys = [stream_key(run_id), trim_marker_key(run_id)]
-        new_id = await call(self._append_script(keys=keys, args=[rest, self._max_updates, self._ttl_seconds]))
+        args = append_args(
+            rest, max_updates=self._max_updates, max_bytes=self._max_bytes, ttl_seconds=self._ttl_seconds
+        )
+        new_id = await call(self._append_script(keys=append_keys(run_id), args=args))
         return new_id.decode() if isinstance(new_id, bytes) else str(new_id)
 
     async def read_since(self, run_id: str, since_ms: int) -> bytes:
+        """The stored updates after `since_ms` as one JSON array: at most the run's bytes bound plus
+        a comma between entries. Built with one join (no intermediate copies of the whole body)."""
         start = max(since_ms, -1) + 1
         if start > MAX_SEQ:
             return b"[]"
         entries = await call(self._client.xrange(stream_key(run_id), f"{start}-0", "+"))
-        return b"[" + b",".join(entry_data(fields, FIELD) for _, fields in entries or ()) + b"]"
+        if not entries:
+            return b"[]"
+        parts = [b"["]
+        for _, fields in entries:
+            parts += (entry_data(fields, FIELD), b",")
+        del entries  # the parsed reply: its entries live on in `parts` only
+        parts[-1] = b"]"
+        return b"".join(parts)
 
     async def open_stream(
         self, run_id: str, *, after_id: str | None, since_ms: int | None, skip_history: bool
@@ -254,18 +377,17 @@ class RedisUpdatesBackend:
             raise
         return stream
 
-    async def read_page(
-        self, run_id: str, cursor: StreamId | None
-    ) -> tuple[list[tuple[StreamId, bytes]], StreamId | None]:
-        """Up to `HISTORY_PAGE` stored entries after `cursor` and the trim marker, in one snapshot."""
+    async def read_page(self, run_id: str, cursor: StreamId | None) -> HistoryPage:
+        """Stored entries after `cursor`, at most `HISTORY_PAGE` of them and `HISTORY_PAGE_BYTES`
+        bytes (always at least one when there is one), with the trim marker, in one snapshot."""
         if cursor == (MAX_SEQ, MAX_SEQ):
-            return [], None  # the largest id there is: nothing can come after it
+            return HistoryPage([], None, more=False)  # the largest id there is: nothing comes after it
         start = "-" if cursor is None else f"({format_id(cursor)}"
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.xrange(stream_key(run_id), start, "+", count=HISTORY_PAGE)
-            pipe.get(trim_marker_key(run_id))
-            entries, marker = await call(pipe.execute())
-        return range_entries(entries, FIELD), (parse_id(marker) if marker else None)
+        keys = [stream_key(run_id), trim_marker_key(run_id)]
+        reply = await call(self._read_page_script(keys=keys, args=[start, HISTORY_PAGE, HISTORY_PAGE_BYTES]))
+        marker, more, flat = reply[0], reply[1], reply[2:]
+        entries = [(parse_id(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+        return HistoryPage(entries, parse_id(marker) if marker else None, more=bool(more))
 
     async def ping(self) -> None:
         await call(self._client.ping())
@@ -274,6 +396,16 @@ class RedisUpdatesBackend:
         await self.hub.close()
         await self._client.aclose()
         await self._client.connection_pool.disconnect()
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """One page of a run's stored updates: `(id, JSON)` pairs, the trim marker, and whether more
+    may follow (the page stopped at its count or bytes bound rather than at the end)."""
+
+    entries: list[tuple[StreamId, bytes]]
+    marker: StreamId | None
+    more: bool
 
 
 class RunUpdateStream:
@@ -302,7 +434,8 @@ class RunUpdateStream:
         return None if self._cursor is None else format_id(self._cursor)
 
     async def load_page(self) -> None:
-        page, marker = await self._backend.read_page(self._run_id, self._cursor)
+        history = await self._backend.read_page(self._run_id, self._cursor)
+        page, marker = history.entries, history.marker
         if page and self._cursor is not None and marker is not None and marker > self._cursor:
             # Entries after the cursor were trimmed before they could be sent: say so, then go on
             # from the oldest kept one.
@@ -311,7 +444,7 @@ class RunUpdateStream:
         for stream_id, data in page:
             self._pending.append(("message", format_id(stream_id), data))
             self._cursor = stream_id
-        if len(page) < HISTORY_PAGE:
+        if not history.more:
             self._reading_history = False
             self._ended = self._draining
 

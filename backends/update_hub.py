@@ -13,9 +13,10 @@ subscribe first, then read the stored entries with XRANGE, then take the queue, 
 sent. Because a feed's position never passes what is stored, the queue starts at or before the end
 of that history read, so nothing falls between the two; duplicates are dropped by comparing ids.
 
-A subscriber whose queue overflows (its client reads slower than updates arrive) is dropped: its
-queue is freed and its stream ends, and the client resumes with `Last-Event-ID`, losing nothing,
-because every entry is still stored in Redis. When Redis goes away the reader reconnects with
+A subscriber whose queue overflows (its client reads slower than updates arrive: more than
+`queue_size` entries or `queue_bytes` bytes wait) is dropped: its queue is freed and its stream
+ends, and the client resumes with `Last-Event-ID`, losing nothing unless the run's bounds trimmed
+what it missed (then it is told: `truncated`). When Redis goes away the reader reconnects with
 backoff and continues every feed from its position, so open streams simply continue.
 """
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import time
 from collections import deque
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -40,7 +43,17 @@ T = TypeVar("T")
 StreamId = tuple[int, int]
 MAX_SEQ = 2**64 - 1
 # Redis error replies that mean "the server cannot serve this now", not "the command was wrong".
-_UNAVAILABLE_REPLIES = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN")
+_UNAVAILABLE_REPLIES = frozenset(
+    {"OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN"}
+)
+_SCRIPT_REPLY_CODE = re.compile(r": -([A-Z]+) ")
+# A full Redis frees memory only when keys expire or an operator acts: no point retrying at once.
+FULL_RETRY_AFTER = 30
+FULL_MESSAGE = "The update store is full: the update was not stored. Retry later."
+UNAVAILABLE_MESSAGE = "The update store (Redis) is unavailable. Retry later."
+# A subscriber's undelivered live updates, in bytes, beyond which it is dropped (it resumes from
+# Redis): the run's own stored bound, `max_update_bytes_per_run`, is what the backend passes.
+DEFAULT_QUEUE_BYTES = 8_388_608
 
 
 def parse_id(raw: bytes | str) -> StreamId:
@@ -65,6 +78,20 @@ def range_entries(raw: Any, field: bytes = b"u") -> list[tuple[StreamId, bytes]]
     return [(parse_id(raw_id), entry_data(fields, field)) for raw_id, fields in raw or () if raw_id is not None]
 
 
+def reply_code(exc: BaseException) -> str | None:
+    """The code of a Redis error reply (`OOM`, `READONLY`, ...), wherever redis-py left it: for a
+    command of a script on Redis 6, after `-` inside the script's `ERR` (`Error running script ...:
+    @user_script:24: -OOM command not allowed ...`); else in `status_code` for the codes redis-py
+    knows (it strips them from the text), at the start of the text for the others."""
+    if not isinstance(exc, redis_errors.ResponseError):
+        return None
+    text = str(exc)
+    if text.startswith("Error running script"):
+        match = _SCRIPT_REPLY_CODE.search(text)
+        return match[1] if match else exc.status_code
+    return exc.status_code or text.split(" ", 1)[0]
+
+
 def unavailable(exc: BaseException) -> bool:
     """Whether `exc` means Redis could not be reached or could not serve (→ 503), not a bug."""
     # InvalidResponse: a reply cut short by a server that died mid-answer.
@@ -81,7 +108,40 @@ def unavailable(exc: BaseException) -> bool:
         # uvloop: a connection Redis closed between connect and its first command (Redis dying
         # under load) fails the write with this RuntimeError, which redis-py does not wrap.
         return "unable to perform operation on" in str(exc) and "closed" in str(exc)
-    return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
+    return reply_code(exc) in _UNAVAILABLE_REPLIES
+
+
+class _Throttled:
+    """Logs one warning per kind of failure at most every `every` seconds: a Redis that is down
+    fails every request, and the access log already has one line per request."""
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self._every) < self._every:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        skipped = self._skipped.pop(kind, 0)
+        suffix = f" ({skipped} more since the last such warning)" if skipped else ""
+        logger.warning(message + suffix, *args)
+
+
+_failures = _Throttled(every=10.0)
+
+
+def as_unavailable(exc: BaseException) -> BackendUnavailable:
+    """The client-facing error of a Redis failure; Redis' own text goes to the log only."""
+    code = reply_code(exc)
+    if code == "OOM":
+        _failures.warning("full", "Redis refused a write: maxmemory reached (%s)", exc)
+        return BackendUnavailable(FULL_MESSAGE, retry_after=FULL_RETRY_AFTER)
+    _failures.warning("down", "Redis call failed: %s", exc or type(exc).__name__)
+    return BackendUnavailable(UNAVAILABLE_MESSAGE)
 
 
 async def call(awaitable: Awaitable[T]) -> T:
@@ -94,23 +154,36 @@ async def call(awaitable: Awaitable[T]) -> T:
         return await awaitable
     except (redis_errors.RedisError, TimeoutError, OSError, RuntimeError) as exc:
         if unavailable(exc):
-            raise BackendUnavailable(f"Redis did not answer: {exc or type(exc).__name__}") from exc
+            raise as_unavailable(exc) from exc
         raise
 
 
 class Subscription:
-    """One stream's view of a feed: a bounded queue of `(id, data)` the hub fills.
+    """One stream's view of a feed: a queue of `(id, data)` the hub fills, bounded in entries and
+    in bytes (it always takes one entry, whatever its size).
 
     A waiting `get` sleeps on a future the hub resolves; its deadline is kept by one timer per
     subscription that is re-armed only when it would fire after the wanted deadline (an early wake
     just waits again), so a delivery costs no timer of its own."""
 
-    __slots__ = ("_maxsize", "_queue", "_timer", "_timer_at", "_waiter", "closed_reason", "key")
+    __slots__ = (
+        "_bytes",
+        "_max_bytes",
+        "_maxsize",
+        "_queue",
+        "_timer",
+        "_timer_at",
+        "_waiter",
+        "closed_reason",
+        "key",
+    )
 
-    def __init__(self, key: str, maxsize: int) -> None:
+    def __init__(self, key: str, maxsize: int, max_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
         self.key = key
         self.closed_reason: str | None = None
         self._maxsize = maxsize
+        self._max_bytes = max_bytes
+        self._bytes = 0  # of the queued entries' data
         self._queue: deque[tuple[StreamId, bytes]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -127,9 +200,10 @@ class Subscription:
 
     def _deliver(self, stream_id: StreamId, data: bytes) -> bool:
         """Called by the hub; False when the queue is full (the hub then drops this subscriber)."""
-        if len(self._queue) >= self._maxsize:
+        if len(self._queue) >= self._maxsize or (self._queue and self._bytes + len(data) > self._max_bytes):
             return False
         self._queue.append((stream_id, data))
+        self._bytes += len(data)
         self._wake()
         return True
 
@@ -137,6 +211,7 @@ class Subscription:
         if self.closed_reason is None:
             self.closed_reason = reason
         self._queue.clear()  # free the memory now; the client resumes from what it received
+        self._bytes = 0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -168,7 +243,9 @@ class Subscription:
         if self.closed_reason is not None:
             raise StopAsyncIteration(self.closed_reason)
         if self._queue:
-            return self._queue.popleft()
+            item = self._queue.popleft()
+            self._bytes -= len(item[1])
+            return item
         return None
 
 
@@ -197,6 +274,7 @@ class UpdateHub:
         timeout: float,
         block_ms: int = 1000,
         queue_size: int = 1000,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         read_count: int = 500,
         field: bytes = b"u",
     ) -> None:
@@ -205,6 +283,7 @@ class UpdateHub:
         self._timeout = timeout
         self._block_ms = block_ms
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._read_count = read_count
         self._field = field
         self._feeds: dict[str, _Feed] = {}
@@ -258,7 +337,7 @@ class UpdateHub:
         if self._closed:
             raise BackendUnavailable("the update stream hub is shutting down")
         self.start()
-        sub = Subscription(key, self._queue_size)
+        sub = Subscription(key, self._queue_size, self._queue_bytes)
         try:
             async with asyncio.timeout(self._timeout):
                 while True:

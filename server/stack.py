@@ -3,6 +3,10 @@
 Used by `workflow-runs dev`, by the test suite and by the benchmarks. Children are started in their
 own process group and asked (Linux `PR_SET_PDEATHSIG`) to die with their parent, so neither Ctrl-C
 nor a killed parent leaves a server behind.
+
+A server is only ever one this module started: `start_temporal` and `start_redis` refuse a port
+another process already holds (`PortInUse`) instead of connecting to it, and raise `StartError`
+when their child exits before it listens, or right after.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.search_attributes import SEARCH_ATTRIBUTES
+from server.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
+LOCALHOST = "127.0.0.1"  # where the embedded servers listen
 
 
 def _die_with_parent() -> None:
@@ -33,17 +39,71 @@ def _die_with_parent() -> None:
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOCALHOST, 0))
         port: int = s.getsockname()[1]
         return port
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+class StartError(RuntimeError):
+    """A server of the embedded stack could not be started (the message says why, in one line)."""
+
+
+class PortInUse(StartError):
+    def __init__(self, host: str, port: int, what: str) -> None:
+        super().__init__(f"port {port} ({what}) on {host} is in use by another process")
+        self.host, self.port, self.what = host, port, what
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding `host:port` fails because another socket holds it. Probed the way servers
+    bind (SO_REUSEADDR: a port left in TIME_WAIT by a stopped server is free), so a port this
+    answers False for can be bound by the server started next."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _log_tail(path: Path | None, lines: int = 3) -> str:
+    if path is None:
+        return ""
+    with contextlib.suppress(OSError):
+        tail = path.read_bytes()[-4096:].decode("utf-8", "replace").strip().splitlines()[-lines:]
+        if tail:
+            return " | ".join(line.strip() for line in tail)
+    return ""
+
+
+def _exited(proc: subprocess.Popen[bytes], what: str, log_path: Path | None) -> StartError:
+    tail = _log_tail(log_path)
+    where = f"; see {log_path}" if log_path is not None else ""
+    last = f": {tail}" if tail else ""
+    return StartError(f"{what} exited with status {proc.returncode} at start{where}{last}")
+
+
+def wait_for_port(
+    host: str,
+    port: int,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    *,
+    what: str | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Wait until `host:port` accepts a connection. With `proc`, raise `StartError` as soon as it
+    exits, and also if it is gone once the port answers (something else answered, not it)."""
+    name = what or (str(proc.args) if proc is not None else f"{host}:{port}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening on {port}")
+            raise _exited(proc, name, log_path)
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            if proc is not None and proc.poll() is not None:
+                raise _exited(proc, name, log_path)
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
@@ -119,7 +179,11 @@ def spawn(
     return Child(name, proc, log_path)
 
 
-def start_temporal(data_dir: Path, host: str = "127.0.0.1", port: int = 7233, timeout: float = 60.0) -> Child:
+def start_temporal(data_dir: Path, host: str = LOCALHOST, port: int = 7233, timeout: float = 60.0) -> Child:
+    """The Temporal dev server on `host:port`, headless (no UI port); its HTTP and metrics ports are
+    free ones picked now. Raises `PortInUse` if `port` is taken, `StartError` if it exits at start."""
+    if port_in_use(host, port):
+        raise PortInUse(host, port, "Temporal")
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         temporal_binary(), "server", "start-dev", "--headless",
@@ -129,12 +193,22 @@ def start_temporal(data_dir: Path, host: str = "127.0.0.1", port: int = 7233, ti
     ]  # fmt: skip
     for name, kind in SEARCH_ATTRIBUTES.items():
         argv += ["--search-attribute", f"{name}={kind}"]
-    child = spawn(f"temporal-{port}", argv, data_dir / "logs")
-    wait_for_port(host, port, timeout, child.proc)
-    return child
+    return _started(spawn(f"temporal-{port}", argv, data_dir / "logs"), host, port, timeout, "the Temporal dev server")
 
 
-def start_redis(data_dir: Path, host: str = "127.0.0.1", port: int = 6379, timeout: float = 30.0) -> Child:
+def start_redis(
+    data_dir: Path,
+    host: str = LOCALHOST,
+    port: int = 6379,
+    timeout: float = 30.0,
+    *,
+    maxmemory: str | None = None,
+) -> Child:
+    """Redis on `host:port` with its append-only file under `data_dir`, at most `maxmemory`
+    (default `REDIS_MAXMEMORY`) and `noeviction`. Raises `PortInUse` if `port` is taken,
+    `StartError` if it exits at start (a bad `maxmemory` value, for one)."""
+    if port_in_use(host, port):
+        raise PortInUse(host, port, "Redis")
     data_dir.mkdir(parents=True, exist_ok=True)
     redis_dir = data_dir / f"redis-{port}"
     redis_dir.mkdir(exist_ok=True)
@@ -143,9 +217,20 @@ def start_redis(data_dir: Path, host: str = "127.0.0.1", port: int = 6379, timeo
         # Every acknowledged post must survive a restart: append-only file, fsync on every write.
         "--appendonly", "yes", "--appendfsync", os.environ.get("REDIS_APPENDFSYNC", "always"),
         "--save", "", "--protected-mode", "no", "--loglevel", "warning",
+        # Bounded, and when full it refuses writes (a post is then a 503) rather than evicting:
+        # any eviction policy would silently drop stored updates, or whole runs' logs.
+        "--maxmemory", maxmemory or Settings().redis_maxmemory, "--maxmemory-policy", "noeviction",
     ]  # fmt: skip
-    child = spawn(f"redis-{port}", argv, data_dir / "logs")
-    wait_for_port(host, port, timeout, child.proc)
+    return _started(spawn(f"redis-{port}", argv, data_dir / "logs"), host, port, timeout, "redis-server")
+
+
+def _started(child: Child, host: str, port: int, timeout: float, what: str) -> Child:
+    """`child` once it listens; stopped, and `StartError` raised, when it does not."""
+    try:
+        wait_for_port(host, port, timeout, child.proc, what=what, log_path=child.log_path)
+    except BaseException:
+        child.stop()
+        raise
     return child
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
+import tracemalloc
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,13 +22,18 @@ from redis.asyncio import Redis
 from backends.errors import BackendUnavailable, InvalidInput, PayloadTooLarge
 from backends.protocol import UpdateEvent
 from backends.redis_updates import (
+    HISTORY_PAGE,
+    HISTORY_PAGE_BYTES,
     MAX_DETAILS_BYTES,
     MAX_MESSAGE_BYTES,
     TTL_SECONDS,
     RedisUpdatesBackend,
     RunUpdateStream,
+    stored_bytes_key,
     stream_key,
+    trim_marker_key,
 )
+from backends.update_hub import FULL_MESSAGE, FULL_RETRY_AFTER, UNAVAILABLE_MESSAGE, format_id, range_entries
 from server import sse, stack
 from server.settings import Settings
 from tests.conftest import Services
@@ -132,7 +139,12 @@ class Waiting:
 
 
 async def first_frame(gen: AsyncGenerator[bytes, None]) -> bytes:
-    return await anext(gen)
+    """The next frame that carries an event (an opening frame of only `retry:` and comments, sent
+    before anything happens, is skipped)."""
+    while True:
+        frame = await anext(gen)
+        if any(line.startswith(b"data: ") for line in frame.split(b"\n")):
+            return frame
 
 
 def id_key(event_id: str) -> tuple[int, int]:
@@ -147,6 +159,27 @@ async def post_many(backend: RedisUpdatesBackend, run_id: str, count: int, *, co
         batch = range(start, min(start + concurrency, count))
         out += await asyncio.gather(*(backend.append(run_id, {"message": str(i)}) for i in batch))
     return sorted(out, key=id_key)
+
+
+async def stored(redis: Redis, run_id: str) -> list[tuple[str, bytes]]:
+    """`(id, JSON)` of every entry Redis holds for the run, oldest first."""
+    return [(format_id(entry_id), data) for entry_id, data in range_entries(await redis.xrange(stream_key(run_id)))]
+
+
+async def check_bounds(redis: Redis, run_id: str, posted: list[str], max_bytes: int) -> list[tuple[str, bytes]]:
+    """The run's log is the newest suffix of `posted` that fits `max_bytes` (one entry at least,
+    whatever its size), its bytes counter is exact and its trim marker names the newest dropped."""
+    entries = await stored(redis, run_id)
+    kept = [entry_id for entry_id, _ in entries]
+    assert kept == posted[len(posted) - len(kept) :]
+    total = sum(len(data) for _, data in entries)
+    assert total <= max_bytes or len(entries) == 1
+    assert int(await redis.get(stored_bytes_key(run_id)) or 0) == total
+    dropped = posted[: len(posted) - len(kept)]
+    if dropped:
+        # and no more was dropped than needed: the newest dropped one did not fit beside the kept
+        assert (await redis.get(trim_marker_key(run_id))) == dropped[-1].encode()
+    return entries
 
 
 # -- storage ---------------------------------------------------------------------------------------
@@ -213,6 +246,7 @@ async def test_1100_posts_keep_the_newest_1000_in_order_with_a_90_day_ttl(
 
     ttl = await redis.ttl(stream_key(run_id))
     assert TTL_SECONDS - 60 <= ttl <= TTL_SECONDS
+    await check_bounds(redis, run_id, posted, 8_388_608)  # the count trimmed; the bytes counter followed
 
     cut = messages[599]["timestamp"]
     later = orjson.loads(await backend.read_since(run_id, cut))
@@ -253,6 +287,114 @@ async def test_truncated_is_announced_only_when_updates_were_really_lost(backend
     # No cursor: everything stored, nothing to announce.
     got = await events()
     assert got[0][0] == "message" and ids(got) == kept_after
+
+
+async def test_stored_bytes_are_bounded_oldest_dropped_first_with_an_exact_counter(
+    services: Services, redis: Redis
+) -> None:
+    max_bytes = 20_000
+    settings = Settings(backend_timeout_seconds=5, max_update_bytes_per_run=max_bytes)
+    rng = random.Random(7)
+    async with updates_backend(services.redis_url, settings=settings) as backend:
+        run_id = new_run()
+        posted: list[str] = []
+        for i in range(120):  # sizes from 100 B to 6 KB: most posts drop one or several entries
+            posted.append(await backend.append(run_id, {"message": f"{i}:" + "x" * rng.randrange(100, 6000)}))
+            await check_bounds(redis, run_id, posted, max_bytes)
+        assert 3 < len(await stored(redis, run_id)) < 120
+        assert (await redis.ttl(stored_bytes_key(run_id))) > TTL_SECONDS - 60
+
+        # One update larger than the whole bound is still stored, alone.
+        posted.append(await backend.append(run_id, {"details": "y" * 30_000}))
+        entries = await check_bounds(redis, run_id, posted, max_bytes)
+        assert [entry_id for entry_id, _ in entries] == posted[-1:]
+        posted.append(await backend.append(run_id, {"message": "small"}))
+        assert [entry_id for entry_id, _ in await check_bounds(redis, run_id, posted, max_bytes)] == posted[-1:]
+
+        # The counter repairs itself: recounted when missing, restarted when the log is gone.
+        posted += await post_many(backend, run_id, 5, concurrency=1)
+        await redis.delete(stored_bytes_key(run_id))
+        posted.append(await backend.append(run_id, {"message": "recounted"}))
+        await check_bounds(redis, run_id, posted, max_bytes)
+        await redis.delete(stream_key(run_id))
+        fresh = [await backend.append(run_id, {"message": "alone"})]
+        await check_bounds(redis, run_id, fresh, max_bytes)
+
+
+async def test_a_stream_resuming_before_updates_the_bytes_bound_dropped_is_told_truncated(services: Services) -> None:
+    settings = Settings(backend_timeout_seconds=5, max_update_bytes_per_run=10_000)
+    async with updates_backend(services.redis_url, settings=settings) as backend:
+        run_id = new_run()
+        posted = [await backend.append(run_id, {"message": f"{i}:" + "z" * 3000}) for i in range(6)]
+        kept = [m["timestamp"] for m in orjson.loads(await backend.read_since(run_id, 0))]
+        assert kept and [f"{ts}-0" for ts in kept] == posted[-len(kept) :] and len(kept) < len(posted)
+        newest_dropped = posted[len(posted) - len(kept) - 1]
+        truncated = orjson.dumps({"reason": "truncated", "oldest_id": f"{kept[0]}-0"})
+        for after_id, expect_truncated in ((posted[0], True), (newest_dropped, False)):
+            stream = await open_stream(backend, run_id, after_id=after_id)
+            try:
+                got = await take_until(stream, posted[-1])
+            finally:
+                await stream.aclose()
+            assert (got[0] == ("truncated", "", truncated)) is expect_truncated
+            assert ids(got) == posted[-len(kept) :]
+
+
+async def test_history_is_read_in_pages_bounded_in_count_and_bytes(backend: RedisUpdatesBackend) -> None:
+    big, small = new_run(), new_run()
+    entry = {"message": "m" * (MAX_MESSAGE_BYTES - 16), "details": "d" * (MAX_DETAILS_BYTES - 16)}
+    big_ids = [await backend.append(big, entry) for _ in range(12)]
+    small_ids = await post_many(backend, small, 250)
+    for run_id, posted in ((big, big_ids), (small, small_ids)):
+        pages, cursor, more = [], None, True
+        while more:
+            page = await backend.read_page(run_id, cursor)
+            pages.append(page.entries)
+            more = page.more
+            if page.entries:
+                cursor = page.entries[-1][0]
+        assert [f"{ms}-{seq}" for page_entries in pages for (ms, seq), _ in page_entries] == posted
+        for page_entries in pages:
+            assert len(page_entries) <= HISTORY_PAGE
+            assert len(page_entries) == 1 or sum(len(data) for _, data in page_entries) <= HISTORY_PAGE_BYTES
+        if run_id == big:  # three ~320 KiB entries to a page, not all twelve (~3.8 MiB) at once
+            assert max(len(p) for p in pages) == HISTORY_PAGE_BYTES // len(pages[0][0][1]) == 3
+        else:
+            assert [len(p) for p in pages][:2] == [HISTORY_PAGE, HISTORY_PAGE]
+
+
+async def test_four_concurrent_replays_of_a_full_run_hold_a_page_each_not_the_run(services: Services) -> None:
+    async with updates_backend(services.redis_url) as backend:  # the default bound: 8 MiB
+        run_id = new_run()
+        entry = {"message": "m" * (MAX_MESSAGE_BYTES - 16), "details": "d" * (MAX_DETAILS_BYTES - 16)}
+        for _ in range(30):  # more than 8 MiB: the bound dropped the oldest
+            await backend.append(run_id, entry)
+        body = await backend.read_since(run_id, 0)
+        kept = [f"{m['timestamp']}-0" for m in orjson.loads(body)]
+        assert 8_000_000 < len(body) <= 8_388_608 + len(kept) + 1
+
+        async def replay() -> list[str]:
+            stream = await open_stream(backend, run_id, since_ms=0)
+            got: list[str] = []
+            try:
+                while (event := await stream.next(0.0)) is not None:
+                    sse.encode_update_event(event)  # the frame the client would be sent
+                    if event[0] == "message":  # (the first is `truncated`: the bound dropped some)
+                        got.append(event[1])
+            finally:
+                await stream.aclose()
+            return got
+
+        tracemalloc.start()
+        try:
+            got = await asyncio.gather(*(replay() for _ in range(4)))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert all(replayed == kept for replayed in got)
+        # A page is at most 1 MiB (plus one entry): 4 readers hold a few MiB, where reading each
+        # run whole would hold 4 x 8 MiB at least.
+        assert peak < 16 * 2**20, peak
 
 
 # -- streams ---------------------------------------------------------------------------------------
@@ -338,7 +480,7 @@ async def test_a_closed_run_stream_delivers_what_is_stored_then_ends(backend: Re
     async with asyncio.timeout(DEADLINE):
         frames = [frame async for frame in gen]
     assert frames[-1] == sse.end_frame("COMPLETED")
-    assert frames[0].startswith(b"retry: 3000\nid: ")
+    assert frames[0].startswith(b"retry: 3000\n")
     assert sent_ids(frames) == posted[10:]
     assert backend.hub.subscriber_count == 0
 
@@ -353,7 +495,7 @@ async def test_run_closing_mid_stream_drains_updates_posted_just_before(backend:
     stream = await backend.open_stream(run_id, after_id=None, since_ms=None, skip_history=True)
     gen = sse.update_frames(stream, heartbeat_seconds=0.05, retry_ms=3000, closed_status=closed_status)
     first = await backend.append(run_id, {"message": "working"})
-    frames = [await anext(gen)]
+    frames = [await first_frame(gen)]
     assert f"id: {first}".encode() in frames[0]
     # The workflow's last updates land, then it closes; the hub may not have delivered them yet.
     last = await post_many(backend, run_id, 30)
@@ -433,7 +575,7 @@ async def test_cancelled_sse_generator_unsubscribes_at_once(backend: RedisUpdate
     waiting = Waiting(stream)
     gen = sse.update_frames(waiting, heartbeat_seconds=3600, retry_ms=1, closed_status=never, poll_seconds=3600)
     first = await backend.append(run_id, {})
-    assert f"id: {first}".encode() in await anext(gen)
+    assert f"id: {first}".encode() in await first_frame(gen)
     waiting.waiting.clear()
     task = asyncio.create_task(first_frame(gen))
     await waiting.waiting.wait()  # the generator waits inside stream.next for the next update
@@ -476,9 +618,47 @@ async def test_unreachable_redis_is_backend_unavailable() -> None:
             lambda: backend.open_stream(new_run(), after_id=None, since_ms=None, skip_history=False),
         ]
         for make_call in calls:
-            with pytest.raises(BackendUnavailable):
+            with pytest.raises(BackendUnavailable) as refused:
                 await make_call()
+            assert refused.value.message == UNAVAILABLE_MESSAGE  # never Redis' or the OS's own text
         assert backend.hub.subscriber_count == 0 and backend.hub.feed_count == 0
+
+
+async def test_a_full_redis_refuses_posts_with_503_and_keeps_everything_it_answered(tmp_path: Path) -> None:
+    port = stack.free_port()
+    redis_child = stack.start_redis(tmp_path, port=port, maxmemory="3mb")
+    url = f"redis://127.0.0.1:{port}/0"
+    client = Redis.from_url(url)
+    try:
+        assert await client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        async with updates_backend(url, settings=Settings(backend_timeout_seconds=5)) as backend:
+            runs = [new_run() for _ in range(4)]
+            answered: dict[str, list[str]] = {run_id: [] for run_id in runs}
+            refused: BackendUnavailable | None = None
+            for i in range(1000):  # ~60 KB each: a few MB fill it long before the end
+                run_id = runs[i % len(runs)]
+                try:
+                    answered[run_id].append(await backend.append(run_id, {"message": f"{i}:" + "f" * 60_000}))
+                except BackendUnavailable as exc:
+                    refused = exc
+                    break
+            assert refused is not None, "Redis never refused a post"
+            assert refused.message == FULL_MESSAGE and refused.retry_after == FULL_RETRY_AFTER
+            assert sum(map(len, answered.values())) > 5
+            with pytest.raises(BackendUnavailable):  # still full: refused again, nothing stored
+                await backend.append(runs[0], {"message": "g" * 60_000})
+            await backend.ping()  # it still serves reads
+            for run_id, posted in answered.items():
+                stored_ids = [f"{m['timestamp']}-0" for m in orjson.loads(await backend.read_since(run_id, 0))]
+                assert stored_ids == posted  # every answered post, and not the refused ones
+                stream = await open_stream(backend, run_id, since_ms=0)
+                try:
+                    assert ids(await take(stream, len(posted))) == posted
+                finally:
+                    await stream.aclose()
+    finally:
+        await client.aclose()
+        redis_child.stop()
 
 
 async def test_open_streams_survive_a_redis_restart(tmp_path: Path) -> None:
