@@ -8,7 +8,10 @@ from __future__ import annotations
 
 
 class DomainError(Exception):
-    """Base class: `status` is the HTTP status the error maps to, `code` the errorCode."""
+    """Base class: `status` is the HTTP status the error maps to, `code` the errorCode.
+
+    For a 4xx, `message` (and `details`) is what the caller reads, so it must be the API's own words.
+    For a 5xx it is only logged: `server.errors` answers a fixed sentence of its own instead."""
 
     status = 500
     code = "internal_error"
@@ -37,7 +40,7 @@ class NotFound(DomainError):
 
 
 class Conflict(DomainError):
-    """An action or signal on a run that is already closed."""
+    """An action or signal on a run that is already closed, or an update posted too long after."""
 
     status = 409
     code = "run_closed"
@@ -58,11 +61,15 @@ class TooManyRequests(DomainError):
 
 
 class BackendUnavailable(DomainError):
-    """Temporal or Redis did not answer; the client should retry after `retry_after` seconds."""
+    """Temporal or Redis did not answer; the client should retry after `retry_after` seconds.
+
+    `message` is for the server log and may carry the backend's own words; the caller gets the fixed
+    sentence `server.errors` keeps for `backend` ("temporal", "redis", "jwks", "server", ...)."""
 
     status = 503
     code = "backend_unavailable"
 
-    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+    def __init__(self, message: str, *, retry_after: int = 5, backend: str = "backend") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.backend = backend

@@ -7,8 +7,9 @@ that cannot be decoded is shown as a short placeholder rather than failing the w
 from __future__ import annotations
 
 import base64
+import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -205,6 +206,9 @@ class _ActivityIndex:
 
     scheduled: dict[int, tuple[str, str, list[JSON]]] = field(default_factory=dict)  # id -> name, id, input
     started_by_scheduled: dict[int, int] = field(default_factory=dict)
+    # The `activity` objects already rendered for an activity that has not started yet: they get
+    # its `startedEventId` once its started event comes (the history is rendered in one pass).
+    waiting_for_start: dict[int, list[dict[str, JSON]]] = field(default_factory=dict)
 
 
 _ACTIVITY_ATTRIBUTES = {
@@ -215,34 +219,67 @@ _ACTIVITY_ATTRIBUTES = {
     _EV.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED: "activity_task_cancel_requested_event_attributes",
     _EV.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
 }
+# Room kept, in the size count, for the `"startedEventId":"<id>"` an activity object may get later.
+_STARTED_ID_ROOM = len(',"startedEventId":""') + 20
+
+
+def json_size(value: JSON) -> int:
+    """The length of `value` serialised as compact JSON."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # an integer beyond 64 bits (decoded by the standard library): rare
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode())
 
 
 class HistoryView:
-    """Renders a run's history events in the seed's shape, and what the run details take from
-    them (input, result, error)."""
+    """Renders a run's history events in the seed's shape, one event at a time, oldest first, and
+    what the run details take from them (input, result, error).
 
-    def __init__(self, converter: DataConverter) -> None:
+    With `max_bytes`, the rendered events stay within that many bytes of JSON: `add` refuses the
+    event that would not fit, and the caller stops reading the history there (`truncated`)."""
+
+    def __init__(self, converter: DataConverter, *, max_bytes: int | None = None) -> None:
         self.converter = converter
         self.input: JSON = None
         self.result: JSON = None
         self.error: str | None = None
+        self.events: list[dict[str, JSON]] = []
+        self.truncated = False
+        self._max_bytes = max_bytes
+        self._size = 2  # the array's brackets
+        self._index = _ActivityIndex()
 
     async def _first(self, payloads: Payloads) -> JSON:
         values = await decode_payloads(self.converter, payloads.payloads)
         return values[0] if values else None
 
-    async def render(self, events: Sequence[HistoryEvent]) -> list[dict[str, JSON]]:
-        index = _ActivityIndex()
+    async def add(self, event: HistoryEvent) -> bool:
+        """Render the next event; False when it does not fit (it and every later event are left out)."""
+        if self.truncated:
+            return False
+        out = await self._event(event, self._index)
+        size = json_size(out) + 1  # and the comma before it
+        activity = out.get("activity")
+        if isinstance(activity, dict) and "startedEventId" not in activity:
+            size += _STARTED_ID_ROOM
+        if self._max_bytes is not None and self._size + size > self._max_bytes:
+            self.truncated = True
+            return False
+        self._size += size
+        self.events.append(out)
+        return True
+
+    async def render(self, events: Iterable[HistoryEvent]) -> list[dict[str, JSON]]:
+        """Every event of `events` that fits."""
         for event in events:
-            if event.event_type == _EV.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-                attrs = event.activity_task_scheduled_event_attributes
-                decoded = await decode_payloads(self.converter, attrs.input.payloads)
-                index.scheduled[event.event_id] = (attrs.activity_type.name, attrs.activity_id, decoded)
-            elif event.event_type == _EV.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-                index.started_by_scheduled[event.activity_task_started_event_attributes.scheduled_event_id] = (
-                    event.event_id
-                )
-        return [await self._event(event, index) for event in events]
+            if not await self.add(event):
+                break
+        return self.events
+
+    async def read_close_event(self, event: HistoryEvent) -> None:
+        """Take the run's result or failure from its close event, when the rendered history stopped
+        before it (the event itself is not rendered)."""
+        await self._event(event, _ActivityIndex())
 
     @staticmethod
     def _activity(index: _ActivityIndex, scheduled_id: int) -> dict[str, JSON]:
@@ -256,7 +293,15 @@ class HistoryView:
         started = index.started_by_scheduled.get(scheduled_id)
         if started is not None:  # absent until the activity started (or while it is retrying)
             activity["startedEventId"] = str(started)
+        else:
+            index.waiting_for_start.setdefault(scheduled_id, []).append(activity)
         return activity
+
+    @staticmethod
+    def _started(index: _ActivityIndex, scheduled_id: int, started_id: int) -> None:
+        index.started_by_scheduled[scheduled_id] = started_id
+        for activity in index.waiting_for_start.pop(scheduled_id, ()):
+            activity["startedEventId"] = str(started_id)
 
     async def _event(self, event: HistoryEvent, index: _ActivityIndex) -> dict[str, JSON]:
         kind = event.event_type
@@ -270,6 +315,9 @@ class HistoryView:
         if kind == _EV.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
             self.input = await self._first(event.workflow_execution_started_event_attributes.input)
         elif kind == _EV.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            attrs = event.activity_task_scheduled_event_attributes
+            decoded = await decode_payloads(self.converter, attrs.input.payloads)
+            index.scheduled[event.event_id] = (attrs.activity_type.name, attrs.activity_id, decoded)
             out["activity"] = self._activity(index, event.event_id)
         elif kind in _ACTIVITY_ATTRIBUTES:
             await self._activity_event(event, out, index)
@@ -282,6 +330,8 @@ class HistoryView:
     async def _activity_event(self, event: HistoryEvent, out: dict[str, JSON], index: _ActivityIndex) -> None:
         kind = event.event_type
         attrs: Any = getattr(event, _ACTIVITY_ATTRIBUTES[kind])
+        if kind == _EV.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            self._started(index, int(attrs.scheduled_event_id), int(event.event_id))
         out["activity"] = self._activity(index, int(attrs.scheduled_event_id))
         if kind == _EV.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             out["attempt"] = int(attrs.attempt)

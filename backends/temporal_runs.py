@@ -5,7 +5,15 @@ the caller's project and, for a private run, when the caller started it or holds
 `workflow:superadmin`. Anything else answers `NotFound`, exactly as a missing run does.
 
 Every Temporal call carries an RPC timeout and each operation an overall deadline; Temporal not
-answering (connection refused, UNAVAILABLE, deadline exceeded) becomes `BackendUnavailable`.
+answering (connection refused, UNAVAILABLE, deadline exceeded) becomes `BackendUnavailable`, and
+Temporal refusing what the caller sent (INVALID_ARGUMENT) becomes `InvalidInput`. Temporal's own
+words go to the log, never into the answer.
+
+Run details render at most `max_history_bytes` of history: the history is read page by page and
+rendered as it comes, and reading stops at the first event that does not fit.
+
+Update operations look runs up by id (`find_run`) many times: what is learnt is kept (`_known`), and
+so is, for a short while, that a run does not exist (`_missing`).
 """
 
 from __future__ import annotations
@@ -13,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,12 +36,13 @@ from temporalio.api.workflowservice.v1 import (
     ListWorkflowExecutionsRequest,
     ListWorkflowExecutionsResponse,
 )
-from temporalio.client import Client, WorkflowExecutionDescription, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionDescription, WorkflowHandle, WorkflowHistoryEventFilterType
 from temporalio.converter import decode_typed_search_attributes
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from backends import temporal_connection
 from backends.errors import BackendUnavailable, Conflict, Forbidden, InvalidInput, NotFound
+from backends.page_tokens import PageTokens, page_token_key
 from backends.protocol import JSON, Action, Principal, RunFilters, RunPage, RunRef
 from backends.run_view import (
     RUNNING,
@@ -42,14 +53,16 @@ from backends.run_view import (
     status_name,
     summary,
 )
-from backends.visibility_query import build_query, decode_page_token, encode_page_token, page_size_of, quote
+from backends.visibility_query import build_query, page_size_of, quote
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 HISTORY_PAGE_SIZE = 1000
+MAX_HISTORY_BYTES = 4 * 1024 * 1024
 SEED_SUMMARY_FIELDS = ("status", "started_at", "closed_at", "execution_duration", "run_id", "workflow_id", "type")
 RUN_CACHE_SIZE = 10_000
+MISSING_CACHE_SIZE = 10_000
 # Codes that mean "Temporal is not able to answer now", as opposed to "your request is wrong".
 UNAVAILABLE_CODES = frozenset(
     {
@@ -73,11 +86,21 @@ FAILURE_STATUSES = frozenset(
 
 @dataclass(frozen=True)
 class _KnownRun:
-    """What never changes about a run, kept so that repeated look-ups by run id stay cheap."""
+    """What is known of a run, kept so that repeated look-ups by run id stay cheap. Its ids and
+    scope never change, nor does a close; "open" is only true as of `seen_at` (monotonic clock)."""
 
     workflow_id: str
     scope: RunScope
     closed: bool
+    closed_at: float | None  # epoch seconds, for a closed run
+    seen_at: float
+
+
+def _closed_at(info: WorkflowExecutionInfo) -> float | None:
+    if info.status == RUNNING:
+        return None
+    # Temporal sets close_time on every closed run; should one lack it, count from now.
+    return float(info.close_time.ToMicroseconds()) / 1e6 if info.HasField("close_time") else time.time()
 
 
 def _not_found(workflow_id: str | None, run_id: str) -> NotFound:
@@ -89,7 +112,18 @@ def _not_found(workflow_id: str | None, run_id: str) -> NotFound:
 class TemporalRunsBackend:
     """`backends.protocol.RunsBackend` over a Temporal client."""
 
-    def __init__(self, client: Client, *, timeout_seconds: float = 10.0, cache_size: int = RUN_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        timeout_seconds: float = 10.0,
+        cache_size: int = RUN_CACHE_SIZE,
+        page_tokens: PageTokens | None = None,
+        max_history_bytes: int = MAX_HISTORY_BYTES,
+        not_found_seconds: float = 2.0,
+        open_status_seconds: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self._rpc_timeout = timedelta(seconds=timeout_seconds)
         # A whole operation may page through a long history: give it a few RPCs' worth of time.
@@ -97,6 +131,18 @@ class TemporalRunsBackend:
         self._known: OrderedDict[str, _KnownRun] = OrderedDict()
         self._cache_size = cache_size
         self._closed_checks: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        # Without a key from the settings (`connect`), tokens work within this backend only.
+        self._page_tokens = page_tokens or PageTokens(secrets.token_bytes(32))
+        self._max_history_bytes = max_history_bytes
+        # "Not found" answers of find_run, by (run id, workflow id asked), until the clock passes the
+        # value: random run ids cost Temporal one call per lifetime, not one per request.
+        self._missing: OrderedDict[tuple[str, str | None], float] = OrderedDict()
+        self._not_found_seconds = not_found_seconds
+        # How long a run seen open is taken to be open without asking again. With the post-after-close
+        # window here, a run seen open at T closed at T or later, so a post before T + window is
+        # within its window whatever happened since: the policy holds without a call per post.
+        self._open_status_seconds = open_status_seconds
+        self._clock = clock
 
     @classmethod
     async def connect(cls, settings: Settings) -> TemporalRunsBackend:
@@ -113,7 +159,14 @@ class TemporalRunsBackend:
                 max_retries=3,
             ),
         )
-        return cls(client, timeout_seconds=timeout)
+        return cls(
+            client,
+            timeout_seconds=timeout,
+            page_tokens=PageTokens(page_token_key(settings)),
+            max_history_bytes=settings.max_history_bytes,
+            not_found_seconds=settings.not_found_cache_seconds,
+            open_status_seconds=settings.post_after_close_seconds,
+        )
 
     @property
     def client(self) -> Client:
@@ -130,26 +183,64 @@ class TemporalRunsBackend:
                 yield
         except RPCError as err:
             if err.status in UNAVAILABLE_CODES:
-                raise BackendUnavailable(f"Temporal is unavailable ({what}): {err.message}") from err
+                log.warning("Temporal could not %s: %s %s", what, err.status.name, err.message)
+                raise BackendUnavailable(
+                    f"Temporal could not {what}: {err.status.name} {err.message}", backend="temporal"
+                ) from err
             if run_id and err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
                 raise _not_found(workflow_id, run_id) from err
             if err.status == RPCStatusCode.INVALID_ARGUMENT:
-                raise InvalidInput(f"Temporal refused the request ({what}).", details=err.message) from err
+                # Caused by the input (e.g. `query` names an attribute the namespace does not have):
+                # the caller's to fix, in our words; Temporal's are for the log.
+                log.info("Temporal refused to %s: %s", what, err.message)
+                raise InvalidInput(
+                    "Temporal refused this listing's filters: check `query` (an unknown search attribute,"
+                    " or a value of the wrong type for its attribute)."
+                ) from err
             raise
         except TimeoutError as err:
-            raise BackendUnavailable(f"Temporal did not answer in time ({what}).") from err
+            log.warning("Temporal did not answer in time (%s)", what)
+            raise BackendUnavailable(f"Temporal did not answer in time ({what}).", backend="temporal") from err
         except RuntimeError as err:
             if "connect" not in str(err).lower():
                 raise
-            raise BackendUnavailable(f"Temporal is unreachable ({what}).", retry_after=5) from err
+            log.warning("Temporal is unreachable (%s): %s", what, err)
+            raise BackendUnavailable(f"Temporal is unreachable ({what}): {err}", backend="temporal") from err
 
     # -- scope and cache ---------------------------------------------------------------------
 
-    def _remember(self, run_id: str, known: _KnownRun) -> None:
+    def _remember(self, run_id: str, workflow_id: str, scope: RunScope, info: WorkflowExecutionInfo) -> None:
+        before = self._known.get(run_id)
+        if before is not None and before.closed and before.workflow_id == workflow_id:
+            known = before  # a close is final (a listing may still show the run open for a moment)
+        else:
+            closed = info.status != RUNNING
+            known = _KnownRun(workflow_id, scope, closed, _closed_at(info), self._clock())
         self._known[run_id] = known
         self._known.move_to_end(run_id)
         while len(self._known) > self._cache_size:
             self._known.popitem(last=False)
+
+    def _fresh(self, known: _KnownRun) -> bool:
+        """Whether `known` can answer without Temporal: a close is final, "open" ages."""
+        return known.closed or self._clock() - known.seen_at < self._open_status_seconds
+
+    def _remember_missing(self, key: tuple[str, str | None]) -> None:
+        if self._not_found_seconds <= 0:
+            return
+        self._missing[key] = self._clock() + self._not_found_seconds
+        self._missing.move_to_end(key)
+        while len(self._missing) > MISSING_CACHE_SIZE:
+            self._missing.popitem(last=False)
+
+    def _known_missing(self, key: tuple[str, str | None]) -> bool:
+        until = self._missing.get(key)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._missing[key]
+        return False
 
     def _check_scope(self, principal: Principal, scope: RunScope, workflow_id: str | None, run_id: str) -> None:
         if not scope.visible_to(principal.project_id, principal.ref, principal.superadmin):
@@ -172,40 +263,47 @@ class TemporalRunsBackend:
         if info.execution.run_id != run_id or info.execution.workflow_id != workflow_id:
             raise _not_found(workflow_id, run_id)
         scope = RunScope.of(description.typed_search_attributes)
-        self._remember(run_id, _KnownRun(workflow_id, scope, closed=info.status != RUNNING))
+        self._remember(run_id, workflow_id, scope, info)
         self._check_scope(principal, scope, workflow_id, run_id)
         return handle, description, scope
 
     # -- RunsBackend -------------------------------------------------------------------------
 
     async def get_run(self, principal: Principal, workflow_id: str, run_id: str) -> dict[str, JSON]:
+        converter = self._client.data_converter
+        view = HistoryView(converter, max_bytes=self._max_history_bytes)
         async with self._temporal("describe run", workflow_id=workflow_id, run_id=run_id):
             handle, description, scope = await self._describe_scoped(principal, workflow_id, run_id)
-            events = [
-                event
+            info = description.raw_description.workflow_execution_info
+            async for event in handle.fetch_history_events(page_size=HISTORY_PAGE_SIZE, rpc_timeout=self._rpc_timeout):
+                if not await view.add(event):
+                    break  # no further page is fetched
+            if view.truncated and info.status != RUNNING:
+                # The result or failure is in the close event, which was left out: read it alone.
                 async for event in handle.fetch_history_events(
-                    page_size=HISTORY_PAGE_SIZE, rpc_timeout=self._rpc_timeout
-                )
-            ]
+                    event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT, rpc_timeout=self._rpc_timeout
+                ):
+                    await view.read_close_event(event)
         raw = description.raw_description
-        info = raw.workflow_execution_info
-        converter = self._client.data_converter
         memo = await decode_memo(converter, info.memo.fields)
-        view = HistoryView(converter)
-        history = await view.render(events)
         base = summary(info, description.typed_search_attributes, memo, scope=scope)
         run: dict[str, JSON] = {key: base[key] for key in SEED_SUMMARY_FIELDS}  # the seed's order first
         run.update(
             input=view.input,
             result=view.result if info.status == COMPLETED else None,
             memo=memo,
-            history=history,
+            history=view.events,
             pendingActivities=[pending_activity(p) for p in raw.pending_activities],
             error=(view.error or f"Workflow run {status_name(info.status).lower()}")
             if info.status in FAILURE_STATUSES
             else None,
         )
         run.update({key: value for key, value in base.items() if key not in run})
+        if view.truncated:
+            # Event ids count from 1 without gaps: what was not rendered is the rest of the history
+            # (as long as the description says it is; a running run may have grown since).
+            run["history_truncated"] = True
+            run["history_events_omitted"] = max(1, int(info.history_length) - len(view.events))
         return run
 
     async def list_runs(
@@ -221,7 +319,7 @@ class TemporalRunsBackend:
             conversations_only=conversations_only,
         )
         page_size = page_size_of(filters.page_size)
-        token = decode_page_token(filters.next_page_token, query) if filters.next_page_token else b""
+        token = self._page_tokens.decode(filters.next_page_token, query) if filters.next_page_token else b""
         async with self._temporal("list runs"):
             page = await self._list(query, page_size, token)
             next_token = page.next_page_token or b""
@@ -230,7 +328,9 @@ class TemporalRunsBackend:
             has_more = bool(next_token) and bool((await self._list(query, 1, next_token)).executions)
         runs = [await self._summary(info) for info in page.executions]
         return RunPage(
-            runs=runs, next_page_token=encode_page_token(next_token, query) if has_more else None, has_more=has_more
+            runs=runs,
+            next_page_token=self._page_tokens.encode(next_token, query) if has_more else None,
+            has_more=has_more,
         )
 
     async def _list(self, query: str, page_size: int, token: bytes) -> ListWorkflowExecutionsResponse:
@@ -245,9 +345,7 @@ class TemporalRunsBackend:
     async def _summary(self, info: WorkflowExecutionInfo) -> dict[str, JSON]:
         attributes = decode_typed_search_attributes(info.search_attributes)
         scope = RunScope.of(attributes)
-        self._remember(
-            info.execution.run_id, _KnownRun(info.execution.workflow_id, scope, closed=info.status != RUNNING)
-        )
+        self._remember(info.execution.run_id, info.execution.workflow_id, scope, info)
         memo = await decode_memo(self._client.data_converter, info.memo.fields)
         return summary(info, attributes, memo, scope=scope)
 
@@ -301,10 +399,29 @@ class TemporalRunsBackend:
     async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
         known = self._known.get(run_id)
         if known is not None and workflow_id in (None, known.workflow_id):
-            # What find_run decides on (the run exists, and whose it is) never changes, so a known
-            # run costs no Temporal call: workflows post many updates, each one a find_run.
+            # The run exists and whose it is never change, so a known run costs no Temporal call
+            # (workflows post many updates, each one a find_run), except to learn, now and then,
+            # whether an open run has closed since.
+            if not self._fresh(known):
+                known = await self._refresh(run_id, known)
             self._check_scope(principal, known.scope, workflow_id, run_id)
             return self._ref(run_id, known)
+        key = (run_id, workflow_id)
+        if self._known_missing(key):
+            raise _not_found(workflow_id, run_id)
+        try:
+            await self._look_up(principal, run_id, workflow_id)
+        except NotFound:
+            if run_id not in self._known:  # missing, rather than another caller's run
+                self._remember_missing(key)
+            raise
+        self._missing.pop(key, None)
+        known = self._known[run_id]
+        self._check_scope(principal, known.scope, workflow_id, run_id)
+        return self._ref(run_id, known)
+
+    async def _look_up(self, principal: Principal, run_id: str, workflow_id: str | None) -> None:
+        """Ask Temporal for the run (it is remembered); NotFound when it is not there."""
         async with self._temporal("find run", workflow_id=workflow_id, run_id=run_id):
             if workflow_id is not None:
                 # Describe needs no visibility index, so a run started a moment ago is found too.
@@ -314,13 +431,31 @@ class TemporalRunsBackend:
                 if not page.executions:
                     raise _not_found(None, run_id)
                 await self._summary(page.executions[0])
-        known = self._known[run_id]
-        self._check_scope(principal, known.scope, workflow_id, run_id)
-        return self._ref(run_id, known)
+
+    async def _refresh(self, run_id: str, known: _KnownRun) -> _KnownRun:
+        """`known` as Temporal describes it now. While Temporal does not answer, what was known
+        stands: runs already known keep taking updates through a Temporal outage."""
+        try:
+            await self.is_closed(known.workflow_id, run_id)
+        except BackendUnavailable:
+            return known
+        except NotFound:
+            self._known.pop(run_id, None)  # gone (e.g. past the namespace's retention)
+            raise
+        return self._known.get(run_id, known)
+
+    def is_known(self, run_id: str) -> bool:
+        """Whether `find_run(principal, run_id)` will answer without calling Temporal: the run is
+        known (closed, or seen open recently), or was just found missing."""
+        known = self._known.get(run_id)
+        if known is not None:
+            return self._fresh(known)
+        until = self._missing.get((run_id, None))
+        return until is not None and self._clock() < until
 
     @staticmethod
     def _ref(run_id: str, known: _KnownRun) -> RunRef:
-        return RunRef(workflow_id=known.workflow_id, run_id=run_id, closed=known.closed)
+        return RunRef(workflow_id=known.workflow_id, run_id=run_id, closed=known.closed, closed_at=known.closed_at)
 
     async def is_closed(self, workflow_id: str, run_id: str) -> bool:
         known = self._known.get(run_id)
@@ -341,9 +476,8 @@ class TemporalRunsBackend:
             handle = self._client.get_workflow_handle(workflow_id, run_id=run_id)
             description = await handle.describe(rpc_timeout=self._rpc_timeout)
         info = description.raw_description.workflow_execution_info
-        closed = info.status != RUNNING
-        self._remember(run_id, _KnownRun(workflow_id, RunScope.of(description.typed_search_attributes), closed))
-        return closed
+        self._remember(run_id, workflow_id, RunScope.of(description.typed_search_attributes), info)
+        return info.status != RUNNING
 
     async def ping(self) -> None:
         try:
@@ -352,10 +486,11 @@ class TemporalRunsBackend:
                     GetSystemInfoRequest(), retry=False, timeout=self._rpc_timeout
                 )
         except (RPCError, RuntimeError, TimeoutError, OSError) as err:
-            raise BackendUnavailable(
-                f"Temporal at {self._client.service_client.config.target_host} does not answer."
-            ) from err
+            target = self._client.service_client.config.target_host
+            log.warning("Temporal at %s does not answer: %r", target, err)
+            raise BackendUnavailable(f"Temporal at {target} does not answer.", backend="temporal") from err
 
     async def close(self) -> None:
         # temporalio clients hold no resources that need an explicit close; forget what we cached.
         self._known.clear()
+        self._missing.clear()

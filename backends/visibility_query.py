@@ -1,43 +1,44 @@
 """Translate the list inputs into a Temporal visibility query, safely.
 
-Pure functions, no I/O: the Temporal backend calls `build_query` and the page-token helpers, the
-unit tests call them directly.
+Pure functions, no I/O: the Temporal backend calls `build_query`, the unit tests call it directly.
+(Page tokens, which carry a digest of the query, are `backends.page_tokens`.)
 
 Safety rests on three rules:
 
 1. Every value a caller sends becomes a single-quoted string literal written by `quote`, which
-   escapes backslashes, quotes and control characters, so no value can end its literal early.
-2. The caller's custom `query` is tokenized and parsed with the grammar of Temporal's visibility
+   escapes backslashes and quotes, so no value can end its literal early.
+2. Every value must reach the visibility store as it was sent (`check_value`): no control
+   character (Temporal's SQL stores fail on a NUL, and answer with their own error text), and no
+   single quote at either end (Temporal strips those, so `'` would become an empty prefix that
+   matches every run).
+3. The caller's custom `query` is tokenized and parsed with the grammar of Temporal's visibility
    language, then written back from the parse tree (identifiers checked, strings re-quoted,
    every group parenthesized) and ANDed with the scope clauses. Anything the parser does not
    accept (unbalanced parentheses or quotes, comments, semicolons, ORDER BY, LIMIT, references to
    the attributes that scope a caller) is refused with `InvalidInput`: it can narrow a listing,
    never widen it.
-3. Page tokens are ours: Temporal's token wrapped with a digest of the query it was issued for, so
-   a token cannot be replayed against another query (another filter set, another project).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
-from typing import Any
 
-from backends.errors import InvalidInput
+from backends.errors import Forbidden, InvalidInput
 from backends.protocol import RunFilters
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
-MAX_VALUE_LENGTH = 1000
-MAX_CUSTOM_QUERY_LENGTH = 4000
-MAX_PAGE_TOKEN_LENGTH = 8192
+# The document says the same (ListRunsRequest): 256 characters for a filter value, 2000 for `query`.
+MAX_VALUE_LENGTH = 256
+MAX_QUERY_LENGTH = 2000
 MAX_NESTING = 32
+
+# C0 and C1 control characters, DEL, and lone surrogates (which no JSON body can carry, but a
+# caller in Python could): none can be matched by the visibility store, a NUL even fails its SQL.
+_UNCARRIABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 # Attributes that decide what a caller may see: a custom query must not mention them (TenantId
 # too, which the live service scopes on, should a cluster register it).
@@ -78,20 +79,42 @@ def quote(value: str) -> str:
     return "'" + _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(0)], value) + "'"
 
 
+def value_problem(value: str) -> str | None:
+    """Why `value` cannot be sent to the visibility store as a string, or None when it can.
+
+    Temporal reads a string value with its quotes trimmed (`strings.Trim(v, "'")`), so quotes at
+    either end are lost: `'` alone would become the empty string, a prefix of every run."""
+    if _UNCARRIABLE.search(value):
+        return "must not contain control characters"
+    if value.startswith("'") or value.endswith("'"):
+        return "cannot begin or end with a single quote (') (Temporal's visibility store drops such quotes)"
+    return None
+
+
+def check_value(name: str, value: str) -> str:
+    """`value`, or InvalidInput naming `name` when the visibility store could not match it exactly."""
+    problem = value_problem(value)
+    if problem is not None:
+        raise InvalidInput(f"{name} {problem}.")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Plain inputs
 
 
-def _text(name: str, value: object) -> str | None:
+def _text(name: str, value: object, limit: int = MAX_VALUE_LENGTH) -> str | None:
     """A filter value: None when absent or blank; InvalidInput unless a reasonable string."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidInput(f"{name} must be a string.")
+    if _UNCARRIABLE.search(value):
+        raise InvalidInput(f"{name} must not contain control characters.")
     if not value.strip():
         return None
-    if len(value) > MAX_VALUE_LENGTH:
-        raise InvalidInput(f"{name} is longer than {MAX_VALUE_LENGTH} characters.")
+    if len(value) > limit:
+        raise InvalidInput(f"{name} is longer than {limit} characters.")
     return value
 
 
@@ -151,6 +174,20 @@ def visibility_clause(principal_ref: str) -> str:
     return f"(Visibility IS NULL OR Visibility != 'private' OR InitiatedBy = {quote(principal_ref)})"
 
 
+def scope_clauses(project_id: str, principal_ref: str, *, superadmin: bool, conversations_only: bool) -> list[str]:
+    """What the caller may see: its project, conversations when asked, the private-run rule."""
+    for scope_value in (project_id, principal_ref):
+        if value_problem(scope_value) is not None:
+            # From the token: a project id the store would read as another one must list nothing.
+            raise Forbidden("The token's project or principal id cannot be used to list runs.")
+    clauses = [f"ProjectId = {quote(project_id)}"]
+    if conversations_only:
+        clauses.append("IsConversation = true")
+    if not superadmin:
+        clauses.append(visibility_clause(principal_ref))
+    return clauses
+
+
 def build_query(
     filters: RunFilters,
     *,
@@ -160,11 +197,7 @@ def build_query(
     conversations_only: bool = False,
 ) -> str:
     """The complete visibility query for one listing: the caller's scope, then each filter."""
-    clauses = [f"ProjectId = {quote(project_id)}"]
-    if conversations_only:
-        clauses.append("IsConversation = true")
-    if not superadmin:
-        clauses.append(visibility_clause(principal_ref))
+    clauses = scope_clauses(project_id, principal_ref, superadmin=superadmin, conversations_only=conversations_only)
 
     for name, attribute in (
         ("document_id", "DocumentId"),
@@ -174,11 +207,11 @@ def build_query(
     ):
         value = _text(name, getattr(filters, name))
         if value is not None:
-            clauses.append(f"{attribute} = {quote(value)}")
+            clauses.append(f"{attribute} = {quote(check_value(name, value))}")
 
     workflow_type = _text("type", filters.type)
     if workflow_type is not None:
-        literal = quote(workflow_type)
+        literal = quote(check_value("type", workflow_type))
         clauses.append(f"(WorkflowType = {literal} OR VertesiaWorkflowType = {literal})")
 
     status = _text("status", filters.status)
@@ -197,14 +230,16 @@ def build_query(
 
     term = _text("search_term", filters.search_term)
     if term is not None:
-        literal = quote(term.strip())
+        # Matched literally: `quote` escapes the quotes, Temporal escapes `%`, `_` and its own LIKE
+        # escape character in a STARTS_WITH, and `check_value` refuses what the store would change.
+        literal = quote(check_value("search_term", term.strip()))
         clauses.append(
             f"(WorkflowType = {literal} OR VertesiaWorkflowType = {literal} OR WorkflowId = {literal}"
             f" OR RunId = {literal} OR WorkflowId STARTS_WITH {literal} OR WorkflowType STARTS_WITH {literal}"
             f" OR VertesiaWorkflowType STARTS_WITH {literal})"
         )
 
-    custom = _text("query", filters.query)
+    custom = _text("query", filters.query, MAX_QUERY_LENGTH)
     if custom is not None:
         clauses.append(f"({confine_custom_query(custom)})")
     return " AND ".join(clauses)
@@ -232,6 +267,14 @@ class Token:
 def _refuse(message: str, position: int | None = None) -> InvalidInput:
     where = f" (at character {position + 1})" if position is not None else ""
     return InvalidInput(f"query cannot be used: {message}{where}.")
+
+
+def _string(token: Token) -> str:
+    """A string literal of the query, re-quoted, once the store could match it exactly."""
+    problem = value_problem(token.text)
+    if problem is not None:
+        raise _refuse(f"a string value {problem}", token.position)
+    return quote(token.text)
 
 
 def _read_string(text: str, start: int) -> tuple[str, int]:
@@ -431,13 +474,13 @@ class _Parser:
             literal = self.take()
             if literal.kind != "STRING":
                 raise _refuse("STARTS_WITH needs a string", literal.position)
-            return f"{prefix} STARTS_WITH {quote(literal.text)}"
+            return f"{prefix} STARTS_WITH {_string(literal)}"
         raise _refuse(f"unexpected {token.text!r}", token.position)
 
     def value(self) -> str:
         token = self.take()
         if token.kind == "STRING":
-            return quote(token.text)
+            return _string(token)
         if token.kind == "NUMBER":
             return token.text
         if token.kind == "KEYWORD" and token.text in {"TRUE", "FALSE"}:
@@ -448,49 +491,6 @@ class _Parser:
 def confine_custom_query(text: str) -> str:
     """The caller's query rewritten from its parse tree, or InvalidInput when it cannot be ANDed
     safely with the scope clauses."""
-    if len(text) > MAX_CUSTOM_QUERY_LENGTH:
-        raise InvalidInput(f"query is longer than {MAX_CUSTOM_QUERY_LENGTH} characters.")
+    if len(text) > MAX_QUERY_LENGTH:
+        raise InvalidInput(f"query is longer than {MAX_QUERY_LENGTH} characters.")
     return _Parser(text).parse()
-
-
-# ---------------------------------------------------------------------------------------------
-# Page tokens
-
-
-def _b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-
-
-def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def query_digest(query: str) -> str:
-    return hashlib.sha256(query.encode("utf-8")).hexdigest()[:16]
-
-
-def encode_page_token(temporal_token: bytes, query: str) -> str:
-    """Our opaque token: Temporal's token bound to the query it continues."""
-    body = {"v": 1, "q": query_digest(query), "t": _b64encode(temporal_token)}
-    return _b64encode(json.dumps(body, separators=(",", ":")).encode("utf-8"))
-
-
-def decode_page_token(token: str, query: str) -> bytes:
-    """Temporal's token back, or InvalidInput when `token` is not one we issued for `query`."""
-    invalid = InvalidInput(
-        "next_page_token is not valid for this listing: pass back the token of the previous page with the same filters."
-    )
-    if not isinstance(token, str) or not token or len(token) > MAX_PAGE_TOKEN_LENGTH:
-        raise invalid
-    try:
-        body: Any = json.loads(_b64decode(token))
-        if not isinstance(body, dict) or body.get("v") != 1 or not isinstance(body.get("t"), str):
-            raise invalid
-        if body.get("q") != query_digest(query):
-            raise invalid
-        inner = _b64decode(body["t"])
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise invalid from None
-    if not inner:
-        raise invalid
-    return inner

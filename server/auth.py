@@ -8,6 +8,8 @@ cannot be fetched from JWKS_URL are a 503.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from typing import Any
 
@@ -23,6 +25,14 @@ ASYMMETRIC_ALGORITHMS = ["RS256", "ES256"]
 
 DEV_PERMISSIONS = ("workflow:read", "workflow:run", "workflow:admin")
 VERIFIED_CACHE_SIZE = 10_000
+# RFC 7519 NumericDate claims. PyJWT reads them with `int(...)`, so it takes "1999999999" (a string)
+# and `true` (a bool) for numbers: a token carrying either is refused here instead.
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
+# Beyond 2^53 seconds a number is not exact in every JSON reader (nor convertible to a float at all
+# past ~1e308): no real token needs a date 285 million years away.
+MAX_NUMERIC_DATE = 2**53
+
+log = logging.getLogger(__name__)
 
 
 class TokenVerifier:
@@ -82,10 +92,20 @@ class TokenVerifier:
         except jwt.PyJWKClientConnectionError as exc:
             # The key server is down: the token may well be valid, so this is ours to retry (503),
             # not the caller's fault (401).
-            raise BackendUnavailable(f"The token's signing keys could not be fetched: {exc}") from exc
+            log.warning("the signing keys of JWKS_URL could not be fetched: %s", exc)
+            raise BackendUnavailable("JWKS_URL did not answer.", backend="jwks") from exc
         except (jwt.PyJWTError, ValueError):
             return None
+        if not all(is_numeric_date(claims[name]) for name in NUMERIC_DATE_CLAIMS if name in claims):
+            return None
         return claims
+
+
+def is_numeric_date(value: object) -> bool:
+    """An RFC 7519 NumericDate: a JSON number of seconds (not a string, a boolean or null)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return (math.isfinite(value) if isinstance(value, float) else True) and abs(value) <= MAX_NUMERIC_DATE
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal | None:

@@ -4,11 +4,19 @@
 
 Connexion's own problems (validation, security, routing) and our domain errors are mapped here, in
 one place; nothing answers `application/problem+json`, HTML or a stack trace.
+
+Two rules hold for every answer built here:
+
+- a 5xx says only the API's own sentence (one per backend for a 503) and the request id; what the
+  backend said is logged, under that request id, never answered;
+- a message quotes at most `MAX_QUOTED_CHARS` of any value it quotes (a validation message would
+  otherwise echo a 1 MB bad value back) and is at most `MAX_MESSAGE_CHARS` long.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -18,8 +26,23 @@ from connexion.lifecycle import ConnexionRequest, ConnexionResponse
 from starlette.exceptions import HTTPException
 
 from backends.errors import BackendUnavailable, DomainError, TooManyRequests
+from server.logs import request_id_var
 
 log = logging.getLogger("workflow_runs.errors")
+
+MAX_QUOTED_CHARS = 100
+MAX_MESSAGE_CHARS = 1000
+ELLIPSIS = "\u2026"
+
+INTERNAL_ERROR = "Internal server error."
+# What a 503 says, by the `backend` of the BackendUnavailable: the API's words, never the backend's.
+UNAVAILABLE = {
+    "temporal": "Temporal, which runs the workflows, is unavailable; retry later.",
+    "redis": "The update store (Redis) is unavailable; retry later.",
+    "jwks": "The keys that verify the token could not be fetched; retry later.",
+    "server": "This server is shutting down; reconnect to another one.",
+}
+UNAVAILABLE_DEFAULT = "A service this API depends on is unavailable; retry later."
 
 ERROR_CODES = {
     400: "invalid_request",
@@ -56,6 +79,44 @@ def error_headers(status: int, extra: dict[str, str] | None = None) -> dict[str,
     return headers
 
 
+# A quoted value: JSON-style "..." (how jsonschema messages show values) or '...' opening after a
+# non-word character (Python's repr; not the apostrophe of "token's"). An unterminated one runs to
+# the end, so every match moves forward and the scan stays linear.
+_QUOTED = re.compile(r"""(")((?:[^"\\]|\\.)*)("|\Z)|(?<!\w)(')((?:[^'\\]|\\.)*)('|\Z)""", re.DOTALL)
+
+
+def _shorten_quoted(match: re.Match[str]) -> str:
+    opening, value, closing = match.group(1, 2, 3) if match.group(1) else match.group(4, 5, 6)
+    if len(value) <= MAX_QUOTED_CHARS:
+        return match.group(0)
+    kept = value[:MAX_QUOTED_CHARS]
+    if (len(kept) - len(kept.rstrip("\\"))) % 2:  # do not leave half of an escape before the quote
+        kept = kept[:-1]
+    return f"{opening}{kept}{ELLIPSIS}{closing}"
+
+
+def bounded(text: str) -> str:
+    """`text` with every quoted value cut to `MAX_QUOTED_CHARS`, then to `MAX_MESSAGE_CHARS` in all."""
+    if len(text) > MAX_QUOTED_CHARS:
+        text = _QUOTED.sub(_shorten_quoted, text)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 1] + ELLIPSIS
+    return text
+
+
+def with_request_id(sentence: str) -> str:
+    """A 5xx message: the sentence and the request id, which the log lines of the cause carry too."""
+    request_id = request_id_var.get()
+    return f"{sentence} (request id {request_id})" if request_id else sentence
+
+
+def public_sentence(exc: DomainError) -> str:
+    """What a client may read of a 5xx domain error (the health check shows it too)."""
+    if isinstance(exc, BackendUnavailable):
+        return UNAVAILABLE.get(exc.backend, UNAVAILABLE_DEFAULT)
+    return INTERNAL_ERROR
+
+
 def error_response(
     status: int,
     message: str,
@@ -64,11 +125,15 @@ def error_response(
     details: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> ConnexionResponse:
+    """The JSON error response. A 5xx `message` must be one of the API's own sentences: the request
+    id is added here."""
+    if status >= 500:
+        message, details = with_request_id(message), None
     return ConnexionResponse(
         status_code=status,
         mimetype="application/json",
         content_type="application/json",
-        body=error_body(status, message, code=code, details=details),
+        body=error_body(status, bounded(message), code=code, details=bounded(details) if details else None),
         headers=error_headers(status, headers),
     )
 
@@ -90,13 +155,16 @@ def problem_response(exc: ProblemException) -> ConnexionResponse:
     if status >= 500:
         # e.g. a response that does not conform to the document: a bug, logged with its cause.
         log.error("server problem: %s", exc.detail)
-        return error_response(500, "Internal server error.")
+        return error_response(500, INTERNAL_ERROR)
     return error_response(status, _problem_message(exc), headers=dict(exc.headers or {}))
 
 
 def on_http_exception(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     assert isinstance(exc, HTTPException)
     status = exc.status_code
+    if status >= 500:
+        log.error("server HTTP error %d: %s", status, exc.detail)
+        return error_response(status, INTERNAL_ERROR, headers=dict(exc.headers or {}))
     message = {
         404: "No such resource.",
         405: "Method not allowed on this resource.",
@@ -113,6 +181,13 @@ def domain_error_response(exc: DomainError) -> ConnexionResponse:
     headers = {}
     if isinstance(exc, BackendUnavailable | TooManyRequests):
         headers["Retry-After"] = str(exc.retry_after)
+    if exc.status >= 500:
+        # The message may carry a backend's own words (Redis's, Temporal's): logged, not answered.
+        if isinstance(exc, BackendUnavailable):
+            log.warning("answered %d (%s unavailable): %s", exc.status, exc.backend, exc.message)
+        else:
+            log.error("answered %d: %s", exc.status, exc.message, exc_info=exc)
+        return error_response(exc.status, public_sentence(exc), code=exc.code, headers=headers)
     return error_response(exc.status, exc.message, code=exc.code, details=exc.details, headers=headers)
 
 
@@ -122,4 +197,4 @@ def on_unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionRespons
 
 def unexpected_error_response(exc: Exception) -> ConnexionResponse:
     log.exception("unhandled error", exc_info=exc)
-    return error_response(500, "Internal server error.")
+    return error_response(500, INTERNAL_ERROR)

@@ -5,17 +5,22 @@ see exactly the runs the test started."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHistoryEventFilterType
 
+from backends import temporal_runs
 from backends.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
+from backends.page_tokens import PageTokens, page_token_key
 from backends.protocol import Principal, RunFilters
 from backends.temporal_runs import TemporalRunsBackend
 from generated.models import WorkflowRun
@@ -256,7 +261,9 @@ async def test_each_filter_returns_exactly_the_matching_runs(
     # Values are escaped: an injection attempt simply matches nothing, a quote matches itself.
     assert await list_ids(backend, me, document_id="x' OR ProjectId = 'other") == set()
     assert await list_ids(backend, me, document_id="d1' OR DocumentId = 'd2") == set()
-    assert await list_ids(backend, me, search_term="') OR (ProjectId != '") == set()
+    assert await list_ids(backend, me, search_term="x') OR (ProjectId != 'y") == set()
+    with pytest.raises(InvalidInput):  # Temporal would strip the outer quotes: refused instead
+        await backend.list_runs(me, RunFilters(search_term="') OR (ProjectId != '"))
 
     # Summaries carry the Vertesia fields.
     runs = {run["run_id"]: run for run in (await backend.list_runs(me, RunFilters())).runs}
@@ -575,3 +582,249 @@ async def test_an_unreachable_temporal_is_backend_unavailable() -> None:
     with pytest.raises(BackendUnavailable):
         await down.list_runs(principal("p"), RunFilters())
     await down.close()
+
+
+# -- values matched literally, control characters refused ---------------------------------------
+
+
+async def test_search_term_special_characters_are_matched_literally(
+    client: Client, worker: str, backend: TemporalRunsBackend, project: str
+) -> None:
+    """Temporal's STARTS_WITH is a LIKE with `%`, `_` and its escape `!` escaped; a quote inside a value
+    is sent escaped; a quote at either end is refused (Temporal would strip it: `'` alone was an
+    empty prefix, matching every run)."""
+    tag = uuid.uuid4().hex[:6]
+    names = {
+        "quote": f"lit-{tag}-it's",
+        "percent": f"lit-{tag}-50%off",
+        "underscore": f"lit-{tag}-a_b",
+        "star": f"lit-{tag}-a*b",
+        "bang": f"lit-{tag}-a!b",
+        "all": f"lit-{tag}-'%_*!-end",
+        "plain": f"lit-{tag}-axb",
+        "double": f'lit-{tag}-a"b',
+        "backslash": f"lit-{tag}-a\\b",
+    }
+    started = {
+        key: await start(client, "StandardContentIngestion", project, workflow_id=name, input={"documentId": key})
+        for key, name in names.items()
+    }
+    run_of = {key: run_id for key, (_, run_id) in started.items()}
+    me = principal(project)
+    everything = set(run_of.values())
+    await eventually(lambda: _equals(list_ids(backend, me), everything), "every run to be listed")
+
+    for key in ("quote", "percent", "underscore", "star", "bang", "all", "plain"):
+        assert await list_ids(backend, me, search_term=names[key]) == {run_of[key]}, key
+    # Prefixes that end on a special character match exactly the runs that have it there.
+    assert await list_ids(backend, me, search_term=f"lit-{tag}-'%") == {run_of["all"]}
+    assert await list_ids(backend, me, search_term=f"lit-{tag}-50%") == {run_of["percent"]}
+    assert await list_ids(backend, me, search_term=f"lit-{tag}-a_") == {run_of["underscore"]}  # not a wildcard
+    assert await list_ids(backend, me, search_term=f"lit-{tag}-a*") == {run_of["star"]}
+    assert await list_ids(backend, me, search_term=f"lit-{tag}-'%_*!") == {run_of["all"]}
+    assert await list_ids(backend, me, search_term=f"lit-{tag}-%") == set()
+    assert await list_ids(backend, me, search_term=f"lit-{tag}-") == everything
+    # `"` and `\`: Temporal escapes them for MySQL, so the dev server's SQLite store cannot match
+    # them; what matters here is that they never match another run.
+    for key in ("double", "backslash"):
+        assert await list_ids(backend, me, search_term=names[key]) <= {run_of[key]}, key
+    # A quote at either end cannot reach the store as sent: refused, rather than matching every run.
+    for term in ("'", "''", f"'lit-{tag}", f"lit-{tag}-it'"):
+        with pytest.raises(InvalidInput, match="single quote"):
+            await backend.list_runs(me, RunFilters(search_term=term))
+    for wf, run_id in started.values():
+        await finish(client, wf, run_id)
+
+
+@pytest.mark.parametrize("name", ["document_id", "event_name", "rule_id", "search_term", "initiated_by", "type"])
+async def test_a_nul_in_a_filter_is_invalid_input_not_a_backend_failure(
+    backend: TemporalRunsBackend, project: str, name: str
+) -> None:
+    with_nul: dict[str, Any] = {name: "a\x00b"}
+    with pytest.raises(InvalidInput, match="control characters"):
+        await backend.list_runs(principal(project), RunFilters(**with_nul))
+    with pytest.raises(InvalidInput, match="control characters"):
+        await backend.list_runs(principal(project), RunFilters(query="DocumentId = 'a\x00b'"))
+
+
+async def test_temporals_refusal_is_our_sentence(backend: TemporalRunsBackend, project: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        await backend.list_runs(principal(project), RunFilters(query="NoSuchAttribute = 'x'"))
+    assert refused.value.details is None
+    assert "NoSuchAttribute" not in refused.value.message  # Temporal's words stay in the log
+
+
+# -- page tokens ------------------------------------------------------------------------------
+
+
+async def test_page_tokens_refuse_any_change_and_work_across_replicas_sharing_the_key(
+    client: Client, worker: str, project: str
+) -> None:
+    key = page_token_key(replace(Settings(), page_token_secret="shared by every replica"))
+    first_replica = TemporalRunsBackend(client, page_tokens=PageTokens(key))
+    second_replica = TemporalRunsBackend(client, page_tokens=PageTokens(key))
+    stranger = TemporalRunsBackend(client)  # a key of its own
+    started = [
+        await start(client, "StandardContentIngestion", project, input={"documentId": f"t{n}"}) for n in range(3)
+    ]
+    me = principal(project)
+    await eventually(lambda: _equals(list_ids(first_replica, me), {r for _, r in started}), "three runs listed")
+
+    page = await first_replica.list_runs(me, RunFilters(page_size=1))
+    token = page.next_page_token
+    assert token is not None
+    following = await second_replica.list_runs(me, RunFilters(page_size=1, next_page_token=token))
+    assert ids(following.runs) and ids(following.runs) != ids(page.runs)
+    with pytest.raises(InvalidInput, match="Invalid page token"):
+        await stranger.list_runs(me, RunFilters(page_size=1, next_page_token=token))
+
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    for position in range(len(raw)):
+        changed = bytearray(raw)
+        changed[position] ^= 0x01
+        forged = base64.urlsafe_b64encode(bytes(changed)).decode().rstrip("=")
+        with pytest.raises(InvalidInput, match="Invalid page token"):
+            await first_replica.list_runs(me, RunFilters(page_size=1, next_page_token=forged))
+    for wf, run_id in started:
+        await finish(client, wf, run_id)
+
+
+# -- bounded run details ----------------------------------------------------------------------
+
+
+async def test_run_details_render_at_most_max_history_bytes(
+    client: Client, worker: str, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    me = principal(project)
+    workflow_id, run_id = await start(client, "StandardContentIngestion", project, input={"documentId": "big"})
+    await finish(client, workflow_id, run_id)
+    whole = await TemporalRunsBackend(client).get_run(me, workflow_id, run_id)
+    assert "history_truncated" not in whole and "history_events_omitted" not in whole
+
+    cap = 1500
+    capped = TemporalRunsBackend(client, max_history_bytes=cap)
+    history_calls: list[int] = []
+    service = client.workflow_service
+    fetch_page = service.get_workflow_execution_history
+
+    async def counted(request: Any, **kwargs: Any) -> Any:
+        history_calls.append(int(request.history_event_filter_type))
+        return await fetch_page(request, **kwargs)
+
+    monkeypatch.setattr(service, "get_workflow_execution_history", counted)
+    monkeypatch.setattr(temporal_runs, "HISTORY_PAGE_SIZE", 2)  # several pages, to see the reading stop
+    run = await capped.get_run(me, workflow_id, run_id)
+
+    history = run["history"]
+    assert 0 < len(history) < len(whole["history"])
+    assert history == whole["history"][: len(history)]
+    assert len(json.dumps(history, separators=(",", ":")).encode()) <= cap
+    assert run["history_truncated"] is True
+    assert run["history_events_omitted"] == len(whole["history"]) - len(history)
+    # The result still comes from the close event, read on its own.
+    assert (run["result"], run["input"], run["error"]) == ({"success": True}, {"documentId": "big"}, None)
+    whole_pages = -(-len(whole["history"]) // 2)
+    all_events = int(WorkflowHistoryEventFilterType.ALL_EVENT)
+    assert history_calls.count(all_events) < whole_pages  # reading stopped at the cap
+    assert history_calls.count(int(WorkflowHistoryEventFilterType.CLOSE_EVENT)) == 1
+    assert json.loads(bytes(respond(WorkflowRun, run).body)) == run  # the document takes the marker
+
+
+# -- find_run: the not-found cache, is_known, the close time ---------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_not_found_is_remembered_for_a_short_while(
+    client: Client, worker: str, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    runs = TemporalRunsBackend(client, not_found_seconds=2, clock=clock)
+    me = principal(project)
+    lists: list[str] = []
+    real_list = runs._list
+
+    async def counted(query: str, page_size: int, token: bytes) -> Any:
+        lists.append(query)
+        return await real_list(query, page_size, token)
+
+    monkeypatch.setattr(runs, "_list", counted)
+    unknown = str(uuid.uuid4())
+    assert not runs.is_known(unknown)
+    with pytest.raises(NotFound):
+        await runs.find_run(me, unknown)
+    assert runs.is_known(unknown)  # a second look-up costs Temporal nothing...
+    with pytest.raises(NotFound):
+        await runs.find_run(me, unknown)
+    assert len(lists) == 1
+    clock.now += 2.5  # ...for NOT_FOUND_CACHE_SECONDS
+    assert not runs.is_known(unknown)
+    with pytest.raises(NotFound):
+        await runs.find_run(me, unknown)
+    assert len(lists) == 2
+
+    # A run the index did not show yet (visibility lags) is found once the lifetime is over.
+    workflow_id, run_id = await start(client, "AgentConversation", project)
+    await eventually(lambda: _found(TemporalRunsBackend(client), me, run_id), "the run to be indexed")
+    empty = await real_list("RunId = 'none'", 1, b"")
+    monkeypatch.setattr(runs, "_list", lambda query, size, token: _return(empty))
+    with pytest.raises(NotFound):
+        await runs.find_run(me, run_id)
+    monkeypatch.setattr(runs, "_list", counted)
+    with pytest.raises(NotFound):
+        await runs.find_run(me, run_id)  # still remembered
+    clock.now += 2.5
+    assert (await runs.find_run(me, run_id)).workflow_id == workflow_id
+    assert runs.is_known(run_id)
+    # Another caller's run is not "missing": it is known, and refused by scope each time.
+    with pytest.raises(NotFound):
+        await runs.find_run(principal("another-project"), run_id)
+    assert (run_id, None) not in runs._missing
+    await backend_terminate(client, workflow_id, run_id)
+
+
+async def test_find_run_reports_the_close_time_and_rereads_an_aged_open_status(
+    client: Client, worker: str, project: str
+) -> None:
+    clock = Clock()
+    runs = TemporalRunsBackend(client, open_status_seconds=300, clock=clock)
+    me = principal(project)
+    workflow_id, run_id = await start(client, "AgentConversation", project)
+    ref = await runs.find_run(me, run_id, workflow_id)
+    assert (ref.closed, ref.closed_at) == (False, None)
+    assert runs.is_known(run_id)
+
+    await backend_terminate(client, workflow_id, run_id)
+    # Seen open less than POST_AFTER_CLOSE_SECONDS ago: still taken as open, without a call.
+    assert (await runs.find_run(me, run_id)).closed is False
+    clock.now += 301
+    assert not runs.is_known(run_id)  # the next find_run asks Temporal again
+    ref = await runs.find_run(me, run_id)
+    assert ref.closed is True
+    assert ref.closed_at is not None and abs(ref.closed_at - time.time()) < 120
+    details = await runs.get_run(me, workflow_id, run_id)
+    assert int(ref.closed_at) == details["closed_at"]
+    assert runs.is_known(run_id)  # a close is final
+
+
+async def _found(runs: TemporalRunsBackend, who: Principal, run_id: str) -> bool:
+    try:
+        await runs.find_run(who, run_id)
+    except NotFound:
+        return False
+    return True
+
+
+async def _return(value: T) -> T:
+    return value
+
+
+async def backend_terminate(client: Client, workflow_id: str, run_id: str) -> None:
+    await client.get_workflow_handle(workflow_id, run_id=run_id).terminate("test over")
+    await finish(client, workflow_id, run_id)

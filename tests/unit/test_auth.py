@@ -56,6 +56,62 @@ def test_refused_tokens(settings: Settings, token: str) -> None:
     assert TokenVerifier(settings).verify(token) is None
 
 
+def _raw_token(payload: bytes, key: str = SECRET) -> str:
+    """An HS256 token over exactly `payload` (PyJWT's encoder would not write NaN or a huge int)."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(raw: bytes) -> bytes:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+    signed = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(payload)
+    return (signed + b"." + b64(hmac.new(key.encode(), signed, hashlib.sha256).digest())).decode()
+
+
+LATER = int(time.time()) + 600
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param({"exp": str(LATER)}, id="exp-string"),
+        pytest.param({"exp": LATER, "nbf": "0"}, id="nbf-string"),
+        pytest.param({"exp": LATER, "iat": "0"}, id="iat-string"),
+        pytest.param({"exp": LATER, "iat": True}, id="iat-true"),
+        pytest.param({"exp": LATER, "iat": False}, id="iat-false"),
+        pytest.param({"exp": LATER, "nbf": None}, id="nbf-null"),
+        pytest.param({"exp": LATER, "iat": None}, id="iat-null"),
+        pytest.param({"exp": LATER, "iat": [0]}, id="iat-array"),
+        pytest.param({"exp": LATER, "nbf": {"t": 0}}, id="nbf-object"),
+        pytest.param({"exp": 2**53 + 1}, id="exp-beyond-2^53"),
+    ],
+)
+def test_dates_that_are_not_numeric_dates_are_refused(settings: Settings, claims: dict[str, object]) -> None:
+    """RFC 7519: exp, nbf and iat are JSON numbers. PyJWT alone accepts "1999999999" and true."""
+    token = jwt.encode({"sub": "u1", "project": {"id": "p1"}, **claims}, SECRET, algorithm="HS256")
+    assert TokenVerifier(settings).verify(token) is None
+
+
+@pytest.mark.parametrize("exp", [b"NaN", b"Infinity", b"1" + b"0" * 400])
+def test_non_finite_or_huge_exp_is_refused(settings: Settings, exp: bytes) -> None:
+    token = _raw_token(b'{"sub":"u1","project":{"id":"p1"},"exp":' + exp + b"}")
+    assert TokenVerifier(settings).verify(token) is None
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": LATER},
+        {"exp": float(LATER) + 0.5, "iat": int(time.time()) - 10, "nbf": float(int(time.time()) - 10)},
+        {"exp": LATER, "iat": 0, "nbf": 0},
+    ],
+)
+def test_numeric_dates_as_integers_or_fractions_are_accepted(settings: Settings, claims: dict[str, object]) -> None:
+    token = jwt.encode({"sub": "u1", "project": {"id": "p1"}, **claims}, SECRET, algorithm="HS256")
+    assert TokenVerifier(settings).verify(token) is not None
+
+
 def test_leeway_accepts_small_clock_skew(settings: Settings) -> None:
     token = jwt.encode(_claims(exp=int(time.time()) - 5), SECRET, algorithm="HS256")
     assert TokenVerifier(settings).verify(token) is not None
@@ -160,8 +216,9 @@ def test_an_unreachable_jwks_is_unavailable_not_unauthenticated(settings: Settin
     verifier = TokenVerifier(replace(settings, jwt_secret=None, jwks_url=url))
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     token = jwt.encode(_claims(), key, algorithm="RS256", headers={"kid": "k1"})
-    with pytest.raises(BackendUnavailable):
+    with pytest.raises(BackendUnavailable) as unavailable:
         verifier.verify(token)
+    assert unavailable.value.backend == "jwks"  # answered with the API's sentence for the key server
     assert verifier.verify("not.a.jwt") is None  # garbage is refused without asking the key server
 
 

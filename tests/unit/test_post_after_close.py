@@ -1,0 +1,61 @@
+"""Posting updates to a closed run: accepted for POST_AFTER_CLOSE_SECONDS after the close, then 409
+(on fake backends, through the fast lane and through Connexion)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from server.app import create_app
+from server.auth import mint_token
+from server.settings import Settings
+from tests.unit.fakes import RUN_ID, FakeRuns, FakeUpdates, fake_backends_factory
+
+SECRET = "post-after-close-unit-test-secret-" + "x" * 40
+POST = f"/api/v1/workflows/runs/{RUN_ID}/updates"
+WINDOW = 300
+
+
+@pytest.fixture(params=[True, False], ids=["fast-lane", "connexion"])
+def fast_lane(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def post(fast_lane: bool, runs: FakeRuns) -> tuple[Any, FakeUpdates]:
+    updates = FakeUpdates()
+    settings = replace(
+        Settings(),
+        jwt_secret=SECRET,
+        jwt_public_key=None,
+        jwks_url=None,
+        validate_responses=True,
+        fast_lane=fast_lane,
+        post_after_close_seconds=WINDOW,
+    )
+    headers = {"Authorization": f"Bearer {mint_token(SECRET, user='u1', project='p1')}"}
+    with create_app(settings, fake_backends_factory(runs, updates)).test_client() as client:
+        return client.post(POST, json={"type": "COMPLETE", "message": "late"}, headers=headers), updates
+
+
+def test_an_open_run_takes_updates(fast_lane: bool) -> None:
+    response, updates = post(fast_lane, FakeRuns(status="RUNNING"))
+    assert response.status_code == 200
+    assert len(updates.stored) == 1
+
+
+def test_a_run_closed_within_the_window_still_takes_updates(fast_lane: bool) -> None:
+    response, updates = post(fast_lane, FakeRuns(status="COMPLETED", closed_at=time.time() - WINDOW + 60))
+    assert response.status_code == 200, response.text
+    assert len(updates.stored) == 1
+
+
+def test_a_run_closed_longer_ago_refuses_updates_with_409(fast_lane: bool) -> None:
+    response, updates = post(fast_lane, FakeRuns(status="FAILED", closed_at=time.time() - WINDOW - 60))
+    assert response.status_code == 409, response.text
+    body = response.json()
+    assert body["errorCode"] == "run_closed"
+    assert f"{WINDOW} seconds after a run closes" in body["message"]
+    assert updates.stored == []
