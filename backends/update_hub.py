@@ -139,9 +139,9 @@ def as_unavailable(exc: BaseException) -> BackendUnavailable:
     code = reply_code(exc)
     if code == "OOM":
         _failures.warning("full", "Redis refused a write: maxmemory reached (%s)", exc)
-        return BackendUnavailable(FULL_MESSAGE, retry_after=FULL_RETRY_AFTER)
+        return BackendUnavailable(FULL_MESSAGE, retry_after=FULL_RETRY_AFTER, backend="redis-full")
     _failures.warning("down", "Redis call failed: %s", exc or type(exc).__name__)
-    return BackendUnavailable(UNAVAILABLE_MESSAGE)
+    return BackendUnavailable(UNAVAILABLE_MESSAGE, backend="redis")
 
 
 async def call(awaitable: Awaitable[T]) -> T:
@@ -335,7 +335,7 @@ class UpdateHub:
         """Register a subscriber to `key`; from now on it receives every entry after the feed's
         position, which is never past what is stored. Raises `BackendUnavailable`."""
         if self._closed:
-            raise BackendUnavailable("the update stream hub is shutting down")
+            raise BackendUnavailable("the update stream hub is shutting down", backend="server")
         self.start()
         sub = Subscription(key, self._queue_size, self._queue_bytes)
         try:
@@ -346,19 +346,19 @@ class UpdateHub:
                         await feed.ready.wait()  # another subscriber is resolving it; re-check
                         continue
                     if self._closed:
-                        raise BackendUnavailable("the update stream hub is shutting down")
+                        raise BackendUnavailable("the update stream hub is shutting down", backend="server")
                     if feed is not None:
                         feed.subscribers.add(sub)
                         return sub
                     await self._create_feed(key, sub)
                     if sub.closed:  # the hub closed meanwhile
-                        raise BackendUnavailable("the update stream hub is shutting down")
+                        raise BackendUnavailable("the update stream hub is shutting down", backend="server")
                     break
                 await self._wake()
         except BaseException as exc:
             self.unsubscribe(sub)
             if isinstance(exc, TimeoutError):
-                raise BackendUnavailable("Redis did not answer in time") from exc
+                raise BackendUnavailable("Redis did not answer in time", backend="redis") from exc
             raise
         return sub
 

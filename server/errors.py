@@ -39,6 +39,7 @@ INTERNAL_ERROR = "Internal server error."
 UNAVAILABLE = {
     "temporal": "Temporal, which runs the workflows, is unavailable; retry later.",
     "redis": "The update store (Redis) is unavailable; retry later.",
+    "redis-full": "The update store is full: the update was not stored; retry later.",
     "jwks": "The keys that verify the token could not be fetched; retry later.",
     "server": "This server is shutting down; reconnect to another one.",
 }
