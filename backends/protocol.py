@@ -66,6 +66,8 @@ class RunRef:
     workflow_id: str
     run_id: str
     closed: bool  # as last seen by this process (`RunsBackend.is_closed` asks Temporal)
+    # When it closed (epoch seconds); None while open, or when the backend cannot tell.
+    closed_at: float | None = None
 
 
 class RunsBackend(Protocol):
@@ -91,6 +93,11 @@ class RunsBackend(Protocol):
         ...
 
     async def is_closed(self, workflow_id: str, run_id: str) -> bool: ...
+
+    def is_known(self, run_id: str) -> bool:
+        """Whether this process has already resolved the run, so that `find_run` will not need to
+        ask Temporal (the rate limits charge update operations on other runs as Temporal work)."""
+        ...
 
     async def ping(self) -> None:
         """Raise `BackendUnavailable` unless Temporal answers."""

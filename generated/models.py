@@ -106,23 +106,33 @@ class HistorySignal(BaseModel):
 
 class ListRunsRequest(BaseModel):
     """
-    Filters and paging for `listWorkflowRuns` and `listConversations`. Every field is optional and the filters are ANDed together, and always with the caller's project scope. An empty object (or no body) lists every run of the project, open runs first, then closed runs by most recent close. Unknown fields are refused with 400.
+    Filters and paging for `listWorkflowRuns` and `listConversations`. Every field is optional and the filters are ANDed together, and always with the caller's project scope. An empty object (or no body) lists every run of the project, open runs first, then closed runs by most recent close. Unknown fields are refused with 400. Text values are matched literally and may not contain control characters (C0, DEL, C1: 400). A value of `document_id`, `event_name`, `rule_id`, `search_term`, `initiated_by` or `type` that begins or ends with a single quote (`'`) is refused with 400: Temporal's visibility store drops such quotes, so it could not be matched exactly. Quotes inside a value, `%`, `_` and `*` are ordinary characters. Temporal escapes `"` and `\\` in MySQL's way, so on some visibility stores (SQLite, which the dev server uses) a value containing either matches no run.
     """
 
     model_config = ConfigDict(
         extra="forbid",
     )
-    document_id: Annotated[str | None, Field(examples=["6650f1c2a4b5c6d7e8f90123"], max_length=256, min_length=1)] = (
-        None
-    )
+    document_id: Annotated[
+        str | None,
+        Field(
+            examples=["6650f1c2a4b5c6d7e8f90123"], max_length=256, min_length=1, pattern="^[^\\x00-\\x1F\\x7F-\\x9F]*$"
+        ),
+    ] = None
     """
     Only runs started for this document (the `DocumentId` search attribute).
     """
-    event_name: Annotated[str | None, Field(examples=["create"], max_length=256, min_length=1)] = None
+    event_name: Annotated[
+        str | None, Field(examples=["create"], max_length=256, min_length=1, pattern="^[^\\x00-\\x1F\\x7F-\\x9F]*$")
+    ] = None
     """
     Only runs started by this content event, for example `create` or `update`.
     """
-    rule_id: Annotated[str | None, Field(examples=["6650f1c2a4b5c6d7e8f90456"], max_length=256, min_length=1)] = None
+    rule_id: Annotated[
+        str | None,
+        Field(
+            examples=["6650f1c2a4b5c6d7e8f90456"], max_length=256, min_length=1, pattern="^[^\\x00-\\x1F\\x7F-\\x9F]*$"
+        ),
+    ] = None
     """
     Only runs started by this workflow rule.
     """
@@ -134,7 +144,9 @@ class ListRunsRequest(BaseModel):
     """
     Only runs whose start time is less than or equal to this instant: an ISO 8601 date-time or date (a date means the end of that day, 23:59:59.999 UTC).
     """
-    search_term: Annotated[str | None, Field(examples=["Ingestion"], max_length=256, min_length=1)] = None
+    search_term: Annotated[
+        str | None, Field(examples=["Ingestion"], max_length=256, min_length=1, pattern="^[^\\x00-\\x1F\\x7F-\\x9F]*$")
+    ] = None
     """
     Only runs whose workflow type, workflow rule name, workflow id or run id equals this text, or whose workflow id, workflow type or rule name starts with it (Temporal's visibility matches keywords exactly or by prefix, not by substring).
     """
@@ -157,11 +169,18 @@ class ListRunsRequest(BaseModel):
     - `timed_out` or `timedout`: runs that timed out (`TIMED_OUT`).
 
     """
-    initiated_by: Annotated[str | None, Field(examples=["user:123"], max_length=256, min_length=1)] = None
+    initiated_by: Annotated[
+        str | None, Field(examples=["user:123"], max_length=256, min_length=1, pattern="^[^\\x00-\\x1F\\x7F-\\x9F]*$")
+    ] = None
     """
     Only runs started by this principal reference, for example `user:123`, `apikey:abc` or `unknown`.
     """
-    type: Annotated[str | None, Field(examples=["StandardContentIngestion"], max_length=256, min_length=1)] = None
+    type: Annotated[
+        str | None,
+        Field(
+            examples=["StandardContentIngestion"], max_length=256, min_length=1, pattern="^[^\\x00-\\x1F\\x7F-\\x9F]*$"
+        ),
+    ] = None
     """
     Only runs of this Temporal workflow type, for example `StandardContentIngestion`.
     """
@@ -171,20 +190,21 @@ class ListRunsRequest(BaseModel):
             examples=["WorkflowType = 'StandardContentIngestion' AND ExecutionStatus = 'Completed'"],
             max_length=2000,
             min_length=1,
+            pattern="^[^\\x00-\\x1F\\x7F-\\x9F]*$",
         ),
     ] = None
     """
-    A custom Temporal visibility query, ANDed with the other filters and with the caller's project scope, so it can only narrow the listing. Accepted language: comparisons (`=`, `!=`, `>`, `>=`, `<`, `<=`, `IN`, `BETWEEN`, `STARTS_WITH`) of search attributes other than the scoping ones (`ProjectId`, `AccountId`, `TenantId`, `Visibility`, `InitiatedBy`, `IsConversation`), combined with `AND` and `OR` inside parentheses. Anything else (scoping attributes, `ORDER BY`, `LIMIT`, comments, semicolons, unbalanced parentheses or quotes) is refused with 400.
+    A custom Temporal visibility query, ANDed with the other filters and with the caller's project scope, so it can only narrow the listing. Accepted language: comparisons (`=`, `!=`, `>`, `>=`, `<`, `<=`, `IN`, `BETWEEN`, `STARTS_WITH`) of search attributes other than the scoping ones (`ProjectId`, `AccountId`, `TenantId`, `Visibility`, `InitiatedBy`, `IsConversation`), combined with `AND` and `OR` inside parentheses. Anything else (scoping attributes, `ORDER BY`, `LIMIT`, comments, semicolons, unbalanced parentheses or quotes, a string value that begins or ends with `'`) is refused with 400.
     """
     page_size: Annotated[int | None, Field(examples=[20], ge=1, le=200)] = 50
     """
     The maximum number of runs in one page.
     """
     next_page_token: Annotated[
-        str | None, Field(examples=["base64EncodedToken"], max_length=4096, pattern="^[A-Za-z0-9_-]+={0,2}$")
+        str | None, Field(examples=["base64EncodedToken"], max_length=4096, pattern="^[A-Za-z0-9_-]+$")
     ] = None
     """
-    The opaque `next_page_token` of a previous answer (base64url), to fetch the following page. Send the same filters as for the first page. A token this API did not issue is refused with 400.
+    The opaque `next_page_token` of a previous answer (unpadded base64url), to fetch the following page. Send the same filters as for the first page. Tokens are signed (HMAC-SHA256) and bound to the filters they were issued for: a token this API did not issue, a changed one or one sent with other filters is refused with 400 (`invalid page token`). Every replica must share `PAGE_TOKEN_SECRET` (or the HS256 `JWT_SECRET`) for a token to work on another.
     """
 
 
@@ -282,7 +302,7 @@ class RunUpdateList(BaseModel):
 
     messages: list[RunUpdate]
     """
-    The updates with a `timestamp` strictly after `since`, oldest first; at most the 1000 most recent updates of the run are kept.
+    The updates with a `timestamp` strictly after `since`, oldest first; a run keeps its newest 1000 updates and at most 8 MiB of them (`MAX_UPDATE_BYTES_PER_RUN`), oldest dropped first, so the whole answer is at most that bound plus 1 KiB.
     """
 
 
@@ -352,7 +372,7 @@ class StreamControlEventType(StrEnum):
     The SSE event type of a control event of `streamWorkflowRunUpdates`.
 
     - `truncated`: the requested resume point (`Last-Event-ID` or `since`) is older than the oldest update still kept; some updates were dropped and delivery continues from the oldest kept one.
-    - `end`: the stream is over and the server closes it right after this event. Its `reason` says why: `run_closed` (the run is closed and every stored update has been sent: do not reconnect) or `server_shutdown` (the server is stopping: reconnect with `Last-Event-ID`).
+    - `end`: the stream is over and the server closes it right after this event. Its `reason` says why: `run_closed` (the run is closed and every stored update has been sent: do not reconnect), `server_shutdown` (the server is stopping: reconnect with `Last-Event-ID`) or `token_expired` (the stream's token expired: reconnect with a fresh token and `Last-Event-ID`).
 
     """
 
@@ -367,12 +387,14 @@ class StreamControlReason(StrEnum):
     - `truncated`: updates between the requested resume point and `oldest_id` were dropped (the log keeps the 1000 most recent updates); delivery continues from `oldest_id`.
     - `run_closed`: the run is closed (its final status is in `status`) and every stored update was sent; the stream ends.
     - `server_shutdown`: the server answering this stream is shutting down (deploy, scale-in); the stream ends although the run may still be open. Reconnect, with `Last-Event-ID` set to the last update id received (EventSource does this by itself unless closed), to any replica: nothing is lost, every update being stored.
+    - `token_expired`: the token the stream was opened with has expired (its `exp`, plus the clock-skew leeway the server allows); the stream ends although the run may still be open. Reconnect with a fresh token and `Last-Event-ID` set to the last update id received: nothing is lost.
 
     """
 
     truncated = "truncated"
     run_closed = "run_closed"
     server_shutdown = "server_shutdown"
+    token_expired = "token_expired"
 
 
 class WorkflowRunAction(StrEnum):
@@ -527,7 +549,7 @@ class PendingActivity(BaseModel):
 
 class StreamControl(BaseModel):
     """
-    The JSON payload of a control event (`data` of a `truncated` or `end` event). `{"reason":"truncated","oldest_id":"..."}`, `{"reason":"run_closed","status":"COMPLETED"}` or `{"reason":"server_shutdown"}`.
+    The JSON payload of a control event (`data` of a `truncated` or `end` event). `{"reason":"truncated","oldest_id":"..."}`, `{"reason":"run_closed","status":"COMPLETED"}`, `{"reason":"server_shutdown"}` or `{"reason":"token_expired"}`.
     """
 
     reason: StreamControlReason
@@ -576,7 +598,7 @@ class StreamControlEvent(BaseModel):
     """
     retry: Annotated[int | None, Field(examples=[3000], ge=0)] = None
     """
-    The reconnection delay in milliseconds, when this is the first frame of the stream.
+    The reconnection delay in milliseconds. This server sends it in a frame of its own (with the comment `: open`) as soon as a stream opens, so its events do not carry it.
     """
 
 
@@ -661,7 +683,7 @@ class RunUpdateEvent(RootModel[RunUpdateMessageEvent | StreamControlEvent]):
 
 class WorkflowRun(WorkflowRunSummary):
     """
-    The details of one workflow run, as returned by `getWorkflowRun`: every field of `WorkflowRunSummary` plus the decoded input, result, memo, full event history, pending activities and failure message.
+    The details of one workflow run, as returned by `getWorkflowRun`: every field of `WorkflowRunSummary` plus the decoded input, result, memo, event history (up to a size limit, then marked `history_truncated`), pending activities and failure message.
     """
 
     input: Any
@@ -678,7 +700,15 @@ class WorkflowRun(WorkflowRunSummary):
     """
     history: list[HistoryEvent]
     """
-    The run's Temporal event history, oldest event first.
+    The run's Temporal event history, oldest event first. At most 4 MiB of it (`MAX_HISTORY_BYTES`, counted as serialised JSON): when the rest does not fit, the history stops at the last event that does, and `history_truncated` and `history_events_omitted` say so. `input`, `result` and `error` are still those of the whole run.
+    """
+    history_truncated: Annotated[bool | None, Field(examples=[True])] = None
+    """
+    Present, and `true`, only when `history` holds only the first events of the run's history because the rest would exceed the size limit.
+    """
+    history_events_omitted: Annotated[int | None, Field(examples=[120], ge=1)] = None
+    """
+    Present with `history_truncated`: how many events of the history are left out (as of when the run was described; a running run may have more since).
     """
     pendingActivities: list[PendingActivity]
     """

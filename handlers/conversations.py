@@ -14,5 +14,7 @@ from server.permissions import LIST_RUNS, require
 
 async def list_conversations(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> Response:
     principal = require(principal_of(token_info), LIST_RUNS)
-    page = await backends().runs.list_runs(principal, filters_of(body), conversations_only=True)
-    return page_response(page)
+    filters = filters_of(body)
+    context = backends()
+    context.rates.charge_temporal(principal)  # a listing reaches Temporal (server.rate_limit)
+    return page_response(await context.runs.list_runs(principal, filters, conversations_only=True))

@@ -1,8 +1,9 @@
 """Run operations: details, listing, cancel / terminate, signal.
 
-Thin by design: check the permission, call the runs backend, shape the answer through the Pydantic
-model generated from the document, so that what leaves the server is what the contract says.
-Domain errors raised below become the JSON error body in `server.errors`.
+Thin by design: check the permission, charge the caller's rate limit (every operation here reaches
+Temporal: `server.rate_limit`), call the runs backend, shape the answer through the Pydantic model
+generated from the document, so that what leaves the server is what the contract says. Domain
+errors raised below become the JSON error body in `server.errors`.
 """
 
 from __future__ import annotations
@@ -58,13 +59,16 @@ async def get_workflow_run(workflow_id: str, run_id: str, token_info: dict[str, 
 async def run_details(context: Backends, token_info: dict[str, Any], workflow_id: str, run_id: str) -> bytes:
     """The body of getWorkflowRun (shared with `server.fast_lane`)."""
     principal = require(principal_of(token_info), READ_RUN)
+    context.rates.charge_temporal(principal)
     return serialised(WorkflowRun, await context.runs.get_run(principal, workflow_id, run_id))
 
 
 async def list_workflow_runs(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> Response:
     principal = require(principal_of(token_info), LIST_RUNS)
-    page = await backends().runs.list_runs(principal, filters_of(body))
-    return page_response(page)
+    filters = filters_of(body)
+    context = backends()
+    context.rates.charge_temporal(principal)
+    return page_response(await context.runs.list_runs(principal, filters))
 
 
 async def apply_workflow_run_action(
@@ -74,13 +78,14 @@ async def apply_workflow_run_action(
     reason = body.get("reason") if isinstance(body, dict) else None
     if reason is not None and not isinstance(reason, str):
         raise InvalidInput("reason must be a string.")
-    runs = backends().runs
-    if action == "cancel":
-        await runs.apply_action(principal, workflow_id, run_id, "cancel", reason)
-    elif action == "terminate":
-        await runs.apply_action(principal, workflow_id, run_id, "terminate", reason)
-    else:
+    if action not in ACTION_VERBS:
         raise InvalidInput("action must be cancel or terminate.", details=f"got {action!r}")
+    context = backends()
+    context.rates.charge_temporal(principal)
+    if action == "cancel":
+        await context.runs.apply_action(principal, workflow_id, run_id, "cancel", reason)
+    else:
+        await context.runs.apply_action(principal, workflow_id, run_id, "terminate", reason)
     return respond(ActionResult, {"message": f"Workflow {run_id} {ACTION_VERBS[action]}"})
 
 
@@ -90,5 +95,7 @@ async def signal_workflow_run(
     principal = require(principal_of(token_info), ACT_ON_RUN)
     if not isinstance(body, dict) or not isinstance(body.get("message"), str):
         raise InvalidInput("The signal body must be a JSON object with a string `message`.")
-    await backends().runs.signal(principal, workflow_id, run_id, signal_name, body)
+    context = backends()
+    context.rates.charge_temporal(principal)
+    await context.runs.signal(principal, workflow_id, run_id, signal_name, body)
     return respond(SignalResult, {"status": "success", "message": f"Workflow {run_id} signalled with {signal_name}"})

@@ -1,19 +1,22 @@
 """Run updates: get the stored ones, stream them (SSE), post one (operations of the Updates tag).
 
-Thin, like every handler: check the permission and that the run is visible (`find_run` raises
-`NotFound` otherwise), then call the updates backend. Stored updates are JSON bytes already, so
-they are answered as they are, never decoded and re-encoded.
+Thin, like every handler: check the permission, charge the caller's rate limits (the updates
+bucket, and the Temporal one for a run this process has not resolved yet: `server.rate_limit`),
+check that the run is visible (`find_run` raises `NotFound` otherwise), then call the updates
+backend. Stored updates are JSON bytes already, so they are answered as they are, never decoded
+and re-encoded.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from connexion import request
 from starlette.responses import Response, StreamingResponse
 
-from backends.errors import BackendUnavailable, InvalidInput
+from backends.errors import BackendUnavailable, Conflict, InvalidInput
 from backends.protocol import Principal, RunsBackend
 from server import sse
 from server.context import Backends, backends, principal_of
@@ -37,6 +40,7 @@ async def read_updates(
 ) -> bytes:
     """The body of getWorkflowRunUpdates (shared with `server.fast_lane`)."""
     principal = require(principal_of(token_info), READ_RUN)
+    context.rates.charge_updates(principal, run_known=context.runs.is_known(run_id))
     await context.runs.find_run(principal, run_id, workflow_id)
     return b'{"messages":' + await context.updates.read_since(run_id, _since_ms(since)) + b"}"
 
@@ -55,15 +59,11 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
     runs, settings = context.runs, context.settings
     if sse.SHUTDOWN.is_set:
         # uvicorn still answers on open keep-alive connections for a moment after SIGTERM.
-        raise BackendUnavailable("This server is shutting down; reconnect to another one.", retry_after=1)
-    limiter = sse.limiter_for(
-        context.updates,
-        per_principal=settings.max_streams_per_principal,
-        per_process=settings.max_streams_per_process,
-    )
-    # Taken before any backend call, so a caller over its limit costs nothing; released by the
-    # response once it is over, or below if the stream cannot start.
-    slot = limiter.acquire(principal)
+        raise BackendUnavailable("This server is shutting down.", retry_after=1, backend="server")
+    # Both taken before any backend call, so a caller over a limit costs nothing. The slot is
+    # released by the response once it is over, or below if the stream cannot start.
+    context.rates.charge_updates(principal, run_known=runs.is_known(run_id))
+    slot = context.streams.acquire(principal)
     try:
         await runs.find_run(principal, run_id, workflow_id)
         last_event_id = (request.headers.get("last-event-id") or "").strip() or None
@@ -92,6 +92,7 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
         retry_ms=settings.sse_retry_ms,
         closed_status=closed_status,
         status_at_open=status_at_open,
+        expires_at=_token_end(token_info, settings.jwt_leeway_seconds),
     )
     return sse.event_stream_response(frames, send_timeout=settings.sse_send_timeout_seconds, slot=slot, stream=stream)
 
@@ -103,7 +104,15 @@ async def post_workflow_run_update(run_id: str, body: dict[str, Any] | None, tok
 async def append_update(context: Backends, token_info: dict[str, Any], run_id: str, update: dict[str, Any]) -> bytes:
     """The body of postWorkflowRunUpdate (shared with `server.fast_lane`)."""
     principal = require(principal_of(token_info), ACT_ON_RUN)
-    await context.runs.find_run(principal, run_id)
+    context.rates.charge_updates(principal, run_known=context.runs.is_known(run_id))
+    run = await context.runs.find_run(principal, run_id)
+    # A run takes updates while it is open and for a while after it closed (a late activity's
+    # final update still lands), not forever: every past run could be filled otherwise.
+    window = context.settings.post_after_close_seconds
+    if run.closed and run.closed_at is not None and time.time() > run.closed_at + window:
+        raise Conflict(
+            f"Workflow run {run_id} is closed: updates are accepted until {window} seconds after a run closes."
+        )
     await context.updates.append(run_id, update)
     return SUCCESS
 
@@ -116,6 +125,16 @@ async def _closed_status(runs: RunsBackend, principal: Principal, workflow_id: s
     run = await runs.get_run(principal, workflow_id, run_id)
     status = run.get("status")
     return status if isinstance(status, str) and status in CLOSED_STATUSES else None
+
+
+def _token_end(token_info: dict[str, Any], leeway_seconds: float) -> float | None:
+    """When the stream's token stops being accepted (epoch seconds): its `exp` plus the leeway
+    every request gets; None for a token without `exp` (it never expires)."""
+    claims = token_info.get("claims")
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    return float(exp) + leeway_seconds
 
 
 def _since_ms(value: int | float) -> int:

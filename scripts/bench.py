@@ -213,11 +213,12 @@ def seed(bench: Stack, config: Config) -> Seeds:
     from backends.protocol import Principal, RunFilters
     from backends.redis_updates import (
         _APPEND,
+        MAX_UPDATE_BYTES_PER_RUN,
         MAX_UPDATES_PER_RUN,
         TTL_SECONDS,
+        append_args,
+        append_keys,
         encode_update,
-        stream_key,
-        trim_marker_key,
     )
     from backends.visibility_query import build_query
     from server.auth import mint_token
@@ -241,13 +242,19 @@ def seed(bench: Stack, config: Config) -> Seeds:
 
         async def fill(run_id: str, count: int) -> None:
             # Replace what the sample workflow posted with exactly `count` updates.
-            await redis.delete(stream_key(run_id), trim_marker_key(run_id))
+            await redis.delete(*append_keys(run_id))
             async with redis.pipeline(transaction=False) as pipe:
                 for i in range(count):
                     update = {"type": "UPDATE", "message": f"Processing chunk {i}", "details": {"progress": i % 100}}
+                    rest = encode_update(run_id, update)
                     await append(
-                        keys=[stream_key(run_id), trim_marker_key(run_id)],
-                        args=[encode_update(run_id, update), MAX_UPDATES_PER_RUN, TTL_SECONDS],
+                        keys=append_keys(run_id),
+                        args=append_args(
+                            rest,
+                            max_updates=MAX_UPDATES_PER_RUN,
+                            max_bytes=MAX_UPDATE_BYTES_PER_RUN,
+                            ttl_seconds=TTL_SECONDS,
+                        ),
                         client=pipe,
                     )
                 await pipe.execute()
@@ -257,7 +264,7 @@ def seed(bench: Stack, config: Config) -> Seeds:
         # Posts land on a log already at its cap: every post then trims, the steady state.
         for run, count in ((get_20, 20), (get_1000, 1000), (post_closed, 1000), (post_running, 1000)):
             await fill(run[1], count)
-        await redis.delete(stream_key(stream_run[1]), trim_marker_key(stream_run[1]))
+        await redis.delete(*append_keys(stream_run[1]))
         await redis.aclose()
 
         query = build_query(RunFilters(), project_id=PROJECT, principal_ref=Principal(user_id=USER).ref)
@@ -703,6 +710,12 @@ def main(argv: list[str] | None = None) -> int:
     server_env = dict(item.split("=", 1) for item in args.server_env)
     # Every stream is opened by one principal: leave headroom above the per-principal cap.
     server_env.setdefault("MAX_STREAMS_PER_PRINCIPAL", str(max(1000, config.streams + 16)))
+    # The load generator is one caller (one token) posting thousands of updates a second and asking
+    # for run details as fast as the server answers: under the per-caller rate limits it would
+    # measure 429s, not the server. Both buckets are off (a rate of 0) unless `--server-env` sets them
+    # (e.g. RATE_LIMIT_UPDATES_PER_SECOND=1000000 to measure what the bookkeeping itself costs).
+    server_env.setdefault("RATE_LIMIT_TEMPORAL_PER_SECOND", "0")
+    server_env.setdefault("RATE_LIMIT_UPDATES_PER_SECOND", "0")
     placement = Placement.detect()
     raise_open_files_limit()
     profile_dir: Path | None = args.profile

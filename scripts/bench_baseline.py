@@ -5,8 +5,9 @@ a read must do against Redis, with the project's own storage layout, so that the
 is compared with the cheapest possible handler of the same work.
 
 - `POST /api/v1/workflows/runs/{run_id}/updates`: parse the JSON body, build the stored bytes with
-  `backends.redis_updates.encode_update` and run the same Lua script (`_APPEND`: XREVRANGE, XLEN,
-  trim marker, XADD MAXLEN, EXPIRE x2) on the same keys; answer `{"success":true}`.
+  `backends.redis_updates.encode_update` and run the same Lua script (`_APPEND`: XREVRANGE, XLEN, the
+  byte counter, XRANGE of the oldest when over a bound, XADD MAXLEN, trim marker and counter, EXPIRE
+  x2) on the same keys; answer `{"success":true}`.
 - `GET /api/v1/workflows/runs/{workflow_id}/{run_id}/updates?since=`: one XRANGE from `since`,
   the stored JSON passed through untouched inside `{"messages":[...]}`.
 
@@ -31,12 +32,14 @@ from starlette.routing import Route
 
 from backends.redis_updates import (
     _APPEND,
+    MAX_UPDATE_BYTES_PER_RUN,
     MAX_UPDATES_PER_RUN,
     TTL_SECONDS,
+    append_args,
+    append_keys,
     encode_update,
     request_pool,
     stream_key,
-    trim_marker_key,
 )
 from backends.update_hub import entry_data
 
@@ -53,7 +56,10 @@ def create_app(redis_url: str) -> Starlette:
     async def post_update(request: Request) -> Response:
         run_id = request.path_params["run_id"]
         rest = encode_update(run_id, orjson.loads(await request.body()))
-        await append(keys=[stream_key(run_id), trim_marker_key(run_id)], args=[rest, MAX_UPDATES_PER_RUN, TTL_SECONDS])
+        args = append_args(
+            rest, max_updates=MAX_UPDATES_PER_RUN, max_bytes=MAX_UPDATE_BYTES_PER_RUN, ttl_seconds=TTL_SECONDS
+        )
+        await append(keys=append_keys(run_id), args=args)
         return Response(SUCCESS, media_type="application/json")
 
     async def get_updates(request: Request) -> Response:

@@ -10,8 +10,13 @@ Frames (what an EventSource reads)
                       response ends; clients should close their EventSource on it.
     Server stopping:  `event: end` with data `{"reason":"server_shutdown"}`, then the response ends;
                       the client reconnects (to another replica) with `Last-Event-ID`, losing nothing.
+    Token expired:    `event: end` with data `{"reason":"token_expired"}` once the stream's token
+                      (its `exp` plus the leeway every request gets) is no longer accepted, then the
+                      response ends; the client reconnects with a fresh token and `Last-Event-ID`.
     Heartbeat:        the comment line `: ping` after `heartbeat_seconds` without a frame.
-    The first frame, whatever it is, starts with `retry: <ms>`, the client's reconnection delay.
+    Opening:          `retry: <ms>` (the client's reconnection delay) and the comment `: open`, sent
+                      at once, before anything else: the client knows the stream is up, and has the
+                      delay, even if nothing happens for a while.
 
 Which task ends the stream
     - The run closed: the frame generator (`update_frames`). It learns it at open or from a poll of
@@ -23,30 +28,39 @@ Which task ends the stream
       `EventStreamResponse.stream_response` closes the generator in its `finally`, whose own
       `finally` unsubscribes from the hub at once (synchronously: nothing to await while cancelled).
     - The client stopped reading: `EventStreamResponse` bounds every `send` by `send_timeout`; on
-      expiry it stops sending and closes the generator the same way; the server closes the socket.
+      expiry it stops sending, closes the generator the same way and aborts the connection (the
+      server's `ABORT_EXTENSION`, see `server.abortable`): a plain close would wait, forever, for
+      the client to read what is still buffered.
     - The hub dropped the subscription (its queue overflowed: the client read too slowly; or the
       process is shutting down): the generator returns without `end`; the client reconnects with
       `Last-Event-ID` and loses nothing, every update being stored.
     - Redis failed while reading stored updates: the generator returns without `end`, likewise.
+    - The token expired: the generator's wait for the next event is bounded by the time the token
+      has left (no timer of its own); it then sends `end` with `token_expired` and returns.
     - The server is stopping (SIGTERM): `server.cli` calls `SHUTDOWN.trigger()` from uvicorn's signal
       handler, before uvicorn waits for open connections; every generator waiting for its next event
       is interrupted at once (`ServerShutdown`), sends `end` with `server_shutdown` and returns, so
       uvicorn's graceful shutdown finds only in-flight requests to finish.
 
+However it ends, the response is completed when it can be and carries `Connection: close`, so the
+server closes the connection with it rather than keeping it alive for another request.
+
 Limits
     `StreamLimiter` caps the streams open at once per principal (`principal.ref` within its project)
-    and per process; beyond them `acquire` raises `TooManyRequests` (429 with Retry-After). The
-    handler takes a `StreamSlot` before it opens the stream, and the slot is released exactly once,
-    whichever way the stream ends: `EventStreamResponse` releases it when the response is over
-    (complete, disconnected, timed out, cancelled), the handler when it fails before answering, and
-    the slot's finaliser if a response is dropped without ever being sent.
+    and per process (one per app: `server.context.Backends.streams`); beyond them `acquire` raises
+    `TooManyRequests` (429 with Retry-After). The handler takes a `StreamSlot` before it opens the
+    stream, and the slot is released exactly once, whichever way the stream ends:
+    `EventStreamResponse` releases it when the response is over (complete, disconnected, timed
+    out, cancelled), the handler when it fails before answering, and the slot's finaliser if a
+    response is dropped without ever being sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
+import math
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from types import TracebackType
 
@@ -60,8 +74,14 @@ from backends.protocol import Principal, UpdateEvent, UpdateStream
 logger = logging.getLogger(__name__)
 
 PING = b": ping\n\n"
-HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+# `Connection: close`: a stream holds its connection for its whole life, and once it ends (for
+# whatever reason) the client reconnects anew; keeping the connection alive would only leave an
+# idle socket open after every stream.
+HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Connection": "close"}
 MEDIA_TYPE = "text/event-stream"
+# The ASGI scope extension through which the server lets a response abort its connection (see
+# `server.abortable`): `scope["extensions"][ABORT_EXTENSION]["abort"]()`.
+ABORT_EXTENSION = "workflow_runs.abort"
 
 
 def encode_frame(
@@ -116,8 +136,16 @@ def shutdown_frame(*, retry_ms: int | None = None) -> bytes:
     return encode_frame(orjson.dumps({"reason": "server_shutdown"}), event="end", retry_ms=retry_ms)
 
 
+def token_expired_frame() -> bytes:
+    return encode_frame(orjson.dumps({"reason": "token_expired"}), event="end")
+
+
 def ping_frame(*, retry_ms: int | None = None) -> bytes:
     return PING if retry_ms is None else encode_frame(comment="ping", retry_ms=retry_ms)
+
+
+def open_frame(retry_ms: int) -> bytes:
+    return encode_frame(comment="open", retry_ms=retry_ms)
 
 
 # -- shutdown --------------------------------------------------------------------------------------
@@ -274,18 +302,6 @@ class StreamLimiter:
         self._total = max(self._total - 1, 0)
 
 
-_LIMITERS: weakref.WeakKeyDictionary[object, StreamLimiter] = weakref.WeakKeyDictionary()
-
-
-def limiter_for(owner: object, *, per_principal: int, per_process: int) -> StreamLimiter:
-    """The limiter of one running app, keyed by an object that lives exactly as long as it (its
-    updates backend): one per process in production, one per app in tests."""
-    limiter = _LIMITERS.get(owner)
-    if limiter is None:
-        limiter = _LIMITERS[owner] = StreamLimiter(per_principal=per_principal, per_process=per_process)
-    return limiter
-
-
 async def update_frames(
     stream: UpdateStream,
     *,
@@ -294,56 +310,70 @@ async def update_frames(
     closed_status: Callable[[], Awaitable[str | None]],
     status_at_open: str | None = None,
     poll_seconds: float | None = None,
+    expires_at: float | None = None,
     shutdown: ServerShutdown = SHUTDOWN,
 ) -> AsyncGenerator[bytes, None]:
-    """The frames of one stream: updates as they come, heartbeats while idle, `end` once the run is
-    closed and every stored update was sent, or `end` with `server_shutdown` as soon as the server
-    is stopping. `closed_status()` returns the run's final status, or None while it runs; its
-    failures are logged and retried at the next poll. Closes `stream`."""
+    """The frames of one stream: `retry:` at once, then updates as they come, heartbeats while
+    idle, `end` once the run is closed and every stored update was sent, `end` with
+    `server_shutdown` as soon as the server is stopping, or `end` with `token_expired` at
+    `expires_at` (epoch seconds; None: never). `closed_status()` returns the run's final status,
+    or None while it runs; its failures are logged and retried at the next poll. Closes `stream`."""
     now = asyncio.get_running_loop().time
     poll_every = heartbeat_seconds if poll_seconds is None else poll_seconds
-    retry: int | None = retry_ms  # sent once, on the first frame
     status = status_at_open
+    # The token's end on the loop's clock: every wait below is bounded by it.
+    end_at = math.inf if expires_at is None else now() + (expires_at - time.time())
     try:
         if status is not None:
             stream.finish()
+        yield open_frame(retry_ms)
         idle_deadline = now() + heartbeat_seconds
         poll_deadline = now() + poll_every
         while True:
-            wake_at = idle_deadline if status is not None else min(idle_deadline, poll_deadline)
+            if now() >= end_at:
+                yield token_expired_frame()
+                return
+            wake_at = min(idle_deadline if status is not None else min(idle_deadline, poll_deadline), end_at)
             try:
                 async with shutdown.interruptible():
                     event = await stream.next(max(wake_at - now(), 0.0))
             except ShuttingDown:
-                yield shutdown_frame(retry_ms=retry)
+                yield shutdown_frame()
                 return
             except StopAsyncIteration:
                 if status is not None:
-                    yield end_frame(status, retry_ms=retry)
+                    yield end_frame(status)
                 return
             except DomainError as exc:  # Redis failed mid-stream: end; the client resumes by id
                 logger.warning("ending an update stream: %s", exc.message)
                 return
             if event is not None:
-                yield encode_update_event(event, retry_ms=retry)
-                retry = None
+                yield encode_update_event(event)
                 idle_deadline = now() + heartbeat_seconds
             elif now() >= idle_deadline:
-                yield ping_frame(retry_ms=retry)
-                retry = None
+                yield PING
                 idle_deadline = now() + heartbeat_seconds
             if status is None and now() >= poll_deadline:
                 try:
-                    async with shutdown.interruptible():
-                        status = await _poll(closed_status)
+                    status = await _poll_and_finish(stream, closed_status, shutdown)
                 except ShuttingDown:
-                    yield shutdown_frame(retry_ms=retry)
+                    yield shutdown_frame()
                     return
                 poll_deadline = now() + poll_every
-                if status is not None:
-                    stream.finish()
     finally:
         await stream.aclose()
+
+
+async def _poll_and_finish(
+    stream: UpdateStream, closed_status: Callable[[], Awaitable[str | None]], shutdown: ServerShutdown
+) -> str | None:
+    """One poll of the run's status (interrupted by a shutdown); once the run is closed, the stream
+    is told to finish with what is stored."""
+    async with shutdown.interruptible():
+        status = await _poll(closed_status)
+    if status is not None:
+        stream.finish()
+    return status
 
 
 async def _poll(closed_status: Callable[[], Awaitable[str | None]]) -> str | None:
@@ -374,8 +404,10 @@ class EventStreamResponse(StreamingResponse):
         self.send_timeout = send_timeout
         self.slot = slot
         self._stream = stream
+        self._abort: Callable[[], object] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._abort = abort_of(scope)
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -422,12 +454,23 @@ class EventStreamResponse(StreamingResponse):
                 timer = loop.call_at(clock() + limit, check)
                 await super().stream_response(send_in_time)
         except TimeoutError:
-            # The client stopped reading: stop here; the server closes the connection.
+            # The client stopped reading. Nothing more can be sent (the final empty chunk would wait
+            # behind the rest), and closing the connection would wait for the client to read what
+            # is still buffered, which it does not: abort it, where the server allows it.
             logger.info("ending an event stream: the client did not read for %ss", self.send_timeout)
+            if self._abort is not None:
+                self._abort()
         finally:
             if timer is not None:
                 timer.cancel()
             await self._frames.aclose()
+
+
+def abort_of(scope: Scope) -> Callable[[], object] | None:
+    """The server's way to abort this request's connection (`ABORT_EXTENSION`), if it offers one."""
+    extension = (scope.get("extensions") or {}).get(ABORT_EXTENSION)
+    abort = extension.get("abort") if isinstance(extension, dict) else None
+    return abort if callable(abort) else None
 
 
 def event_stream_response(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from backends.errors import Conflict, NotFound
@@ -32,8 +34,10 @@ def summary(status: str = "COMPLETED") -> dict[str, Any]:
 
 
 class FakeRuns:
-    def __init__(self, project: str = "p1", status: str = "COMPLETED") -> None:
+    def __init__(self, project: str = "p1", status: str = "COMPLETED", closed_at: float | None = None) -> None:
         self.project, self.status = project, status
+        self.closed_at = closed_at  # what find_run says of the close time (None: it cannot tell)
+        self.known: set[str] = set()  # runs resolved once, as the real backend remembers them
 
     def _check(self, principal: Principal, workflow_id: str | None, run_id: str) -> None:
         if principal.project_id != self.project or run_id != RUN_ID or workflow_id not in (None, WORKFLOW_ID):
@@ -71,10 +75,17 @@ class FakeRuns:
 
     async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
         self._check(principal, workflow_id, run_id)
-        return RunRef(workflow_id=WORKFLOW_ID, run_id=RUN_ID, closed=self.status != "RUNNING")
+        self.known.add(run_id)
+        closed = self.status != "RUNNING"
+        return RunRef(
+            workflow_id=WORKFLOW_ID, run_id=RUN_ID, closed=closed, closed_at=self.closed_at if closed else None
+        )
 
     async def is_closed(self, workflow_id: str, run_id: str) -> bool:
         return self.status != "RUNNING"
+
+    def is_known(self, run_id: str) -> bool:
+        return run_id in self.known
 
     async def ping(self) -> None:
         return None
@@ -126,8 +137,12 @@ class FakeUpdates:
         return None
 
 
-def fake_backends_factory(runs: FakeRuns | None = None, updates: FakeUpdates | None = None) -> Any:
+def fake_backends_factory(
+    runs: FakeRuns | None = None, updates: FakeUpdates | None = None, clock: Callable[[], float] = time.monotonic
+) -> Any:
+    """`clock`: the rate limits' clock (a test's own, to refill buckets without waiting)."""
+
     async def factory(settings: Settings) -> Backends:
-        return Backends(runs=runs or FakeRuns(), updates=updates or FakeUpdates(), settings=settings)
+        return Backends(runs=runs or FakeRuns(), updates=updates or FakeUpdates(), settings=settings, clock=clock)
 
     return factory

@@ -23,6 +23,7 @@ from backends.protocol import Principal, UpdateEvent
 from server import sse
 from server.app import create_app
 from server.auth import mint_token
+from server.context import Backends
 from server.settings import Settings
 from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
 
@@ -174,8 +175,11 @@ class Driver:
             assert self._lifespan is not None
             await self._lifespan
 
-    def request(self, path: str, *, user: str = "u1", project: str = "p1", method: str = "GET") -> Exchange:
-        headers = [(b"authorization", f"Bearer {mint_token(SECRET, user=user, project=project)}".encode())]
+    def request(
+        self, path: str, *, user: str = "u1", project: str = "p1", method: str = "GET", ttl: int = 3600
+    ) -> Exchange:
+        token = mint_token(SECRET, user=user, project=project, ttl_seconds=ttl)
+        headers = [(b"authorization", f"Bearer {token}".encode())]
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -226,9 +230,10 @@ async def driver(updates: StreamingUpdates) -> AsyncIterator[Driver]:
         yield d
 
 
-def limiter(updates: StreamingUpdates) -> sse.StreamLimiter:
-    """The app's own limiter (made on its first stream request)."""
-    return sse.limiter_for(updates, per_principal=2, per_process=3)
+def limiter(driver: Driver) -> sse.StreamLimiter:
+    """The app's own stream limiter (on the backends its lifespan built)."""
+    backends: Backends = driver.state["backends"]
+    return backends.streams
 
 
 def assert_429(exchange: Exchange) -> dict[str, Any]:
@@ -252,7 +257,7 @@ async def test_streams_beyond_the_per_principal_limit_get_429_with_retry_after(
     third = await driver.stream()
     await third.finished()
     assert "per caller" in assert_429(third)["message"]
-    assert limiter(updates).open_streams == 2
+    assert limiter(driver).open_streams == 2
 
     # Another caller has its own allowance; the same user id in another project is another caller.
     other = await driver.stream(user="u2")
@@ -271,12 +276,12 @@ async def test_streams_beyond_the_per_process_limit_get_429(driver: Driver, upda
     assert "this server" in assert_429(refused)["message"].lower()
     for exchange in opened:
         await exchange.disconnect()
-    assert limiter(updates).open_streams == 0
+    assert limiter(driver).open_streams == 0
     assert (await driver.stream(user="user-new")).status == 200
 
 
 async def test_every_way_a_stream_ends_releases_its_place(driver: Driver, updates: StreamingUpdates) -> None:
-    count = limiter(updates)
+    count = limiter(driver)
     # Refused before the stream starts: run of another project (404), Redis down (503).
     not_found = await driver.stream(project="p2")
     await not_found.finished()
@@ -311,7 +316,7 @@ async def test_a_closed_run_stream_ends_and_releases(updates: StreamingUpdates) 
             await exchange.finished()
         assert all(e.status == 200 for e in streams)
         assert all(b'"reason":"run_closed"' in e.body for e in streams)
-        assert limiter(updates).open_streams == 0
+        assert limiter(driver).open_streams == 0
 
 
 def test_limiter_counts_per_project_and_principal() -> None:
@@ -337,6 +342,27 @@ def test_a_slot_dropped_without_release_gives_its_place_back() -> None:
     assert limits.open_streams == 0
 
 
+async def test_a_stream_sends_retry_at_once(driver: Driver) -> None:
+    # Nothing stored, nothing posted, heartbeats once an hour: the client still learns at once that
+    # the stream is up, and its reconnection delay.
+    stream = await driver.stream()
+    await stream.until_body_contains(b"retry: 3000\n: open\n\n")
+    assert stream.body == b"retry: 3000\n: open\n\n"
+
+
+async def test_a_stream_ends_with_token_expired_when_its_token_does_and_gives_its_place_back(
+    updates: StreamingUpdates,
+) -> None:
+    # The token expires in one to two seconds (`exp` is whole seconds) and no leeway is given.
+    app = create_app(settings(jwt_leeway_seconds=0), fake_backends_factory(FakeRuns(status="RUNNING"), updates))
+    async with Driver(app) as driver:
+        stream = await driver.stream(ttl=2)
+        assert stream.status == 200
+        await stream.finished()
+        assert stream.body.endswith(b'event: end\ndata: {"reason":"token_expired"}\n\n')
+        assert limiter(driver).open_streams == 0 and all(s.closed for s in updates.streams)
+
+
 # -- graceful shutdown -----------------------------------------------------------------------------
 
 
@@ -359,7 +385,7 @@ async def test_shutdown_ends_open_streams_with_a_final_event_and_refuses_new_one
     for exchange in streams:
         await exchange.finished()
         assert exchange.body.endswith(b'event: end\ndata: {"reason":"server_shutdown"}\n\n')
-    assert limiter(updates).open_streams == 0 and all(s.closed for s in updates.streams)
+    assert limiter(driver).open_streams == 0 and all(s.closed for s in updates.streams)
 
     late = await driver.stream()
     await late.finished()
@@ -375,8 +401,8 @@ async def test_shutdown_interrupts_a_wait_and_is_safe_to_trigger_from_another_th
         return None
 
     frames = sse.update_frames(stream, heartbeat_seconds=3600, retry_ms=3000, closed_status=closed_status, shutdown=own)
-    first = await anext(frames)
-    assert b"id: 1-0" in first
+    assert (await anext(frames)).startswith(b"retry: 3000\n")
+    assert b"id: 1-0" in await anext(frames)
     waiting = asyncio.create_task(anext(frames))
     async with asyncio.timeout(DEADLINE):
         while not own._waits:  # noqa: ASYNC110  # until the generator waits inside `next`

@@ -1,21 +1,35 @@
-"""SSE framing and the frame generator's rules, on an in-memory stream (no server, no Redis)."""
+"""SSE framing and the frame generator's rules, on an in-memory stream (no server, no Redis); and,
+over a real socket to uvicorn in this process, that the server closes a connection whose stream it
+ended."""
 
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
+import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
+import uvicorn
 from starlette.types import Message
 
 from backends.errors import BackendUnavailable
 from backends.protocol import UpdateEvent
 from server import sse
+from server.abortable import AbortableHttpToolsProtocol
+from server.app import create_app
+from server.auth import mint_token
+from server.settings import Settings
+from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
 
 UPDATE = b'{"timestamp":1678886400000,"workflow_run_id":"r1","type":"UPDATE","message":"Processing document"}'
+OPEN = b"retry: 3000\n: open\n\n"  # the first frame of every stream (retry_ms=3000)
 IDLE = None
 DROPPED = "dropped"  # the hub dropped the subscription (StopAsyncIteration without finish)
 FAILED = "failed"  # Redis failed mid-stream
@@ -141,39 +155,51 @@ def test_retry_comes_first_in_the_frame() -> None:
 # -- the frame generator -------------------------------------------------------------------------
 
 
-async def test_only_the_first_frame_carries_retry() -> None:
+async def test_the_first_frame_is_retry_sent_at_once_and_no_other_frame_carries_it() -> None:
     stream = FakeStream([message(1), message(2), message(3)])
-    out = await frames_of(frames(stream, retry_ms=1234), limit=3)
-    assert out[0] == b"retry: 1234\n" + sse.encode_update_event(message(1))
-    assert out[1:] == [sse.encode_update_event(message(2)), sse.encode_update_event(message(3))]
+    out = await frames_of(frames(stream, retry_ms=1234), limit=4)
+    assert out[0] == b"retry: 1234\n: open\n\n"
+    assert parse(out[0]) == [("retry", "1234"), ("", "open")]
+    assert out[1:] == [sse.encode_update_event(message(i)) for i in (1, 2, 3)]
     assert stream.closed
 
 
-async def test_retry_goes_on_a_heartbeat_when_that_is_the_first_frame() -> None:
-    stream = FakeStream([IDLE, message(1), IDLE])
-    out = await frames_of(frames(stream, heartbeat_seconds=0.0), limit=3)
-    assert out == [b"retry: 3000\n: ping\n\n", sse.encode_update_event(message(1)), sse.PING]
+async def test_retry_is_sent_before_the_stream_is_waited_on() -> None:
+    # A stream with nothing to send for a long time: the client still gets `retry:` at once.
+    class SilentStream(FakeStream):
+        async def next(self, wait_seconds: float) -> UpdateEvent | None:
+            self.next_calls += 1
+            await asyncio.Event().wait()  # nothing, ever
+            return None
+
+    stream = SilentStream([])
+    gen = frames(stream)
+    async with asyncio.timeout(10):
+        assert await anext(gen) == OPEN
+    assert stream.next_calls == 0
+    await gen.aclose()
+    assert stream.closed
 
 
 async def test_heartbeats_only_while_idle() -> None:
     stream = FakeStream([IDLE, IDLE, message(1), IDLE])
-    out = await frames_of(frames(stream, heartbeat_seconds=0.0, retry_ms=10), limit=4)
-    assert out[1:] == [sse.PING, sse.encode_update_event(message(1)), sse.PING]
-    assert out[0].endswith(b": ping\n\n")
+    out = await frames_of(frames(stream, heartbeat_seconds=0.0), limit=5)
+    assert out == [OPEN, sse.PING, sse.PING, sse.encode_update_event(message(1)), sse.PING]
 
 
 async def test_no_heartbeat_before_the_interval() -> None:
     # `next` returned None although the heartbeat interval has not passed (a spurious wake-up).
     stream = FakeStream([IDLE, IDLE, message(1)])
-    out = await frames_of(frames(stream, heartbeat_seconds=3600.0), limit=1)
-    assert out == [b"retry: 3000\n" + sse.encode_update_event(message(1))]
+    out = await frames_of(frames(stream, heartbeat_seconds=3600.0), limit=2)
+    assert out == [OPEN, sse.encode_update_event(message(1))]
 
 
 async def test_run_closed_at_open_drains_what_is_stored_then_ends() -> None:
     stream = FakeStream([], stored=[message(1), message(2)])
     out = await frames_of(frames(stream, status_at_open="COMPLETED"))
     assert out == [
-        b"retry: 3000\n" + sse.encode_update_event(message(1)),
+        OPEN,
+        sse.encode_update_event(message(1)),
         sse.encode_update_event(message(2)),
         sse.end_frame("COMPLETED"),
     ]
@@ -184,8 +210,8 @@ async def test_run_closing_while_streaming_is_polled_then_drained_then_ends() ->
     closed_status = statuses(None, None, "FAILED")
     stream = FakeStream([message(1), IDLE, IDLE, IDLE, IDLE], stored=[message(2)])
     out = await frames_of(frames(stream, poll_seconds=0.0, closed_status=closed_status))
-    assert out[0].startswith(b"retry: ")
-    assert out[1:] == [sse.encode_update_event(message(2)), sse.end_frame("FAILED")]
+    assert out[0] == OPEN
+    assert out[2:] == [sse.encode_update_event(message(2)), sse.end_frame("FAILED")]
     assert not closed_status.remaining
     assert stream.closed
 
@@ -194,20 +220,20 @@ async def test_poll_failures_are_retried() -> None:
     closed_status = statuses(BackendUnavailable("Temporal is down"), "COMPLETED")
     stream = FakeStream([IDLE, IDLE, IDLE])
     out = await frames_of(frames(stream, poll_seconds=0.0, closed_status=closed_status))
-    assert out == [b"retry: 3000\n" + sse.end_frame("COMPLETED")]
+    assert out == [OPEN, sse.end_frame("COMPLETED")]
 
 
 async def test_dropped_subscription_ends_without_end_event() -> None:
     stream = FakeStream([message(1), DROPPED])
     out = await frames_of(frames(stream))
-    assert out == [b"retry: 3000\n" + sse.encode_update_event(message(1))]
+    assert out == [OPEN, sse.encode_update_event(message(1))]
     assert stream.closed
 
 
 async def test_backend_failure_mid_stream_ends_without_end_event() -> None:
     stream = FakeStream([message(1), FAILED])
     out = await frames_of(frames(stream))
-    assert len(out) == 1 and stream.closed
+    assert out == [OPEN, sse.encode_update_event(message(1))] and stream.closed
 
 
 async def test_closing_the_generator_closes_the_stream() -> None:
@@ -216,6 +242,71 @@ async def test_closing_the_generator_closes_the_stream() -> None:
     assert (await gen.__anext__()).startswith(b"retry:")
     await gen.aclose()
     assert stream.closed
+
+
+# -- the token's expiry ----------------------------------------------------------------------------
+
+
+class WaitingStream(FakeStream):
+    """Waits as a real stream does: nothing comes, `next` returns None after `wait_seconds`."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.waits: list[float] = []
+
+    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+        self.waits.append(wait_seconds)
+        if self.finished:
+            raise StopAsyncIteration
+        await asyncio.sleep(wait_seconds)  # the real stream's wait for its next event
+        return None
+
+
+async def test_a_stream_ends_with_token_expired_when_its_token_expires() -> None:
+    # Heartbeats and polls once an hour: only the token's end can wake the generator.
+    stream = WaitingStream()
+    async with asyncio.timeout(10):
+        out = await frames_of(frames(stream, expires_at=time.time() + 0.05))
+    assert out == [OPEN, sse.token_expired_frame()]
+    assert parse(out[1]) == [("event", "end"), ("data", '{"reason":"token_expired"}')]
+    assert stream.waits and all(wait <= 0.05 for wait in stream.waits)
+    assert stream.closed
+
+
+async def test_the_wait_is_bounded_by_the_time_the_token_has_left() -> None:
+    stream = WaitingStream()
+    gen = frames(stream, heartbeat_seconds=3600.0, expires_at=time.time() + 120)
+    assert await anext(gen) == OPEN
+    waiting = asyncio.create_task(anext(gen))
+    async with asyncio.timeout(10):
+        while not stream.waits:  # noqa: ASYNC110  # until the generator waits inside `next`
+            await asyncio.sleep(0)
+    assert 0 < stream.waits[0] <= 120
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await gen.aclose()
+
+
+async def test_an_expired_token_ends_the_stream_even_while_updates_flow() -> None:
+    stream = FakeStream([message(1), message(2)])
+    out = await frames_of(frames(stream, expires_at=time.time() - 1))
+    assert out == [OPEN, sse.token_expired_frame()]
+
+
+async def test_without_expiry_the_wait_is_the_heartbeat() -> None:
+    stream = WaitingStream()
+    gen = frames(stream, heartbeat_seconds=3600.0, expires_at=None)
+    assert await anext(gen) == OPEN
+    waiting = asyncio.create_task(anext(gen))
+    async with asyncio.timeout(10):
+        while not stream.waits:  # noqa: ASYNC110  # until the generator waits inside `next`
+            await asyncio.sleep(0)
+    assert stream.waits[0] > 3000
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await gen.aclose()
 
 
 async def test_cancelling_the_consumer_closes_the_stream() -> None:
@@ -229,8 +320,10 @@ async def test_cancelling_the_consumer_closes_the_stream() -> None:
 
     stream = BlockingStream([])
     gen = frames(stream)
+    assert await anext(gen) == OPEN
     task = asyncio.create_task(gen.__anext__())
-    await release.wait()
+    async with asyncio.timeout(10):
+        await release.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -249,6 +342,7 @@ async def test_response_headers() -> None:
     headers = dict(response.headers)
     assert headers["cache-control"] == "no-store"
     assert headers["x-accel-buffering"] == "no"
+    assert headers["connection"] == "close"
     assert headers["content-type"].startswith("text/event-stream")
     await response._frames.aclose()
 
@@ -323,5 +417,113 @@ async def test_a_slow_send_that_completes_within_the_timeout_does_not_end_the_st
     response = sse.event_stream_response(frames(stream), send_timeout=0.1)
     async with asyncio.timeout(10):
         await response(scope("2.3"), receive, send)
-    assert len([b for b in bodies if b.startswith((b"retry", b"id"))]) == 3
+    assert bodies[0] == OPEN
+    assert len([b for b in bodies if b.startswith(b"id")]) == 3
     assert bodies[-1] == b""
+
+
+# -- over a real socket: the server closes the connection when it ends a stream ---------------------
+
+SECRET = "sse-unit-test-secret-" + "x" * 48
+BIG = b'{"type":"UPDATE","message":"' + b"m" * 65536 + b'"}'
+
+
+class ScriptedUpdates(FakeUpdates):
+    """Opens the stream the test sets in `next_stream`."""
+
+    def __init__(self, stream: FakeStream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    async def open_stream(  # type: ignore[override]
+        self, run_id: str, *, after_id: str | None, since_ms: int | None, skip_history: bool
+    ) -> FakeStream:
+        return self.stream
+
+
+class Flood(FakeStream):
+    """An endless supply of 64 KiB updates: a client that does not read falls behind at once."""
+
+    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+        self.next_calls += 1
+        await asyncio.sleep(0)
+        return ("message", f"1678886400000-{self.next_calls}", BIG)
+
+
+@asynccontextmanager
+async def live_server(stream: FakeStream) -> AsyncIterator[int]:
+    """uvicorn in this process, as `server.cli` runs it (the abortable protocol), on a free port, with
+    the app on fake backends whose run stream is `stream`; keep-alive is made an hour long so that
+    only the server's own decision can close a connection within a test."""
+    settings = replace(
+        Settings(),
+        jwt_secret=SECRET,
+        jwt_public_key=None,
+        jwks_url=None,
+        sse_heartbeat_seconds=3600,
+        sse_send_timeout_seconds=1,
+    )
+    app = create_app(settings, fake_backends_factory(FakeRuns(status="RUNNING"), ScriptedUpdates(stream)))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    config = uvicorn.Config(
+        app, http=AbortableHttpToolsProtocol, log_config=None, timeout_keep_alive=3600, timeout_graceful_shutdown=1
+    )
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=[listener])
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        await server.shutdown(sockets=[listener])
+
+
+async def open_stream_request(port: int, *, receive_buffer: int | None = None) -> socket.socket:
+    client = socket.socket()
+    if receive_buffer is not None:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, ("127.0.0.1", port))
+    token = mint_token(SECRET, user="u1", project="p1")
+    request = (
+        f"GET /api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}/stream HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    await loop.sock_sendall(client, request.encode())
+    return client
+
+
+async def test_a_stream_the_server_ends_closes_its_connection() -> None:
+    # The hub dropped the subscription: the response ends without `end`, and the connection with it
+    # (it used to stay open, kept alive for a next request that an SSE client never sends).
+    async with live_server(FakeStream([message(1), DROPPED])) as port:
+        client = await open_stream_request(port)
+        received = b""
+        with client:
+            async with asyncio.timeout(10):
+                while chunk := await asyncio.get_running_loop().sock_recv(client, 65536):
+                    received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"\r\nconnection: close" in head.lower()
+    assert b"retry: 3000" in body and b"id: 1678886400001-0" in body
+    assert body.endswith(b"0\r\n\r\n")  # the response is complete, then the connection closed
+
+
+async def test_the_connection_of_a_client_that_stopped_reading_is_aborted() -> None:
+    # The client never reads: the server's buffers fill, its send waits past the send timeout and
+    # the stream ends. A plain close would wait for those buffers to drain, i.e. forever: the
+    # connection must be reset instead, which the client sees as a hang-up without reading a byte.
+    stream = Flood([])
+    async with live_server(stream) as port:
+        client = await open_stream_request(port, receive_buffer=4096)
+        with client:
+            poller = select.poll()
+            poller.register(client, select.POLLHUP | select.POLLERR | select.POLLRDHUP)
+            events = await asyncio.to_thread(poller.poll, 15_000)
+            assert events, "the server kept the connection of a client that stopped reading"
+            assert events[0][1] & (select.POLLHUP | select.POLLERR)
+    assert stream.closed
