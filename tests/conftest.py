@@ -70,6 +70,10 @@ def live_env(services: Services, base_url: str, task_queue: str) -> dict[str, st
         "VALIDATE_RESPONSES": "1",
         "DATA_DIR": str(services.data_dir),
         "SSE_HEARTBEAT_SECONDS": "1",
+        # One API process serves the whole session with the same few tokens: per-caller rate limits
+        # would make tests depend on each other's pace. test_hostile.py proves them on a process of its own.
+        "RATE_LIMIT_TEMPORAL_PER_SECOND": "0",
+        "RATE_LIMIT_UPDATES_PER_SECOND": "0",
     }
 
 

@@ -54,13 +54,13 @@ class SseEvent:
 
 def read_sse(lines: Iterable[str]) -> Iterator[SseEvent]:
     """A minimal SSE parser over already split lines (httpx splits on CRLF, LF and CR): `:` starts a comment
-    (heartbeats), a blank line dispatches the event, and the last `id` persists across events."""
+    (heartbeats), a blank line dispatches the event, and the last `id` and `retry` persist across events."""
     last_id, event, data, retry, saw_field = "", "", list[str](), None, False
     for line in lines:
         if not line:
             if saw_field and data:
                 yield SseEvent(event or "message", "\n".join(data), last_id, retry)
-            event, data, retry, saw_field = "", [], None, False
+            event, data, saw_field = "", [], False  # `retry` persists, as in EventSource
             continue
         if line.startswith(":"):
             continue

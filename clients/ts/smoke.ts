@@ -77,7 +77,6 @@ async function* readSse(body: ReadableStream<Uint8Array>): AsyncGenerator<SseEve
           }
           event = "";
           data = [];
-          retry = undefined;
           sawField = false;
           continue;
         }

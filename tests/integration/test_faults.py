@@ -77,6 +77,9 @@ class FaultStack:
             "SSE_HEARTBEAT_SECONDS": "1",
             "BACKEND_TIMEOUT_SECONDS": "2",
             "SHUTDOWN_TIMEOUT_SECONDS": "30",
+            # Four posting loops share one token: only faults may refuse them here, not the rate limits.
+            "RATE_LIMIT_TEMPORAL_PER_SECOND": "0",
+            "RATE_LIMIT_UPDATES_PER_SECOND": "0",
         }
 
     def start_temporal(self) -> None:

@@ -54,7 +54,7 @@ func readSSE(body io.Reader, yield func(sseEvent) bool) error {
 					return nil
 				}
 			}
-			event, data, retry, sawField = "", nil, 0, false
+			event, data, sawField = "", nil, false // retry persists, as in EventSource
 			continue
 		}
 		if strings.HasPrefix(line, ":") {
