@@ -54,11 +54,11 @@ class Error(BaseModel):
     """
     details: str | None = None
     """
-    Optional extra detail for humans, for example the JSON path of the invalid field or the backend that is unavailable. Never a stack trace.
+    Optional extra detail for humans about bad input, for example the JSON path of the invalid field. Never a stack trace, never a backend's own text; a 5xx carries none (its `message` ends with the request id, which the server log has the cause under).
     """
     errorCode: Annotated[str | None, Field(examples=["not_found"])] = None
     """
-    Machine-readable code to branch on, stable across wording changes: `invalid_request` (400: malformed body, parameter, filter, query or page token), `unauthenticated` (401: missing, invalid or expired token), `forbidden` (403: the token lacks the permission, or has no project), `not_found` (404: unknown run, a run of another project, or no such route), `method_not_allowed` (405), `run_closed` (409: action or signal on a closed run), `payload_too_large` (413), `unsupported_media_type` (415), `too_many_requests` (429), `internal_error` (500: a bug), `backend_unavailable` (503: Temporal or Redis did not answer; retry after `Retry-After`).
+    Machine-readable code to branch on, stable across wording changes: `invalid_request` (400: malformed body, parameter, filter, query or page token), `unauthenticated` (401: missing, invalid or expired token), `forbidden` (403: the token lacks the permission, or has no project), `not_found` (404: unknown run, a run of another project, or no such route), `method_not_allowed` (405), `request_timeout` (408: the request's head or body did not arrive in time; the connection is closed), `run_closed` (409: action or signal on a closed run, or an update posted too long after the run closed), `payload_too_large` (413), `unsupported_media_type` (415), `too_many_requests` (429: a stream cap or the caller's rate limit; retry after `Retry-After`), `request_header_fields_too_large` (431: the request head is over its cap; the connection is closed), `internal_error` (500: a bug), `backend_unavailable` (503: Temporal or Redis did not answer; retry after `Retry-After`), `too_many_connections` (503: the process holds its maximum of open connections).
     """
 
 

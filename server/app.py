@@ -22,6 +22,7 @@ from connexion.exceptions import ProblemException
 from connexion.middleware import MiddlewarePosition
 from connexion.options import SwaggerUIOptions
 from connexion.resolver import Resolver
+from starlette import routing
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -33,7 +34,14 @@ from server import errors, openapi31
 from server.auth import TokenVerifier
 from server.context import Backends
 from server.fast_lane import FastLane
-from server.middleware import BodySizeLimit, MediaTypeCase, QueryTokenForStreams, RequestContext, SeedPathOverlap
+from server.middleware import (
+    BodySizeLimit,
+    ChunkedBody,
+    MediaTypeCase,
+    QueryTokenForStreams,
+    RequestContext,
+    SeedPathOverlap,
+)
 from server.settings import Settings
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "generated" / "openapi.yaml"
@@ -71,6 +79,7 @@ def create_app(settings: Settings | None = None, backends_factory: BackendsFacto
     verifier = TokenVerifier(settings)
     openapi31.install()
     _cache_parameter_names()
+    _no_slash_redirects()
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
@@ -112,8 +121,10 @@ def create_app(settings: Settings | None = None, backends_factory: BackendsFacto
 
     # Order, outside in: request id + access log, media types in lower case, the fast lane (it
     # answers its own errors, with server.errors), Connexion's exception handling, the seed's path
-    # overlap, body cap, query token (before security reads the Authorization header). At one
-    # position, the one added later is inner.
+    # overlap, body cap, query token (before security reads the Authorization header), chunked
+    # bodies given a length (after security, before body validation). At one position, the one
+    # added later is inner.
+    app.add_middleware(ChunkedBody, position=MiddlewarePosition.BEFORE_VALIDATION)
     app.add_middleware(QueryTokenForStreams, position=MiddlewarePosition.BEFORE_SECURITY)
     app.add_middleware(SeedPathOverlap, position=MiddlewarePosition.BEFORE_SWAGGER, base_path=BASE_PATH)
     app.add_middleware(BodySizeLimit, position=MiddlewarePosition.BEFORE_SWAGGER, max_bytes=settings.max_body_bytes)
@@ -129,6 +140,18 @@ def create_app(settings: Settings | None = None, backends_factory: BackendsFacto
             validate_responses=settings.validate_responses,
         )
     return app
+
+
+def _no_slash_redirects() -> None:
+    """Starlette's routers answer a path that matches a route but for a trailing slash with a 307
+    to an absolute URL built from the client's `Host` header: before authentication, without the
+    JSON error body, and to wherever the client said the server was. Connexion builds several
+    routers, some only at start-up, all with the default, so the attribute is fixed at `False` on
+    the class: such a path is a 404 like any other unknown route. (Swagger UI's `/ui` -> `/ui/`
+    is an explicit Connexion route with a relative `Location`, and stays.)"""
+    if not isinstance(vars(routing.Router).get("redirect_slashes"), property):
+        # A data descriptor on the class overrides the instance attribute `__init__` sets.
+        routing.Router.redirect_slashes = property(lambda self: False, lambda self, value: None)  # type: ignore[assignment]
 
 
 def _cache_parameter_names() -> None:
@@ -160,7 +183,7 @@ async def health_ready(request: Request) -> Response:
             await backend.ping()
             checks[name] = "ok"
         except BackendUnavailable as exc:
-            checks[name] = exc.message
+            checks[name] = errors.public_sentence(exc)  # the cause is the server log's, not the caller's
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks},

@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from server import logs, stack
 from server.auth import DEV_PERMISSIONS, mint_token
@@ -48,7 +48,7 @@ def serve(settings: Settings) -> None:
     backends (the app's lifespan) and exit."""
     import uvicorn
 
-    from server import sse
+    from server import sse, transport
 
     class GracefulServer(uvicorn.Server):
         # uvicorn waits for open connections *before* the lifespan shutdown, so an open stream
@@ -58,11 +58,39 @@ def serve(settings: Settings) -> None:
             super().handle_exit(sig, frame)
 
     logs.configure()
+    # Every connection holds a file descriptor: take all the hard limit allows, and cap the
+    # connections below it (beyond the cap they are answered 503, health checks excepted).
+    fd_limit = transport.raise_fd_limit()
+    cap = transport.connection_cap(settings.max_connections, fd_limit)
+    if cap < settings.max_connections:
+        transport.log.warning(
+            "MAX_CONNECTIONS lowered from %d to %d: the open-files limit is %d (%d kept for other files)",
+            settings.max_connections,
+            cap,
+            fd_limit,
+            transport.FD_RESERVE,
+        )
+    if cap <= settings.max_streams_per_process:
+        transport.log.warning(
+            "the connection cap (%d) leaves no room above MAX_STREAMS_PER_PROCESS (%d): raise the open-files limit",
+            cap,
+            settings.max_streams_per_process,
+        )
+    limits = transport.Limits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+        max_connections=cap,
+    )
     config = uvicorn.Config(
         "server.app:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
+        http=transport.protocol_class(limits),  # httptools, with the bounds of server/transport.py
+        ws="none",  # the API has no WebSocket endpoint: an Upgrade request stays plain HTTP
+        server_header=False,
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
         access_log=False,  # server.middleware.RequestContext logs requests, with secrets redacted
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
@@ -83,8 +111,34 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(Settings())
 
 
+def _dev_port_conflict(args: argparse.Namespace, host: str, port: int) -> str | None:
+    """The line `dev` exits with when a port it is about to bind is held by another process (the
+    first such port), else None. Checked before anything starts: a child that cannot bind would
+    otherwise leave the stack talking to whatever already listens there."""
+    wanted: list[tuple[str, int, str, str]] = []  # (host, port, what, the two ways out)
+    if "TEMPORAL_ADDRESS" not in os.environ:  # the dev server is headless: its frontend is its only fixed port
+        ways = "point TEMPORAL_ADDRESS at that server on purpose, or pick another port with --temporal-port"
+        wanted.append((stack.LOCALHOST, args.temporal_port, "Temporal", ways))
+    if "REDIS_URL" not in os.environ:
+        ways = "point REDIS_URL at that server on purpose, or pick another port with --redis-port"
+        wanted.append((stack.LOCALHOST, args.redis_port, "Redis", ways))
+    wanted.append((host, port, "the API", "stop that process, or pick another port with --port"))
+    for bind_host, bind_port, what, ways in wanted:
+        if stack.port_in_use(bind_host, bind_port):
+            return f"workflow-runs dev: port {bind_port} ({what}) is in use by another process: {ways}"
+    return None
+
+
+def _dev_exit(message: str, status: int) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     port = args.port or Settings().port
+    conflict = _dev_port_conflict(args, Settings().host, port)
+    if conflict is not None:
+        _dev_exit(conflict, 2)
     os.environ["PORT"] = str(port)
     os.environ.setdefault("API_URL", f"http://127.0.0.1:{port}/api/v1")
     os.environ.setdefault("VALIDATE_RESPONSES", "1")  # dev catches document/server drift early
@@ -95,12 +149,17 @@ def cmd_dev(args: argparse.Namespace) -> None:
     # SIGTERM ends the stack like Ctrl-C does: through the `finally` below.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with stack.running(children):
-        if "TEMPORAL_ADDRESS" not in os.environ:
-            children.append(stack.start_temporal(data_dir, port=args.temporal_port))
-            os.environ["TEMPORAL_ADDRESS"] = f"127.0.0.1:{args.temporal_port}"
-        if "REDIS_URL" not in os.environ:
-            children.append(stack.start_redis(data_dir, port=args.redis_port))
-            os.environ["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
+        try:
+            if "TEMPORAL_ADDRESS" not in os.environ:
+                children.append(stack.start_temporal(data_dir, port=args.temporal_port))
+                os.environ["TEMPORAL_ADDRESS"] = f"{stack.LOCALHOST}:{args.temporal_port}"
+            if "REDIS_URL" not in os.environ:
+                children.append(stack.start_redis(data_dir, port=args.redis_port))
+                os.environ["REDIS_URL"] = f"redis://{stack.LOCALHOST}:{args.redis_port}/0"
+        except stack.PortInUse as exc:  # taken since the check above
+            _dev_exit(_dev_port_conflict(args, settings.host, port) or f"workflow-runs dev: {exc}", 2)
+        except stack.StartError as exc:  # the child exited at start
+            _dev_exit(f"workflow-runs dev: {exc}", 1)
         children.append(
             stack.spawn(
                 "worker", [sys.executable, "-m", "server.cli", "worker"], data_dir / "logs", env=dict(os.environ)

@@ -169,23 +169,32 @@ class FastLane:
         """Serve a POST, or return the `receive` to hand it on to Connexion with (replaying the
         part of the body the lane read)."""
         headers = _headers(scope)
-        length = headers.get(b"content-length", b"") if headers is not None else b""
         if (
             headers is None
             or not _valid(route, params, headers)
             or scope["query_string"]
             or headers.get(b"content-type") != b"application/json"
-            or not length.isdigit()
-            or int(length) > self.max_body_bytes
+            or not _plainly_framed(headers, self.max_body_bytes)
         ):
             return receive
-        messages = await _read_body(receive)
-        raw = b"".join(message.get("body", b"") for message in messages)
-        if messages[-1]["type"] != "http.request" or len(raw) != int(length):
-            return _replay(messages, receive)  # the client left mid-body: nothing is stored
+        declared = headers.get(b"content-length")
+        length = int(declared) if declared is not None else None  # None: chunked
+        # The token first, as Connexion checks it before reading the body: nobody has a body read
+        # on their behalf without a valid token.
         info = await self._token_info(scope, headers)
-        body = _json_object(raw) if info is not None else None
-        if info is None or body is None or route.body is None or not route.body.is_valid(body):
+        if info is None:
+            return receive
+        messages = await _read_body(receive, self.max_body_bytes)
+        raw = b"".join(message.get("body", b"") for message in messages)
+        last = messages[-1]
+        if (
+            last["type"] != "http.request"  # the client left mid-body: nothing is stored
+            or len(raw) > self.max_body_bytes  # a chunked body over the limit: Connexion's 413
+            or (length is not None and len(raw) != length)
+        ):
+            return _replay(messages, receive)
+        body = _json_object(raw)
+        if body is None or route.body is None or not route.body.is_valid(body):
             return _replay(messages, receive)
         await self._answer(send, route, await route.operation(_backends(scope), info, {**params, "body": body}))
         return None
@@ -226,6 +235,15 @@ def _headers(scope: Scope) -> dict[bytes, bytes] | None:
     return headers
 
 
+def _plainly_framed(headers: dict[bytes, bytes], max_bytes: int) -> bool:
+    """A body with a Content-Length within the limit, or a chunked one (read up to the limit);
+    no body at all, or one framed any other way, is Connexion's to judge."""
+    declared = headers.get(b"content-length")
+    if declared is not None:
+        return declared.isdigit() and int(declared) <= max_bytes
+    return headers.get(b"transfer-encoding", b"").lower() == b"chunked"
+
+
 def _valid(route: Route, params: dict[str, Any], headers: dict[bytes, bytes]) -> bool:
     """Whether the path parameters and the header parameters pass their schemas."""
     for param, validator in route.path.items():
@@ -251,13 +269,17 @@ def _backends(scope: Scope) -> Backends:
     return backends
 
 
-async def _read_body(receive: Receive) -> list[Message]:
-    """The body's messages, up to the last one or to the client's disconnect."""
-    messages = []
+async def _read_body(receive: Receive, max_bytes: int) -> list[Message]:
+    """The body's messages, up to the last one, to the client's disconnect, or to the first one
+    that takes the body over `max_bytes` (its `more_body` is then still true)."""
+    messages, received = [], 0
     while True:
         message = await receive()
         messages.append(message)
         if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
+        received += len(message.get("body", b""))
+        if received > max_bytes:
             return messages
 
 

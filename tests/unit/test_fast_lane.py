@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import httpx
 import jwt
 import orjson
 import pytest
@@ -101,12 +102,22 @@ def post(body: bytes, **headers: str) -> dict[str, Any]:
     }
 
 
+def chunked(parts: list[bytes], **headers: str) -> dict[str, Any]:
+    """A POST whose body is sent with `Transfer-Encoding: chunked` (httpx streams a list), no
+    Content-Length."""
+    return {**post(b"", **headers), "content": parts}
+
+
 def get(query: str = "", **headers: str) -> dict[str, Any]:
     return {"method": "GET", "url": GET + query, "headers": {**auth(), **headers}}
 
 
 def answer(client: Any, request: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
-    response = client.request(**request)
+    # A 5xx message carries the request id: the same one on both paths, so the answers compare.
+    headers = httpx.Headers(request.get("headers") or {})  # keeps repeated headers
+    if "x-request-id" not in headers:
+        headers["X-Request-ID"] = "parity"
+    response = client.request(**{**request, "headers": headers})
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
@@ -132,6 +143,7 @@ SERVED = {
     "post Application/JSON": post(b"{}", **{"Content-Type": "Application/JSON"}),
     "run details": {**get(), "url": RUN},
     "run details with api version": {**get(**{"x-api-version": "1"}), "url": RUN},
+    "post chunked": chunked([b'{"type":"PROGRESS",', b'"message":"sent in chunks"}']),
 }
 
 HANDED_ON = {
@@ -143,6 +155,9 @@ HANDED_ON = {
     "post unknown field": post(b'{"colour":"red"}'),
     "post bad type": post(b'{"type":"has space"}'),
     "post empty body": post(b""),
+    "post chunked, empty": chunked([]),
+    "post chunked invalid JSON": chunked([b'{"type":']),
+    "post chunked array": chunked([b"[", b"]"]),
     "post text/plain": post(b"{}", **{"Content-Type": "text/plain"}),
     "post json with charset": post(b"{}", **{"Content-Type": "application/json; charset=utf-8"}),
     "post JSON with charset": post(b'{"type":"X"}', **{"Content-Type": "application/JSON; charset=utf-8"}),
@@ -181,6 +196,7 @@ DOMAIN_ERRORS = {
     "run details of another project": {**get(Authorization=f"Bearer {token(project='p2')}"), "url": RUN},
     "run details without a project": {**get(Authorization=f"Bearer {token(project='')}"), "url": RUN},
     "post message too large": post(orjson.dumps({"message": "m" * 101})),
+    "post chunked body over the limit": chunked([b'{"details":"', b"x" * 5000, b'"}']),
     "post Redis down": post(b'{"type":"REDIS_DOWN"}'),
 }
 
@@ -309,6 +325,53 @@ async def test_a_post_whose_client_left_mid_body_is_not_stored() -> None:
     await lane({**scope, "headers": [*headers, (b"content-length", b"20")]}, receive, send)
     assert handed_on == messages
     assert updates.stored == []
+
+
+def test_a_chunked_body_is_read_as_a_sized_one_on_both_paths(clients: tuple[Any, Any]) -> None:
+    fast, connexion = clients
+    before = len(UPDATES.stored)
+    for client in (fast, connexion):
+        response = client.request(**chunked([b'{"message":', b'"chunked"}']))
+        assert response.status_code == 200, response.text
+        assert "transfer-encoding" in response.request.headers and "content-length" not in response.request.headers
+    assert [orjson.loads(u)["message"] for u in UPDATES.stored[before:]] == ["chunked", "chunked"]
+    # An operation only Connexion serves, and a body over the limit: the same as with a length.
+    signal = {**chunked([b'{"message":"hi"}']), "url": f"{RUN}/signal/UserInput"}
+    assert assert_same(clients, signal)[0] == 200
+    too_big = chunked([b'{"details":"', b"x" * 5000, b'"}'])
+    assert assert_same(clients, too_big)[:2] == assert_same(clients, post(b'{"details":"' + b"x" * 5000 + b'"}'))[:2]
+    assert assert_same(clients, too_big)[0] == 413
+
+
+async def test_a_chunked_body_over_the_limit_is_not_read_whole_by_the_lane() -> None:
+    """The lane stops reading at the first part past the limit and hands what it read on."""
+    handed_on: list[Any] = []
+
+    async def connexion(scope: Any, receive: Any, send: Any) -> None:
+        handed_on.append(await receive())
+
+    settings = app_settings(True)
+    lane = FastLane(connexion, published_document(), "/api/v1", settings.max_body_bytes, validate_responses=False)
+    state = {
+        "verifier": TokenVerifier(settings),
+        "backends": await fake_backends_factory(FakeRuns(), Updates())(settings),
+    }
+    headers = [(k.lower().encode(), v.encode()) for k, v in post(b"")["headers"].items()]
+    scope = {"type": "http", "method": "POST", "path": POST, "query_string": b"", "state": state}
+    part = {"type": "http.request", "body": b"x" * 3000, "more_body": True}
+    read = 0
+
+    async def endless() -> Any:
+        nonlocal read
+        read += 1
+        return part
+
+    async def send(message: Any) -> None:
+        raise AssertionError(f"the lane answered {message}")
+
+    await lane({**scope, "headers": [*headers, (b"transfer-encoding", b"chunked")]}, endless, send)
+    assert read == 2  # 6000 bytes > 4096: no third part read
+    assert handed_on == [part]
 
 
 def test_big_integers_in_details_are_stored_exactly_on_both_paths(clients: tuple[Any, Any]) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from server import middleware
 from server.logs import AccessLog
 from server.middleware import redacted_query
-from tests.unit.test_fast_lane import FAST, GET, auth
+from tests.unit.test_fast_lane import FAST, GET, auth, token
 
 
 def test_access_token_is_redacted_and_the_rest_kept() -> None:
@@ -28,6 +30,60 @@ def test_an_escaped_parameter_name_is_redacted_too() -> None:
 def test_queries_without_tokens_are_unchanged() -> None:
     assert redacted_query(b"since=0") == "since=0"
     assert redacted_query(b"") == ""
+
+
+JWT = token()  # a real one: header `eyJ...`, payload, signature
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"token={JWT}",
+        f"ACCESS_TOKEN={JWT}",
+        f"jwt={JWT}&since=5",
+        "Access_Token=opaque-not-a-jwt",
+        f"auth=Bearer%20{JWT}",
+        f"x={JWT.replace('.', '%2E')}",
+        # A JWT whose header is not written `eyJ` (whitespace first) is recognised by decoding it.
+        "t=" + base64.urlsafe_b64encode(b' {"alg":"none"}').decode().rstrip("=") + ".e30.",
+    ],
+)
+def test_a_jwt_is_redacted_whatever_the_parameter_is_called(query: str) -> None:
+    logged = redacted_query(query.encode())
+    assert middleware.REDACTED in unquote(logged)
+    for secret in (JWT, JWT.split(".")[1], "opaque-not-a-jwt", "e30."):
+        assert secret not in unquote(logged)
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["version=1.2.3", "host=example.com.au", "since=5&note=a.b.c", "x=eyJ", "v=abc.def", "%41=1", ""],
+)
+def test_dotted_values_that_are_not_jwts_are_logged_as_sent(query: str) -> None:
+    assert redacted_query(query.encode()) == query
+
+
+def test_every_response_says_nosniff_and_no_redirect_goes_where_the_host_header_says() -> None:
+    with FAST.test_client() as client:
+        responses = {
+            "fast lane": client.get(GET, headers=auth()),
+            "connexion": client.get(GET + "?limit=1", headers=auth()),
+            "unknown route": client.get("/nowhere"),
+            "document": client.get("/api/v1/openapi.json"),
+            "health": client.get("/health/live"),
+        }
+        for name, response in responses.items():
+            assert response.headers["x-content-type-options"] == "nosniff", name
+        # A trailing slash was a 307 to `http://<Host header>/...`, before authentication.
+        for path in (GET + "/", "/api/v1/workflows/runs/", "/health/live/", "/api/v1/openapi.json/"):
+            response = client.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+            assert response.status_code == 404, path
+            assert "location" not in response.headers
+            assert response.json()["errorCode"] == "not_found"
+        # Swagger UI keeps its own redirect to the folder, relative.
+        response = client.get("/api/v1/ui", headers={"Host": "evil.example"}, follow_redirects=False)
+        assert response.status_code == 307 and response.headers["location"] == "/api/v1/ui/"
+        assert client.get("/api/v1/ui/").status_code == 200
 
 
 def test_one_access_log_line_per_request_served_by_the_lane_or_by_connexion(monkeypatch: pytest.MonkeyPatch) -> None:
