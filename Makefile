@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed npm-tools  ## create .venv with everything (idempotent)
 
-include make/spec.mk make/clients.mk make/browser.mk make/bench.mk
+include make/spec.mk make/clients.mk make/browser.mk make/bench.mk make/fuzz.mk
 
 run: install  ## the API on the embedded stack (Temporal dev server, Redis, sample worker)
 	$(BIN)/workflow-runs dev

@@ -6,6 +6,9 @@ runs in every state through Temporal (`TEMPORAL_ADDRESS`, `JWT_SECRET` must then
 so the fuzzer reaches the handlers instead of the 404 path, then runs `schemathesis run --checks all`
 with a fixed seed and no example database (deterministic in CI). `CONTRACT_EXAMPLES` (default 12)
 raises the number of generated cases per operation for longer local runs.
+
+`make fuzz` (`contract_tests.fuzz`) is the same run with another `Profile`: more cases, hostile
+strings, server limits that do not end it early.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -33,6 +36,23 @@ CONFIG_TEMPLATE = ROOT / "contract_tests" / "schemathesis.toml"
 
 
 @dataclass(frozen=True)
+class Profile:
+    """What differs between the Schemathesis runs over the live stack (contract test, fuzz)."""
+
+    name: str  # log prefix; reports go to build/<name>/
+    max_examples: str  # generated cases per operation and phase
+    stateful_examples: str  # scenarios of the stateful phase
+    server_env: Mapping[str, str] = field(default_factory=dict)  # settings of the embedded API
+    schemathesis_args: tuple[str, ...] = ()  # after `schemathesis run`; the CLI overrides the file
+    schemathesis_env: Mapping[str, str] = field(default_factory=dict)
+
+
+def contract_profile() -> Profile:
+    examples = os.environ.get("CONTRACT_EXAMPLES", "12")
+    return Profile(name="contract", max_examples=examples, stateful_examples=examples)
+
+
+@dataclass(frozen=True)
 class Target:
     base_url: str
     temporal_address: str
@@ -41,8 +61,8 @@ class Target:
 
 
 @contextlib.contextmanager
-def embedded_target() -> Iterator[Target]:
-    data_dir = Path(tempfile.mkdtemp(prefix="contract-"))
+def embedded_target(profile: Profile) -> Iterator[Target]:
+    data_dir = Path(tempfile.mkdtemp(prefix=f"{profile.name}-"))
     temporal_port, redis_port, api_port = stack.free_port(), stack.free_port(), stack.free_port()
     target = Target(
         base_url=f"http://127.0.0.1:{api_port}/api/v1",
@@ -60,6 +80,14 @@ def embedded_target() -> Iterator[Target]:
         "TEMPORAL_TASK_QUEUE": target.task_queue,
         "VALIDATE_RESPONSES": "1",
         "DATA_DIR": str(data_dir),
+        # Schemathesis calls as one caller, as fast as the server answers: under the default
+        # per-caller rate limits it would mostly check 429s (documented on every operation, so not a
+        # failure, but not a test of the operations either). Generous limits, still on.
+        "RATE_LIMIT_TEMPORAL_PER_SECOND": "100000",
+        "RATE_LIMIT_TEMPORAL_BURST": "100000",
+        "RATE_LIMIT_UPDATES_PER_SECOND": "100000",
+        "RATE_LIMIT_UPDATES_BURST": "100000",
+        **profile.server_env,
     }
     cli = [sys.executable, "-m", "server.cli"]
     children: list[stack.Child] = []
@@ -69,7 +97,7 @@ def embedded_target() -> Iterator[Target]:
         children.append(stack.spawn("api", [*cli, "serve"], data_dir / "logs", env))
         children.append(stack.spawn("worker", [*cli, "worker"], data_dir / "logs", env))
         stack.wait_for_port("127.0.0.1", api_port, 60, children[2].proc)
-        print(f"contract-test: embedded stack in {data_dir} (logs in {data_dir / 'logs'})", flush=True)
+        print(f"{profile.name}: embedded stack in {data_dir} (logs in {data_dir / 'logs'})", flush=True)
         yield target
 
 
@@ -115,7 +143,7 @@ def seed(target: Target) -> dict[str, tuple[str, str]]:
     return runs
 
 
-def write_config(runs: dict[str, tuple[str, str]], path: Path) -> None:
+def write_config(runs: dict[str, tuple[str, str]], path: Path, profile: Profile) -> None:
     completed, conversation = runs["completed"], runs["conversation"]
     text = CONFIG_TEMPLATE.read_text(encoding="utf-8")
     for placeholder, value in {
@@ -123,18 +151,23 @@ def write_config(runs: dict[str, tuple[str, str]], path: Path) -> None:
         "@COMPLETED_RUN_ID@": completed[1],
         "@RUNNING_WORKFLOW_ID@": conversation[0],
         "@RUNNING_RUN_ID@": conversation[1],
-        "@MAX_EXAMPLES@": os.environ.get("CONTRACT_EXAMPLES", "12"),
+        "@MAX_EXAMPLES@": profile.max_examples,
+        "@STATEFUL_EXAMPLES@": profile.stateful_examples,
     }.items():
         text = text.replace(placeholder, value)
     path.write_text(text, encoding="utf-8")
 
 
-def run_schemathesis(target: Target, runs: dict[str, tuple[str, str]]) -> int:
-    report_dir = ROOT / "build" / "contract"
+def run_schemathesis(profile: Profile, target: Target, runs: dict[str, tuple[str, str]]) -> int:
+    report_dir = ROOT / "build" / profile.name
     report_dir.mkdir(parents=True, exist_ok=True)
     config = report_dir / "schemathesis.toml"
-    write_config(runs, config)
-    env = {**os.environ, "API_TOKEN": mint_token(target.jwt_secret, user="alice", project=PROJECT)}
+    write_config(runs, config, profile)
+    env = {
+        **os.environ,
+        **profile.schemathesis_env,
+        "API_TOKEN": mint_token(target.jwt_secret, user="alice", project=PROJECT),
+    }
     argv = [
         str(Path(sys.executable).parent / "schemathesis"),
         "--config-file", str(config),
@@ -143,12 +176,14 @@ def run_schemathesis(target: Target, runs: dict[str, tuple[str, str]]) -> int:
         "--checks", "all",
         "--workers", "1",
         "--report", "junit", "--report-dir", str(report_dir),
+        *profile.schemathesis_args,
     ]  # fmt: skip
-    print("contract-test:", " ".join(argv), flush=True)
+    print(f"{profile.name}:", " ".join(argv), flush=True)
     return subprocess.run(argv, env=env, cwd=ROOT, check=False).returncode
 
 
-def main() -> int:
+def main(profile: Profile | None = None) -> int:
+    profile = profile or contract_profile()
     base_url = os.environ.get("BASE_URL")
     if base_url:
         target = Target(
@@ -157,9 +192,9 @@ def main() -> int:
             jwt_secret=os.environ["JWT_SECRET"],
             task_queue=os.environ.get("TEMPORAL_TASK_QUEUE", "workflow-runs-samples"),
         )
-        return run_schemathesis(target, seed(target))
-    with embedded_target() as target:
-        return run_schemathesis(target, seed(target))
+        return run_schemathesis(profile, target, seed(target))
+    with embedded_target(profile) as target:
+        return run_schemathesis(profile, target, seed(target))
 
 
 if __name__ == "__main__":

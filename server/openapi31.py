@@ -7,7 +7,9 @@ JSON Schema Draft 4, whose meaning differs from 3.1's JSON Schema 2020-12 (`cons
 1. skips Connexion's 3.0 spec check (CI validates the 3.1 document with openapi-spec-validator,
    Redocly and Spectral instead);
 2. replaces every request validator (parameters and JSON bodies) and the JSON response validator
-   with 2020-12 ones, compiled once per schema with jsonschema-rs.
+   with 2020-12 ones, compiled once per schema with jsonschema-rs;
+3. reads integer and number parameters as JSON spells them: Connexion converts them with Python's
+   `int()` / `float()`, which also take ` 12 `, `1_2`, Arabic-Indic digits and `nan`.
 
 It patches a private classmethod: re-check it on every Connexion upgrade (tests/unit/test_openapi31.py
 proves the 2020-12 semantics end to end).
@@ -22,8 +24,9 @@ from typing import Any
 
 import jsonschema_rs
 import orjson
+from connexion import uri_parsing
 from connexion.datastructures import MediaTypeDict
-from connexion.exceptions import BadRequestProblem, NonConformingResponseBody
+from connexion.exceptions import BadRequestProblem, NonConformingResponseBody, TypeValidationError
 from connexion.spec import OpenAPISpecification
 from connexion.utils import is_null
 from connexion.validators import (
@@ -95,6 +98,28 @@ def _no_constant(name: str) -> Any:
 
 def _skip_spec_check(cls: type, spec: dict[str, Any]) -> None:
     return None
+
+
+# A parameter's number as JSON writes one, in ASCII (leading zeros let through, as `int()` does).
+_JSON_NUMBER = {
+    "integer": re.compile(r"-?[0-9]+\Z"),
+    "number": re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z"),
+}
+_connexion_coerce_type = uri_parsing.coerce_type
+
+
+def _strict_coerce_type(param: dict[str, Any], value: Any, parameter_type: str, parameter_name: Any = None) -> Any:
+    """Connexion's `coerce_type`, refusing a number not spelt as JSON spells it. Refused, the value
+    stays a string, which the schema then rejects (400), as for any other non-number."""
+    schema = param.get("schema", param)
+    kind = schema.get("type")
+    item_kind = schema.get("items", {}).get("type") if kind == "array" else None
+    pattern = _JSON_NUMBER.get(item_kind if kind == "array" else kind)  # type: ignore[arg-type]
+    if pattern is not None:
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(one, str) and not pattern.match(one) for one in values):
+            raise TypeValidationError(kind, parameter_type, parameter_name)
+    return _connexion_coerce_type(param, value, parameter_type, parameter_name)
 
 
 class Parameter202012Validator(ParameterValidator):  # type: ignore[misc]
@@ -171,3 +196,4 @@ VALIDATOR_MAP: dict[str, Any] = {
 def install() -> None:
     """Let Connexion load 3.1 documents. Idempotent."""
     OpenAPISpecification._validate_spec = classmethod(_skip_spec_check)
+    uri_parsing.coerce_type = _strict_coerce_type
