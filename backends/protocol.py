@@ -94,9 +94,16 @@ class RunsBackend(Protocol):
 
     async def is_closed(self, workflow_id: str, run_id: str) -> bool: ...
 
-    def is_known(self, run_id: str) -> bool:
-        """Whether this process has already resolved the run, so that `find_run` will not need to
-        ask Temporal (the rate limits charge update operations on other runs as Temporal work)."""
+    async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
+        """The run's closed status ("COMPLETED", "FAILED", ...) once it is closed, None while it
+        runs. Not scoped: for a run already found visible (`find_run`). Concurrent callers for one
+        run share one Temporal call, and a close once seen costs none."""
+        ...
+
+    def is_known(self, run_id: str, workflow_id: str | None = None) -> bool:
+        """Whether `find_run(principal, run_id, workflow_id)`, with these same ids, will answer
+        without asking Temporal (the rate limits charge update operations on other runs as
+        Temporal work)."""
         ...
 
     async def ping(self) -> None:

@@ -13,7 +13,9 @@ Run details render at most `max_history_bytes` of history: the history is read p
 rendered as it comes, and reading stops at the first event that does not fit.
 
 Update operations look runs up by id (`find_run`) many times: what is learnt is kept (`_known`), and
-so is, for a short while, that a run does not exist (`_missing`).
+so is, for a short while, that a run does not exist (`_missing`), or is not the run of the workflow
+id asked. Streams ask whether their run has closed (`closed_status`, `is_closed`): concurrent askers
+of one run share one describe, and a close, once seen, is answered from memory.
 """
 
 from __future__ import annotations
@@ -94,6 +96,18 @@ class _KnownRun:
     closed: bool
     closed_at: float | None  # epoch seconds, for a closed run
     seen_at: float
+    final_status: str | None = None  # e.g. "COMPLETED", for a closed run
+
+
+def _final_status(info: WorkflowExecutionInfo) -> str | None:
+    """The run's closed status by name; None while it runs (or for a value this SDK cannot name:
+    the stream then keeps polling, as for a status that is not final)."""
+    if info.status == RUNNING:
+        return None
+    try:
+        return status_name(info.status)
+    except ValueError:
+        return None
 
 
 def _closed_at(info: WorkflowExecutionInfo) -> float | None:
@@ -130,12 +144,14 @@ class TemporalRunsBackend:
         self._deadline = timeout_seconds * 3
         self._known: OrderedDict[str, _KnownRun] = OrderedDict()
         self._cache_size = cache_size
-        self._closed_checks: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        # Status describes in flight, by (workflow id, run id): see `closed_status`.
+        self._status_checks: dict[tuple[str, str], asyncio.Future[str | None]] = {}
         # Without a key from the settings (`connect`), tokens work within this backend only.
         self._page_tokens = page_tokens or PageTokens(secrets.token_bytes(32))
         self._max_history_bytes = max_history_bytes
         # "Not found" answers of find_run, by (run id, workflow id asked), until the clock passes the
-        # value: random run ids cost Temporal one call per lifetime, not one per request.
+        # value: random run ids, and known run ids under a wrong workflow id, cost Temporal one call
+        # per lifetime, not one per request.
         self._missing: OrderedDict[tuple[str, str | None], float] = OrderedDict()
         self._not_found_seconds = not_found_seconds
         # How long a run seen open is taken to be open without asking again. With the post-after-close
@@ -215,7 +231,7 @@ class TemporalRunsBackend:
             known = before  # a close is final (a listing may still show the run open for a moment)
         else:
             closed = info.status != RUNNING
-            known = _KnownRun(workflow_id, scope, closed, _closed_at(info), self._clock())
+            known = _KnownRun(workflow_id, scope, closed, _closed_at(info), self._clock(), _final_status(info))
         self._known[run_id] = known
         self._known.move_to_end(run_id)
         while len(self._known) > self._cache_size:
@@ -412,7 +428,9 @@ class TemporalRunsBackend:
         try:
             await self._look_up(principal, run_id, workflow_id)
         except NotFound:
-            if run_id not in self._known:  # missing, rather than another caller's run
+            if not self._known_as(run_id, workflow_id):  # missing, rather than another caller's run
+                # (a run id known under another workflow id is missing under this one: without this,
+                # every such look-up would ask Temporal again, while `is_known` says it would not)
                 self._remember_missing(key)
             raise
         self._missing.pop(key, None)
@@ -444,13 +462,19 @@ class TemporalRunsBackend:
             raise
         return self._known.get(run_id, known)
 
-    def is_known(self, run_id: str) -> bool:
-        """Whether `find_run(principal, run_id)` will answer without calling Temporal: the run is
-        known (closed, or seen open recently), or was just found missing."""
+    def _known_as(self, run_id: str, workflow_id: str | None) -> bool:
+        """Whether the run is known, and (when one is given) under this workflow id."""
         known = self._known.get(run_id)
-        if known is not None:
+        return known is not None and workflow_id in (None, known.workflow_id)
+
+    def is_known(self, run_id: str, workflow_id: str | None = None) -> bool:
+        """Whether `find_run(principal, run_id, workflow_id)` will answer without calling Temporal:
+        the run is known under that workflow id (closed, or seen open recently), or that pair was
+        just found missing. Mirrors `find_run`'s own tests, in the same order."""
+        known = self._known.get(run_id)
+        if known is not None and workflow_id in (None, known.workflow_id):
             return self._fresh(known)
-        until = self._missing.get((run_id, None))
+        until = self._missing.get((run_id, workflow_id))
         return until is not None and self._clock() < until
 
     @staticmethod
@@ -461,23 +485,35 @@ class TemporalRunsBackend:
         known = self._known.get(run_id)
         if known is not None and known.closed and known.workflow_id == workflow_id:
             return True
-        # Every open stream of a run asks this on each heartbeat: concurrent askers of one run share
-        # one describe instead of sending Temporal a burst (1000 streams = 1 call, not 1000).
+        return await self._described_status(workflow_id, run_id) != "RUNNING"
+
+    async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
+        known = self._known.get(run_id)
+        if known is not None and known.closed and known.workflow_id == workflow_id:
+            return known.final_status  # a close is final: no call, however many streams ask
+        status = await self._described_status(workflow_id, run_id)
+        return None if status == "RUNNING" else status
+
+    async def _described_status(self, workflow_id: str, run_id: str) -> str | None:
+        """The run's status as Temporal describes it now ("RUNNING", a closed status, or None for
+        one this SDK cannot name). Every open stream of a run asks on each poll: concurrent askers
+        of one run share one describe instead of sending Temporal a burst (1000 streams = 1 call,
+        not 1000)."""
         key = (workflow_id, run_id)
-        check = self._closed_checks.get(key)
+        check = self._status_checks.get(key)
         if check is None:
-            check = asyncio.ensure_future(self._describe_closed(workflow_id, run_id))
-            self._closed_checks[key] = check
-            check.add_done_callback(lambda _: self._closed_checks.pop(key, None))
+            check = asyncio.ensure_future(self._describe_status(workflow_id, run_id))
+            self._status_checks[key] = check
+            check.add_done_callback(lambda _: self._status_checks.pop(key, None))
         return await asyncio.shield(check)
 
-    async def _describe_closed(self, workflow_id: str, run_id: str) -> bool:
+    async def _describe_status(self, workflow_id: str, run_id: str) -> str | None:
         async with self._temporal("describe run", workflow_id=workflow_id, run_id=run_id):
             handle = self._client.get_workflow_handle(workflow_id, run_id=run_id)
             description = await handle.describe(rpc_timeout=self._rpc_timeout)
         info = description.raw_description.workflow_execution_info
         self._remember(run_id, workflow_id, RunScope.of(description.typed_search_attributes), info)
-        return info.status != RUNNING
+        return "RUNNING" if info.status == RUNNING else _final_status(info)
 
     async def ping(self) -> None:
         try:

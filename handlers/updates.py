@@ -1,8 +1,9 @@
 """Run updates: get the stored ones, stream them (SSE), post one (operations of the Updates tag).
 
 Thin, like every handler: check the permission, charge the caller's rate limits (the updates
-bucket, and the Temporal one for a run this process has not resolved yet: `server.rate_limit`),
-check that the run is visible (`find_run` raises `NotFound` otherwise), then call the updates
+bucket, and the Temporal one for a run this process has not resolved yet under the ids asked, and
+for every stream opening, which asks for the run's status: `server.rate_limit`), check that the
+run is visible (`find_run` raises `NotFound` otherwise), then call the updates
 backend. Stored updates are JSON bytes already, so they are answered as they are, never decoded
 and re-encoded.
 """
@@ -17,7 +18,7 @@ from connexion import request
 from starlette.responses import Response, StreamingResponse
 
 from backends.errors import BackendUnavailable, Conflict, InvalidInput
-from backends.protocol import Principal, RunsBackend
+from backends.protocol import RunsBackend
 from server import sse
 from server.context import Backends, backends, principal_of
 from server.permissions import ACT_ON_RUN, READ_RUN, require
@@ -40,7 +41,7 @@ async def read_updates(
 ) -> bytes:
     """The body of getWorkflowRunUpdates (shared with `server.fast_lane`)."""
     principal = require(principal_of(token_info), READ_RUN)
-    context.rates.charge_updates(principal, run_known=context.runs.is_known(run_id))
+    context.rates.charge_updates(principal, run_known=context.runs.is_known(run_id, workflow_id))
     await context.runs.find_run(principal, run_id, workflow_id)
     # One join, one copy: the stored part may be MAX_UPDATE_BYTES_PER_RUN (8 MiB) large.
     return b"".join((b'{"messages":', await context.updates.read_since(run_id, _since_ms(since)), b"}"))
@@ -62,8 +63,9 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
         # uvicorn still answers on open keep-alive connections for a moment after SIGTERM.
         raise BackendUnavailable("This server is shutting down.", retry_after=1, backend="server")
     # Both taken before any backend call, so a caller over a limit costs nothing. The slot is
-    # released by the response once it is over, or below if the stream cannot start.
-    context.rates.charge_updates(principal, run_known=runs.is_known(run_id))
+    # released by the response once it is over, or below if the stream cannot start. The Temporal
+    # bucket is charged whether or not the run is known: the status is asked at every opening.
+    context.rates.charge_stream_open(principal)
     slot = context.streams.acquire(principal)
     try:
         await runs.find_run(principal, run_id, workflow_id)
@@ -79,7 +81,7 @@ async def stream_workflow_run_updates(  # noqa: PLR0917  # Connexion's names for
         raise
 
     async def closed_status() -> str | None:
-        return await _closed_status(runs, principal, workflow_id, run_id)
+        return await _closed_status(runs, workflow_id, run_id)
 
     try:
         status_at_open = await closed_status()
@@ -118,14 +120,13 @@ async def append_update(context: Backends, token_info: dict[str, Any], run_id: s
     return SUCCESS
 
 
-async def _closed_status(runs: RunsBackend, principal: Principal, workflow_id: str, run_id: str) -> str | None:
+async def _closed_status(runs: RunsBackend, workflow_id: str, run_id: str) -> str | None:
     """The run's final status once it is closed; None while it runs (or while its status is not
-    final yet as far as the description says: the next poll asks again)."""
-    if not await runs.is_closed(workflow_id, run_id):
-        return None
-    run = await runs.get_run(principal, workflow_id, run_id)
-    status = run.get("status")
-    return status if isinstance(status, str) and status in CLOSED_STATUSES else None
+    final yet as far as the description says: the next poll asks again). One describe, shared by
+    every stream of the run polling at that moment, never the run's history; the run was found
+    visible to the caller (`find_run`) as the stream opened, and whose run it is never changes."""
+    status = await runs.closed_status(workflow_id, run_id)
+    return status if status in CLOSED_STATUSES else None
 
 
 def _token_end(token_info: dict[str, Any], leeway_seconds: float) -> float | None:

@@ -4,9 +4,10 @@ A caller is the token's principal (`Principal.ref`) within its project, as for t
 Each caller has two buckets, each refilled continuously at its rate up to its burst:
 
 - `temporal`: operations that reach Temporal (run details, listings of runs and conversations,
-  actions, signals), and update operations on a run this process has not seen yet (resolving it
-  asks Temporal). Temporal's own limit is per namespace: without this one caller's flood would be
-  everyone's 503.
+  actions, signals, stream openings: a stream asks for its run's status as it opens), and reads
+  and posts of updates of a run this process has not resolved yet under the ids asked (resolving
+  it asks Temporal). Temporal's own limit is per namespace: without this one caller's flood would
+  be everyone's 503.
 - `updates`: reading, posting and opening a stream of a run's updates (Redis work).
 
 A request is charged before any backend call; if a bucket it needs is empty it is refused with
@@ -124,7 +125,7 @@ class RateLimits:
                 "temporal",
                 rate=settings.rate_limit_temporal_per_second,
                 burst=settings.rate_limit_temporal_burst,
-                what="run reads, listings, actions and signals",
+                what="run reads, listings, actions, signals and stream openings",
             ),
             TokenBuckets(
                 "updates",
@@ -134,6 +135,11 @@ class RateLimits:
             ),
             clock=clock,
         )
+
+    def charge_stream_open(self, principal: Principal) -> None:
+        """One stream opening: an update operation that always reaches Temporal (the run's status
+        is asked as the stream opens, whether or not the run is known)."""
+        self.charge_updates(principal, run_known=False)
 
     def charge_temporal(self, principal: Principal) -> None:
         """One operation that reaches Temporal; `TooManyRequests` when the caller is over its rate."""

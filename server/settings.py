@@ -89,7 +89,8 @@ class Settings:
     # (HS256), else a random key per process (page tokens then only work on the process that issued them).
     page_token_secret: str | None = field(default_factory=lambda: _opt("PAGE_TOKEN_SECRET"))
     # Per-caller token buckets (principal within its project); 0 turns a bucket off. Operations that
-    # reach Temporal (and update operations on a run this process has not seen) take from the first.
+    # reach Temporal take from the first: run reads, listings, actions, signals, stream openings,
+    # and update reads and posts of a run this process has not seen.
     rate_limit_temporal_per_second: float = field(default_factory=lambda: _float("RATE_LIMIT_TEMPORAL_PER_SECOND", 20))
     rate_limit_temporal_burst: int = field(default_factory=lambda: _int("RATE_LIMIT_TEMPORAL_BURST", 60))
     rate_limit_updates_per_second: float = field(default_factory=lambda: _float("RATE_LIMIT_UPDATES_PER_SECOND", 200))

@@ -828,3 +828,74 @@ async def _return(value: T) -> T:
 async def backend_terminate(client: Client, workflow_id: str, run_id: str) -> None:
     await client.get_workflow_handle(workflow_id, run_id=run_id).terminate("test over")
     await finish(client, workflow_id, run_id)
+
+
+async def test_a_known_run_id_under_another_workflow_id_is_remembered_as_missing(
+    client: Client, worker: str, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    runs = TemporalRunsBackend(client, not_found_seconds=2, clock=clock)
+    me = principal(project)
+    workflow_id, run_id = await start(client, "AgentConversation", project)
+    await runs.find_run(me, run_id, workflow_id)
+    assert runs.is_known(run_id) and runs.is_known(run_id, workflow_id)
+    describes: list[tuple[str, str]] = []
+    real_describe = runs._describe
+
+    async def counted(who: Principal, wf: str, run: str) -> Any:
+        describes.append((wf, run))
+        return await real_describe(who, wf, run)
+
+    monkeypatch.setattr(runs, "_describe", counted)
+    wrong = f"not-{workflow_id}"
+    # `is_known` answers for the ids asked: this pair would ask Temporal, so it is not known...
+    assert not runs.is_known(run_id, wrong)
+    with pytest.raises(NotFound):
+        await runs.find_run(me, run_id, wrong)
+    assert describes == [(wrong, run_id)]
+    # ...and once Temporal said "not found", the pair is remembered: no second call meanwhile.
+    assert runs.is_known(run_id, wrong)
+    with pytest.raises(NotFound):
+        await runs.find_run(me, run_id, wrong)
+    assert len(describes) == 1
+    # The run itself is unaffected, under its own workflow id or none.
+    assert (await runs.find_run(me, run_id, workflow_id)).workflow_id == workflow_id
+    assert (await runs.find_run(me, run_id)).workflow_id == workflow_id
+    assert len(describes) == 1
+    clock.now += 2.5  # for NOT_FOUND_CACHE_SECONDS only
+    assert not runs.is_known(run_id, wrong)
+    with pytest.raises(NotFound):
+        await runs.find_run(me, run_id, wrong)
+    assert len(describes) == 2
+    await backend_terminate(client, workflow_id, run_id)
+
+
+async def test_closed_status_is_one_shared_describe_and_a_close_is_remembered(
+    client: Client, worker: str, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = TemporalRunsBackend(client)
+    workflow_id, run_id = await start(client, "AgentConversation", project)
+    describes: list[str] = []
+    real_describe = runs._describe_status
+
+    async def counted(wf: str, run: str) -> str | None:
+        describes.append(run)
+        return await real_describe(wf, run)
+
+    monkeypatch.setattr(runs, "_describe_status", counted)
+    # Many streams of one run polling at once: one describe answers them all.
+    assert await asyncio.gather(*(runs.closed_status(workflow_id, run_id) for _ in range(20))) == [None] * 20
+    assert await runs.is_closed(workflow_id, run_id) is False
+    assert len(describes) == 2  # and a later poll asks again: "open" is only true when asked
+
+    await backend_terminate(client, workflow_id, run_id)
+    statuses = await asyncio.gather(*(runs.closed_status(workflow_id, run_id) for _ in range(20)))
+    assert statuses == ["TERMINATED"] * 20
+    assert len(describes) == 3
+    # A close is final: every later poll is answered from memory, with the status get_run shows.
+    assert await runs.closed_status(workflow_id, run_id) == "TERMINATED"
+    assert await runs.is_closed(workflow_id, run_id) is True
+    assert len(describes) == 3
+    assert (await runs.get_run(principal(project), workflow_id, run_id))["status"] == "TERMINATED"
+    with pytest.raises(NotFound):
+        await runs.closed_status(workflow_id, str(uuid.uuid4()))

@@ -38,6 +38,9 @@ class FakeRuns:
         self.project, self.status = project, status
         self.closed_at = closed_at  # what find_run says of the close time (None: it cannot tell)
         self.known: set[str] = set()  # runs resolved once, as the real backend remembers them
+        # (run id, workflow id asked) found missing, as the real backend's not-found cache (which
+        # forgets them after NOT_FOUND_CACHE_SECONDS; this one never does)
+        self.missing: set[tuple[str, str | None]] = set()
 
     def _check(self, principal: Principal, workflow_id: str | None, run_id: str) -> None:
         if principal.project_id != self.project or run_id != RUN_ID or workflow_id not in (None, WORKFLOW_ID):
@@ -73,9 +76,18 @@ class FakeRuns:
     ) -> None:
         await self.apply_action(principal, workflow_id, run_id, "cancel", None)
 
+    @staticmethod
+    def _exists(run_id: str, workflow_id: str | None) -> bool:
+        return run_id == RUN_ID and workflow_id in (None, WORKFLOW_ID)
+
     async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
+        # As the real backend: a run that exists is remembered even when this caller may not see
+        # it; a run id that does not exist under the workflow id asked is remembered as missing.
+        if self._exists(run_id, workflow_id):
+            self.known.add(run_id)
+        else:
+            self.missing.add((run_id, workflow_id))
         self._check(principal, workflow_id, run_id)
-        self.known.add(run_id)
         closed = self.status != "RUNNING"
         return RunRef(
             workflow_id=WORKFLOW_ID, run_id=RUN_ID, closed=closed, closed_at=self.closed_at if closed else None
@@ -84,8 +96,13 @@ class FakeRuns:
     async def is_closed(self, workflow_id: str, run_id: str) -> bool:
         return self.status != "RUNNING"
 
-    def is_known(self, run_id: str) -> bool:
-        return run_id in self.known
+    async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
+        return None if self.status == "RUNNING" else self.status
+
+    def is_known(self, run_id: str, workflow_id: str | None = None) -> bool:
+        if run_id in self.known and workflow_id in (None, WORKFLOW_ID):
+            return True
+        return (run_id, workflow_id) in self.missing
 
     async def ping(self) -> None:
         return None

@@ -26,7 +26,8 @@ SECRET = "rate-limit-unit-test-secret-" + "x" * 40
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
 OTHER_RUN_ID = "0b9f3c1e-5d2a-4f6b-8e7c-1a2b3c4d5e6f"
 
-# Every operation: (operationId, method, path, JSON body), and which bucket it takes from.
+# Every operation: (operationId, method, path, JSON body), and which bucket it takes from (a stream
+# opening takes from both: it asks Temporal for the run's status whether or not the run is known).
 TEMPORAL_OPERATIONS = [
     ("getWorkflowRun", "GET", RUN, None),
     ("listWorkflowRuns", "POST", "/api/v1/workflows/runs", {}),
@@ -40,6 +41,7 @@ UPDATE_OPERATIONS = [
     ("streamWorkflowRunUpdates", "GET", f"{RUN}/stream", None),
 ]
 OPERATIONS = TEMPORAL_OPERATIONS + UPDATE_OPERATIONS
+BOTH_BUCKETS = [UPDATE_OPERATIONS[2]]
 
 
 class Clock:
@@ -53,8 +55,8 @@ class Clock:
 class CountingRuns(FakeRuns):
     """Counts the calls that would reach Temporal."""
 
-    def __init__(self) -> None:
-        super().__init__(status="RUNNING")
+    def __init__(self, status: str = "RUNNING") -> None:
+        super().__init__(status=status)
         self.calls = 0
 
     async def get_run(self, principal: Principal, workflow_id: str, run_id: str) -> dict[str, Any]:
@@ -74,9 +76,13 @@ class CountingRuns(FakeRuns):
         await super().signal(*args)
 
     async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> Any:
-        if not self.is_known(run_id):
-            self.calls += 1  # the real backend asks Temporal only for a run it has not seen
+        if not self.is_known(run_id, workflow_id):
+            self.calls += 1  # the real backend asks Temporal only for what it has not seen
         return await super().find_run(principal, run_id, workflow_id)
+
+    async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
+        self.calls += 1  # a describe (shared by the run's concurrent askers)
+        return await super().closed_status(workflow_id, run_id)
 
 
 class EndedStream:
@@ -143,8 +149,8 @@ class App:
         return self.runs.calls + self.updates.calls
 
 
-def app_of(**overrides: Any) -> Iterator[App]:
-    runs, updates, clock = CountingRuns(), CountingUpdates(), Clock()
+def app_of(*, status: str = "RUNNING", **overrides: Any) -> Iterator[App]:
+    runs, updates, clock = CountingRuns(status), CountingUpdates(), Clock()
     factory = fake_backends_factory(runs, updates, clock=clock)
     built: list[Backends] = []
 
@@ -181,7 +187,7 @@ def assert_429(response: Any, retry_after: int) -> None:
 def test_every_operation_answers_429_beyond_its_bucket_without_reaching_a_backend(
     app: App, operation: tuple[str, str, str, Any]
 ) -> None:
-    burst = 3 if operation in TEMPORAL_OPERATIONS else 5
+    burst = 3 if operation in TEMPORAL_OPERATIONS + BOTH_BUCKETS else 5
     answers = [app.call(operation).status_code for _ in range(burst)]
     assert all(status < 400 for status in answers), answers
     calls = app.backend_calls
@@ -213,6 +219,44 @@ def test_update_operations_on_a_run_this_process_has_not_seen_also_take_from_the
     assert app.backend_calls == calls
     # ... and, refused, it took nothing from the updates bucket either.
     assert app.call(post).status_code == 200
+
+
+def test_a_known_run_id_under_another_workflow_id_takes_from_the_temporal_bucket(app: App) -> None:
+    read = UPDATE_OPERATIONS[0]
+    get_run = TEMPORAL_OPERATIONS[0]
+    assert app.call(read).status_code == 200  # resolves the run: one Temporal token of 3
+    assert app.runs.is_known(RUN_ID, WORKFLOW_ID)
+
+    def under(workflow_id: str) -> tuple[str, str, str, Any]:
+        return (read[0], read[1], f"/api/v1/workflows/runs/{workflow_id}/{RUN_ID}/updates", None)
+
+    # The run id is known, but not under these workflow ids: each look-up asks Temporal, so each
+    # takes a Temporal token (the flood that used to get 404s at the updates rate, never a 429).
+    assert [app.call(under(f"random-{i}")).status_code for i in range(2)] == [404, 404]
+    calls = app.backend_calls
+    assert_429(app.call(under("random-2")), retry_after=1)
+    assert app.backend_calls == calls
+    # An answer that was just "not found" is remembered: asking again costs Temporal nothing, and
+    # takes nothing from its bucket (still empty: run details are refused).
+    assert app.call(under("random-0")).status_code == 404
+    assert app.backend_calls == calls
+    assert_429(app.call(get_run), retry_after=1)
+
+
+@pytest.mark.parametrize("status", ["RUNNING", "COMPLETED"])
+def test_every_stream_opening_takes_from_the_temporal_bucket_even_for_a_known_run(status: str) -> None:
+    for app in app_of(status=status):
+        stream = UPDATE_OPERATIONS[2]
+        assert app.call(UPDATE_OPERATIONS[0]).status_code == 200  # the run is known from here on
+        assert [app.call(stream).status_code for _ in range(2)] == [200, 200]  # 1 + 2 = the burst of 3
+        calls = app.backend_calls
+        refused = app.call(stream)
+        assert_429(refused, retry_after=1)
+        assert "stream openings" in refused.json()["message"]
+        assert app.backend_calls == calls
+        assert app.backends.streams.open_streams == 0
+        # The updates bucket (5) still had tokens: a read of the known run is served.
+        assert app.call(UPDATE_OPERATIONS[0]).status_code == 200
 
 
 @pytest.mark.parametrize("fast_lane", [True, False], ids=["fast-lane", "connexion"])
@@ -296,6 +340,16 @@ def test_callers_are_principals_within_their_project() -> None:
         rates.charge_temporal(principal)
     with pytest.raises(TooManyRequests):
         rates.charge_temporal(ALICE)
+
+
+def test_a_stream_opening_takes_from_both_buckets() -> None:
+    rates = limits(temporal=(1.0, 1), updates=(1.0, 2))
+    rates.charge_stream_open(ALICE)
+    with pytest.raises(TooManyRequests):
+        rates.charge_stream_open(ALICE)  # no Temporal token left...
+    rates.charge_updates(ALICE, run_known=True)  # ...while one update token is
+    with pytest.raises(TooManyRequests):
+        rates.charge_updates(ALICE, run_known=True)
 
 
 def test_a_refused_charge_takes_nothing_from_either_bucket() -> None:
