@@ -81,6 +81,7 @@ def serve(settings: Settings) -> None:
         header_timeout=settings.header_timeout_seconds,
         body_timeout=settings.body_timeout_seconds,
         max_connections=cap,
+        send_timeout=settings.sse_send_timeout_seconds,  # a client that stops reading any answer
     )
     config = uvicorn.Config(
         "server.app:create_app",

@@ -174,7 +174,7 @@ class FastLane:
             or not _valid(route, params, headers)
             or scope["query_string"]
             or headers.get(b"content-type") != b"application/json"
-            or not _plainly_framed(headers, self.max_body_bytes)
+            or not _plainly_framed(headers, self.max_body_bytes, scope.get("http_version", "1.1"))
         ):
             return receive
         declared = headers.get(b"content-length")
@@ -235,13 +235,14 @@ def _headers(scope: Scope) -> dict[bytes, bytes] | None:
     return headers
 
 
-def _plainly_framed(headers: dict[bytes, bytes], max_bytes: int) -> bool:
-    """A body with a Content-Length within the limit, or a chunked one (read up to the limit);
-    no body at all, or one framed any other way, is Connexion's to judge."""
+def _plainly_framed(headers: dict[bytes, bytes], max_bytes: int, http_version: str) -> bool:
+    """A body with a Content-Length within the limit, or a chunked one in HTTP/1.1 (read up to
+    the limit); no body at all, or one framed any other way (`gzip, chunked`, chunked in
+    HTTP/1.0), is Connexion's to judge (`server.middleware.ChunkedBody` answers 501)."""
     declared = headers.get(b"content-length")
     if declared is not None:
         return declared.isdigit() and int(declared) <= max_bytes
-    return headers.get(b"transfer-encoding", b"").lower() == b"chunked"
+    return headers.get(b"transfer-encoding", b"").lower() == b"chunked" and http_version == "1.1"
 
 
 def _valid(route: Route, params: dict[str, Any], headers: dict[bytes, bytes]) -> bool:

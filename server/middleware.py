@@ -10,11 +10,13 @@ import time
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
+from connexion.lifecycle import ConnexionResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.errors import PayloadTooLarge
+from server import errors
 from server.logs import access_log, monotonic_ms, request_id_var
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -157,14 +159,25 @@ class ChunkedBody:
     on as if it had come with a Content-Length: Connexion's body validation looks only at that
     header and refused such a body as absent ("RequestBody is required"). It sits after
     authentication, as Connexion's own reading of the body does, and inside `BodySizeLimit`, so
-    a chunked body over the limit is a 413 like any other."""
+    a chunked body over the limit is a 413 like any other.
+
+    Any other transfer coding (`gzip, chunked`, a repeated header) and chunked in HTTP/1.0 are
+    501: the server would otherwise decode only the chunks and hand on a body still in the other
+    coding as if it were plain."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _is_chunked(scope["headers"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        framing = _framing(scope)
+        if framing is None:
+            await self.app(scope, receive, send)
+            return
+        if not framing:
+            await _send_response(send, errors.error_response(501, UNSUPPORTED_TRANSFER_CODING))
             return
         parts = []
         while True:
@@ -184,14 +197,23 @@ class ChunkedBody:
         await self.app({**scope, "headers": headers}, _replay([whole], receive), send)
 
 
-def _is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
-    chunked = False
-    for name, _ in headers:
-        if name == b"content-length":
-            return False
-        if name == b"transfer-encoding":
-            chunked = True
-    return chunked
+UNSUPPORTED_TRANSFER_CODING = "Only the chunked transfer coding, alone and in HTTP/1.1, is implemented."
+
+
+def _framing(scope: Scope) -> bool | None:
+    """None: no transfer coding (a Content-Length or no body); True: plain chunked; False: a
+    transfer coding this server does not implement."""
+    codings = [value for name, value in scope["headers"] if name == b"transfer-encoding"]
+    if not codings:
+        return None
+    return len(codings) == 1 and codings[0].strip().lower() == b"chunked" and scope.get("http_version") == "1.1"
+
+
+async def _send_response(send: Send, response: ConnexionResponse) -> None:
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
+    headers.append((b"content-length", str(len(response.body)).encode()))
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

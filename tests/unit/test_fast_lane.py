@@ -23,6 +23,7 @@ from connexion.middleware.routing import RoutingMiddleware
 from hypothesis import HealthCheck, settings
 
 from backends.errors import BackendUnavailable, PayloadTooLarge
+from server import fast_lane
 from server.app import create_app, published_document
 from server.auth import TokenVerifier, mint_token
 from server.fast_lane import FastLane
@@ -222,6 +223,19 @@ def test_plainly_valid_requests_are_served_by_the_lane(clients: tuple[Any, Any],
 def test_doubtful_requests_get_connexions_own_answer(clients: tuple[Any, Any], name: str) -> None:
     status, body, _ = assert_same(clients, HANDED_ON[name])
     assert 400 <= status < 500 or status == 200, body
+
+
+def test_a_transfer_coding_other_than_chunked_is_501_on_both_paths(clients: tuple[Any, Any]) -> None:
+    # Decoding only the chunks would hand on a body still gzip-encoded as if it were plain.
+    status, body, _ = assert_same(clients, chunked([b"{}"], **{"Transfer-Encoding": "gzip, chunked"}))
+    assert status == 501 and body["errorCode"] == "not_implemented"
+
+
+def test_the_lane_reads_chunked_bodies_only_in_http_1_1() -> None:
+    headers = {b"transfer-encoding": b"chunked"}
+    assert fast_lane._plainly_framed(headers, 4096, "1.1")
+    assert not fast_lane._plainly_framed(headers, 4096, "1.0")  # handed on: `ChunkedBody` answers 501
+    assert not fast_lane._plainly_framed({b"transfer-encoding": b"gzip, chunked"}, 4096, "1.1")
 
 
 @pytest.mark.parametrize("name", DOMAIN_ERRORS)

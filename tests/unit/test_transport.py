@@ -10,6 +10,8 @@ waits (with a generous socket timeout) for the server's answer or its close.
 from __future__ import annotations
 
 import contextlib
+import errno
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -32,12 +34,29 @@ WAIT = 10.0  # socket timeout: far longer than any deadline under test
 LIMITS = Limits(max_header_bytes=1024, header_timeout=0.5, body_timeout=0.5, max_connections=100)
 
 
+BIG_PIECES = 64  # `/big` answers 64 pieces of 256 KiB: far more than the kernel buffers hold
+
+
 async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Reads the whole body, answers its length and the path as JSON."""
+    """Reads the whole body, answers its length and the path as JSON (`/headers`: the header
+    names too). `/early` answers 405 without reading the body; `/big` answers 16 MiB."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/early":
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 405, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+        return
+    if scope["path"] == "/big":
+        piece = b"b" * (256 << 10)
+        size = str(len(piece) * BIG_PIECES).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", size)]})
+        for _ in range(BIG_PIECES):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
         return
     length = 0
     while True:
@@ -47,7 +66,10 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         length += len(message.get("body", b""))
         if not message.get("more_body", False):
             break
-    body = orjson.dumps({"path": scope["path"], "length": length})
+    answer: dict[str, Any] = {"path": scope["path"], "length": length}
+    if scope["path"] == "/headers":
+        answer["headers"] = [name.decode() for name, _ in scope["headers"]]
+    body = orjson.dumps(answer)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -228,6 +250,68 @@ def test_ten_8_MiB_heads_are_refused_without_being_buffered() -> None:
             assert read_response(sock).status == 200
 
 
+def test_a_big_head_pipelined_behind_a_small_request_in_one_read_is_431() -> None:
+    # The second head begins in the read that ends the first request: counted all the same.
+    with serving() as server, server.connect() as sock:
+        sock.sendall(request("/small") + head_of_size(100_000))
+        assert read_response(sock).json() == {"path": "/small", "length": 0}  # the first is answered
+        assert_error(read_response(sock), 431, "request_header_fields_too_large")  # then, in turn, 431
+        assert closed(sock)
+
+
+def test_pipelined_requests_beyond_the_depth_limit_are_refused_in_their_turn() -> None:
+    limits = replace(LIMITS, max_pipelined=4)
+    with serving(limits=limits) as server, server.connect() as sock:
+        sock.sendall(b"".join(request(f"/p{n}") for n in range(40)))  # one read: all parsed at once
+        # The one being answered, four queued behind it, then the refusal; nothing after it is read.
+        for n in range(5):
+            assert read_response(sock).json()["path"] == f"/p{n}"
+        response = read_response(sock)
+        assert_error(response, 503, "too_many_pipelined_requests")
+        assert response.headers["retry-after"] == "1"
+        assert closed(sock)
+
+
+# --- chunked trailers ---
+
+CHUNKED_HEAD = b"POST /headers HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_trailers_are_dropped_and_never_reach_the_application() -> None:
+    with serving() as server, server.connect() as sock:
+        sock.sendall(CHUNKED_HEAD + b"2\r\n{}\r\n0\r\nX-Trailer: t\r\n\r\n")
+        answer = read_response(sock).json()
+        assert answer["length"] == 2 and answer["headers"] == ["host", "transfer-encoding"]
+
+
+@pytest.mark.parametrize("shape", ["many lines", "one long line"])
+def test_trailers_beyond_the_head_limit_are_431(shape: str) -> None:
+    with serving() as server, server.connect() as sock:
+        sock.sendall(CHUNKED_HEAD + b"2\r\n{}\r\n0\r\n")
+        if shape == "one long line":
+            sock.sendall(b"X-Trailer: ")
+        line = b"X-T: " + b"a" * 100 + b"\r\n" if shape == "many lines" else b"a" * 100
+        outcomes: list[str] = []
+        sender = threading.Thread(target=_send_pieces_until_refused, args=(sock, line, outcomes))
+        sender.start()
+        try:
+            assert_error(read_response(sock), 431, "request_header_fields_too_large")
+            assert closed(sock)
+        finally:
+            sender.join()
+        assert outcomes == ["refused"]
+
+
+def _send_pieces_until_refused(sock: socket.socket, piece: bytes, outcomes: list[str]) -> None:
+    """Sends `piece` again and again (for far more than any limit here) until the server closes."""
+    try:
+        for _ in range(100_000):
+            sock.send(piece)
+        outcomes.append("sent whole")
+    except OSError:
+        outcomes.append("refused")
+
+
 # --- head deadline and keep-alive ---
 
 
@@ -297,6 +381,41 @@ def test_a_chunked_body_through_the_socket_is_read_whole() -> None:
         assert read_response(sock).json() == {"path": "/chunked", "length": 11}
 
 
+def test_an_answer_before_the_body_is_whole_is_the_only_answer() -> None:
+    # The application answers without reading the body; the body then stalls past its deadline.
+    with serving() as server, server.connect() as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\nx")
+        assert read_response(sock).status == 405
+        assert closed(sock)  # FIN after the answer, and no 408 at the body deadline
+    with serving() as server, server.connect() as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n")
+        assert read_response(sock).status == 405
+        sock.sendall(b"xxxxx" + request("/next"))  # the rest of the body is read; no further request
+        assert closed(sock)
+
+
+# --- clients that do not read ---
+
+
+def test_an_answer_the_client_does_not_read_is_cut_off_and_its_place_given_back() -> None:
+    limits = replace(LIMITS, max_connections=1, overflow_connections=0, send_timeout=0.3)
+    with serving(limits=limits) as server:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.settimeout(WAIT)
+        stuck.connect(("127.0.0.1", server.port))
+        with stuck:
+            stuck.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")  # and never reads
+            poller = select.poll()
+            poller.register(stuck, select.POLLRDHUP)  # POLLERR / POLLHUP: the reset
+            assert poller.poll(WAIT * 1000), "the connection was not reset"
+            assert stuck.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+        # The one place under the cap is free again (held, a new connection would get 503).
+        with server.connect() as sock:
+            sock.sendall(request("/after"))
+            assert read_response(sock).json()["path"] == "/after"
+
+
 def test_bytes_that_are_not_http_get_the_json_400() -> None:
     with serving() as server, server.connect() as sock:
         sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
@@ -328,6 +447,11 @@ def test_beyond_the_cap_new_connections_get_503_and_health_checks_are_still_serv
                 response = read_response(sock)
                 assert response.status == 200 and response.headers["connection"] == "close"
                 assert closed(sock)
+        # Over the cap, first bytes that cannot begin a health check are answered at once.
+        with server.connect() as sock:
+            sock.sendall(b"POST /api")
+            assert_error(read_response(sock), 503, "too_many_connections")
+            assert closed(sock)
         # Beyond the one connection that may still be read, a new one is answered at once.
         with server.connect() as waiting, server.connect() as sock:
             assert_error(read_response(sock), 503, "too_many_connections")
@@ -387,6 +511,26 @@ def test_chunked_bodies_are_read_like_sized_ones_through_the_socket(fast_lane: b
             sock.sendall(chunked_post(f"/api/v1/workflows/runs/{RUN_ID}/updates", [b" " * 40000, b"{}" + b" " * 40000]))
             response = read_response(sock)
             assert response.status == 413 and response.json()["errorCode"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("fast_lane", [True, False], ids=["fast lane", "connexion"])
+@pytest.mark.parametrize(
+    ("version", "coding"),
+    [("1.1", "gzip, chunked"), ("1.1", "gzip\r\nTransfer-Encoding: chunked"), ("1.0", "chunked")],
+    ids=["another coding", "two headers", "HTTP/1.0"],
+)
+def test_a_transfer_coding_other_than_plain_chunked_is_501(fast_lane: bool, version: str, coding: str) -> None:
+    updates = FakeUpdates()
+    data = chunked_post(f"/api/v1/workflows/runs/{RUN_ID}/updates", [b'{"message":"m"}'])
+    data = data.replace(b"HTTP/1.1", f"HTTP/{version}".encode(), 1)
+    data = data.replace(b"Transfer-Encoding: chunked", f"Transfer-Encoding: {coding}".encode(), 1)
+    limits = replace(LIMITS, max_header_bytes=8192)
+    with serving(real_app(fast_lane, updates), limits=limits) as server, server.connect() as sock:
+        sock.sendall(data)
+        response = read_response(sock)
+        assert response.status == 501 and response.json()["errorCode"] == "not_implemented"
+        assert response.headers["content-type"] == "application/json"
+    assert updates.stored == []
 
 
 class _AccessLines:
