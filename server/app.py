@@ -29,11 +29,12 @@ from starlette.responses import JSONResponse, Response
 from swagger_ui_bundle import swagger_ui_path
 
 import handlers
-from backends.errors import BackendUnavailable, DomainError
+from backends.errors import DomainError
 from server import errors, openapi31
 from server.auth import TokenVerifier
 from server.context import Backends
 from server.fast_lane import FastLane
+from server.health import Readiness
 from server.middleware import (
     BodySizeLimit,
     ChunkedBody,
@@ -89,7 +90,7 @@ def create_app(settings: Settings | None = None, backends_factory: BackendsFacto
         gc.collect()
         gc.freeze()
         try:
-            yield {"backends": backends, "verifier": verifier}
+            yield {"backends": backends, "verifier": verifier, "readiness": Readiness()}
         finally:
             await backends.updates.close()
             await backends.runs.close()
@@ -175,15 +176,10 @@ async def health_live(request: Request) -> Response:
 
 
 async def health_ready(request: Request) -> Response:
-    """Ready only when both backends answer; 503 names the one that does not."""
-    backends: Backends = request.state.backends
-    checks: dict[str, str] = {}
-    for name, backend in (("temporal", backends.runs), ("redis", backends.updates)):
-        try:
-            await backend.ping()
-            checks[name] = "ok"
-        except BackendUnavailable as exc:
-            checks[name] = errors.public_sentence(exc)  # the cause is the server log's, not the caller's
+    """Ready only when both backends answer; 503 names the one that does not (`server.health`:
+    asked at most once a second, whoever polls)."""
+    readiness: Readiness = request.state.readiness
+    checks = await readiness.checks(request.state.backends)
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks},
