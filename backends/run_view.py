@@ -1,4 +1,4 @@
-"""Turn what Temporal says about a run into the API's JSON shapes (seed + REFERENCE.md).
+"""Turn what Temporal says about a run into the API's JSON shapes (the document's `WorkflowRun` and its parts).
 
 Times are integer epoch seconds; payloads are decoded with the client's data converter (a payload
 that cannot be decoded is shown as a short placeholder rather than failing the whole answer).

@@ -1,4 +1,4 @@
-# The benchmark (issue 7): `make bench` runs every figure once, side by side with its baseline.
+# The benchmark: `make bench` runs every figure once, side by side with its baseline.
 # Included by the Makefile. BENCH_ARGS passes options through, e.g. BENCH_ARGS='--duration 20'.
 .PHONY: bench bench-smoke bench-profile bench-wrk
 

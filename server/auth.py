@@ -142,7 +142,8 @@ def mint_token(
     audience: str | None = None,
     issuer: str | None = None,
 ) -> str:
-    """A development HS256 token with the live service's claim layout (REFERENCE.md)."""
+    """A development HS256 token with the live service's claim layout (`sub`, `type`, `account`,
+    `project`, `permissions`)."""
     now = int(time.time())
     claims: dict[str, Any] = {
         "sub": user,

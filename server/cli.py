@@ -1,4 +1,4 @@
-"""`workflow-runs`: the console command (DESIGN.md, "Interfaces that stay stable").
+"""`workflow-runs`: the console command (its subcommands and flags are a stable interface).
 
 dev     the embedded stack: Temporal dev server, Redis, sample worker and the API, in the foreground
 serve   the API only, configured from the environment

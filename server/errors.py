@@ -1,4 +1,4 @@
-"""Every error, whoever raises it, leaves as the one JSON error body of REFERENCE.md:
+"""Every error, whoever raises it, leaves as the one JSON error body of the document's `Error` schema:
 
     {"error": "Not Found", "status": 404, "message": "...", "errorCode": "not_found"}
 

@@ -228,8 +228,8 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 class QueryTokenForStreams:
     """A browser EventSource cannot set headers, so the stream operation also takes the token as the
-    `access_token` query parameter (REFERENCE.md). Only there: on any other path it is left alone,
-    and strict validation refuses it as an unknown parameter."""
+    `access_token` query parameter, as the live service's clients send it. Only there: on any other
+    path it is left alone, and strict validation refuses it as an unknown parameter."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -1,4 +1,4 @@
-"""Teaching Connexion 3.3 to serve an OpenAPI 3.1 document (DESIGN.md decision 2).
+"""Teaching Connexion 3.3 to serve an OpenAPI 3.1 document, the project's single source.
 
 Connexion 3.3 refuses any `openapi: 3.1.x` document (its spec check pins 3.0) and validates with
 JSON Schema Draft 4, whose meaning differs from 3.1's JSON Schema 2020-12 (`const` ignored, a numeric

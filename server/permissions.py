@@ -1,4 +1,4 @@
-"""Permission checks shared by every handler (REFERENCE.md: permissions needed per operation)."""
+"""Permission checks shared by every handler (the permission each operation needs is in its description)."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ class Settings:
     jwt_audience: str | None = field(default_factory=lambda: _opt("JWT_AUDIENCE"))
     jwt_issuer: str | None = field(default_factory=lambda: _opt("JWT_ISSUER"))
     jwt_leeway_seconds: int = field(default_factory=lambda: _int("JWT_LEEWAY_SECONDS", 30))
-    # Response validation costs a lot on large payloads (TOOLING.md 2.5): on in dev, tests and CI.
+    # Response validation costs a lot on large payloads: on in dev, tests and CI, off in production.
     validate_responses: bool = field(default_factory=lambda: os.environ.get("VALIDATE_RESPONSES", "0") == "1")
     # Three hot operations served without Connexion's middlewares, same answers (server/fast_lane.py).
     fast_lane: bool = field(default_factory=lambda: os.environ.get("FAST_LANE", "1") == "1")

@@ -7,7 +7,7 @@ to its `end` event). Prints one `ok ...` line per step and `SMOKE OK python` at 
 
 The generated package is imported from build/clients/python (PYTHONPATH). Its `stream_workflow_run_updates` is not
 used: OpenAPI 3.1 gives text/event-stream no semantics, and the generator parses the whole body as one event object,
-which fails (TOOLING §7). The stream is read over the generated client's own httpx client with the small SSE parser
+which fails. The stream is read over the generated client's own httpx client with the small SSE parser
 below, and each `data` becomes the generated `RunUpdate` / `StreamControl` model.
 """
 

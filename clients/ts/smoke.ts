@@ -6,7 +6,7 @@
 // (a closed run whose stream is read to its `end` event). Prints one `ok ...` line per step and
 // `SMOKE OK typescript` at the end; any failure exits 1.
 //
-// OpenAPI 3.1 gives text/event-stream no semantics and openapi-typescript has no SSE parser (TOOLING §7, §8):
+// OpenAPI 3.1 gives text/event-stream no semantics and openapi-typescript has no SSE parser:
 // the stream is fetched through the typed client with `parseAs: "stream"` and parsed by the small SSE
 // consumer below; each `data` is then read as the generated `RunUpdate` / `StreamControl` type.
 import createClient from "openapi-fetch";

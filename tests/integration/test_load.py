@@ -75,7 +75,7 @@ def start_runs(env: Mapping[str, str], count: int, *, project: str, user: str) -
 
 
 def assert_error_body(response: httpx.Response, status: int) -> dict[str, Any]:
-    """The JSON error body of REFERENCE.md, plus Retry-After on 429 and 503."""
+    """The document's JSON error body, plus Retry-After on 429 and 503."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body: dict[str, Any] = response.json()

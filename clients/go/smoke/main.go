@@ -7,7 +7,7 @@
 // Prints one `ok ...` line per step and `SMOKE OK go` at the end; any failure exits 1.
 //
 // The generated StreamWorkflowRunUpdates decodes the whole text/event-stream body as one RunUpdateEvent
-// (OpenAPI 3.1 gives SSE no semantics, TOOLING §7), so the stream is read by hand below and each `data`
+// (OpenAPI 3.1 gives SSE no semantics), so the stream is read by hand below and each `data`
 // is decoded into the generated RunUpdate / StreamControl models.
 package main
 
