@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from backends.errors import Conflict, NotFound
@@ -12,6 +13,15 @@ from backends.protocol import Action, Principal, RunFilters, RunPage, RunRef, Up
 from backends.redis_updates import encode_update
 from server.context import Backends
 from server.settings import Settings
+
+
+def app_settings(secret: str, **overrides: Any) -> Settings:
+    """The settings of an app on these fakes: HS256 tokens signed with `secret` (no key server),
+    every response validated against the document, plus `overrides`."""
+    return replace(
+        Settings(), jwt_secret=secret, jwt_public_key=None, jwks_url=None, validate_responses=True, **overrides
+    )
+
 
 RUN_ID = "3f1c9a52-8b7e-4d21-9c55-0a6e2b7d41f8"
 WORKFLOW_ID = "ingest-doc-7f3a2c"

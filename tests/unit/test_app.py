@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import jwt
@@ -15,7 +14,7 @@ import handlers
 from server.app import create_app, published_document
 from server.auth import mint_token
 from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, fake_backends_factory
+from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, fake_backends_factory
 
 SECRET = "app-unit-test-secret-" + "x" * 48
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
@@ -34,7 +33,7 @@ OPERATIONS: dict[str, tuple[str, str, Any]] = {
 
 
 def settings() -> Settings:
-    return replace(Settings(), jwt_secret=SECRET, jwt_public_key=None, jwks_url=None, validate_responses=True)
+    return app_settings(SECRET)
 
 
 @pytest.fixture(scope="module")

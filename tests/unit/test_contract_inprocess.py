@@ -3,7 +3,6 @@ shows up in the ordinary test run too (`make contract-test` is the full run on t
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import schemathesis
@@ -11,12 +10,11 @@ from hypothesis import HealthCheck, settings
 
 from server.app import create_app
 from server.auth import mint_token
-from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, fake_backends_factory
+from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, fake_backends_factory
 
 SECRET = "inprocess-contract-secret-" + "x" * 40
 APP = create_app(
-    replace(Settings(), jwt_secret=SECRET, jwt_public_key=None, jwks_url=None, validate_responses=True),
+    app_settings(SECRET),
     fake_backends_factory(FakeRuns(status="COMPLETED")),
 )
 schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", APP)

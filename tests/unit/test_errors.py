@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from server.app import create_app
 from server.auth import mint_token
 from server.errors import MAX_MESSAGE_CHARS, MAX_QUOTED_CHARS, UNAVAILABLE, UNAVAILABLE_DEFAULT, bounded
 from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
 
 SECRET = "errors-unit-test-secret-" + "x" * 40
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
@@ -55,9 +54,7 @@ RUNS = FailingRuns()
 
 
 def settings(fast_lane: bool) -> Settings:
-    return replace(
-        Settings(), jwt_secret=SECRET, jwt_public_key=None, jwks_url=None, validate_responses=True, fast_lane=fast_lane
-    )
+    return app_settings(SECRET, fast_lane=fast_lane)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fast-lane", "connexion"])

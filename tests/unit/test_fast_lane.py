@@ -28,6 +28,7 @@ from server.app import create_app, published_document
 from server.auth import TokenVerifier, mint_token
 from server.fast_lane import FastLane
 from server.settings import Settings
+from tests.unit import fakes
 from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
 
 SECRET = "fast-lane-unit-test-secret-" + "x" * 40
@@ -49,15 +50,7 @@ class Updates(FakeUpdates):
 
 
 def app_settings(fast_lane: bool) -> Settings:
-    return replace(
-        Settings(),
-        jwt_secret=SECRET,
-        jwt_public_key=None,
-        jwks_url=None,
-        validate_responses=True,
-        fast_lane=fast_lane,
-        max_body_bytes=4096,
-    )
+    return fakes.app_settings(SECRET, fast_lane=fast_lane, max_body_bytes=4096)
 
 
 UPDATES = Updates()

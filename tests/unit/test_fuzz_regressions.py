@@ -13,7 +13,6 @@ the ASGI app with fake backends, so it stays fixed without the live stack.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -23,7 +22,7 @@ from backends.protocol import Principal, RunFilters, RunPage
 from server.app import create_app
 from server.auth import mint_token
 from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
 
 SECRET = "fuzz-regressions-secret-" + "x" * 48
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
@@ -81,15 +80,7 @@ class RecordingUpdates(FakeUpdates):
 
 def settings() -> Settings:
     # Rate limits off: a test here sends more than a caller's burst, and a 429 is not under test.
-    return replace(
-        Settings(),
-        jwt_secret=SECRET,
-        jwt_public_key=None,
-        jwks_url=None,
-        validate_responses=True,
-        rate_limit_temporal_per_second=0,
-        rate_limit_updates_per_second=0,
-    )
+    return app_settings(SECRET, rate_limit_temporal_per_second=0, rate_limit_updates_per_second=0)
 
 
 @pytest.fixture(scope="module")

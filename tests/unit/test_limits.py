@@ -25,7 +25,7 @@ from server.app import create_app
 from server.auth import mint_token
 from server.context import Backends
 from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
 
 SECRET = "limits-unit-test-secret-" + "x" * 48
 STREAM = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}/stream"
@@ -205,16 +205,7 @@ class Driver:
 
 
 def settings(**overrides: Any) -> Settings:
-    base = replace(
-        Settings(),
-        jwt_secret=SECRET,
-        jwt_public_key=None,
-        jwks_url=None,
-        validate_responses=True,
-        sse_heartbeat_seconds=3600,
-        max_streams_per_principal=2,
-        max_streams_per_process=3,
-    )
+    base = app_settings(SECRET, sse_heartbeat_seconds=3600, max_streams_per_principal=2, max_streams_per_process=3)
     return replace(base, **overrides)
 
 

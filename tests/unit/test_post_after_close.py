@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from server.app import create_app
 from server.auth import mint_token
-from server.settings import Settings
-from tests.unit.fakes import RUN_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from tests.unit.fakes import RUN_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
 
 SECRET = "post-after-close-unit-test-secret-" + "x" * 40
 POST = f"/api/v1/workflows/runs/{RUN_ID}/updates"
@@ -26,15 +24,7 @@ def fast_lane(request: pytest.FixtureRequest) -> bool:
 
 def post(fast_lane: bool, runs: FakeRuns) -> tuple[Any, FakeUpdates]:
     updates = FakeUpdates()
-    settings = replace(
-        Settings(),
-        jwt_secret=SECRET,
-        jwt_public_key=None,
-        jwks_url=None,
-        validate_responses=True,
-        fast_lane=fast_lane,
-        post_after_close_seconds=WINDOW,
-    )
+    settings = app_settings(SECRET, fast_lane=fast_lane, post_after_close_seconds=WINDOW)
     headers = {"Authorization": f"Bearer {mint_token(SECRET, user='u1', project='p1')}"}
     with create_app(settings, fake_backends_factory(runs, updates)).test_client() as client:
         return client.post(POST, json={"type": "COMPLETE", "message": "late"}, headers=headers), updates
