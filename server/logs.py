@@ -47,6 +47,16 @@ def _with_request_id(record: logging.LogRecord) -> bool:
     return True
 
 
+# Lines waiting for the writer thread, at most; and the characters of a client-chosen field kept.
+MAX_PENDING_LINES = 20_000
+MAX_FIELD_CHARS = 1024
+
+
+def clip(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """`text` cut to `limit` characters (a request path or query can be as long as a whole head)."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 class AccessLog:
     """The access log: one JSON line per request, in the same shape as the other log lines.
 
@@ -54,10 +64,17 @@ class AccessLog:
     wake-up per line: ~17% of the CPU of a run-details request, measured): the request serialises
     its line with orjson and queues the bytes; a background thread wakes every `interval` seconds
     and writes whatever has queued in one write. A slow terminal or pipe never stalls the loop.
-    Until `start` is called (tests, library use), lines are dropped."""
+    Until `start` is called (tests, library use), lines are dropped.
 
-    def __init__(self, interval: float = 0.05) -> None:
+    The queue is bounded: with the output blocked (a pipe nobody reads) it would otherwise grow
+    with every request. Beyond `max_pending` lines, new lines are dropped and counted, and the
+    count is written as a line of its own once the output takes lines again. With the fields the
+    middleware clips (`clip`), that is at most a few tens of MB."""
+
+    def __init__(self, interval: float = 0.05, max_pending: int = MAX_PENDING_LINES) -> None:
         self.interval = interval
+        self.max_pending = max_pending
+        self._dropped = 0  # counted on the event loop, reported (and reset) by the writer: approximate
         self._lines: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._output: IO[bytes] | None = None
         self._stop = threading.Event()
@@ -66,6 +83,9 @@ class AccessLog:
 
     def write(self, message: str, fields: dict[str, Any]) -> None:
         if self._output is None:
+            return
+        if self._lines.qsize() >= self.max_pending:
+            self._dropped += 1
             return
         line = entry(time.time(), "info", "workflow_runs.access", message, request_id_var.get())
         self._lines.put(orjson.dumps({**line, **fields}, default=str))
@@ -95,6 +115,10 @@ class AccessLog:
         with contextlib.suppress(queue.Empty):
             while True:
                 batch.append(self._lines.get_nowait())
+        dropped, self._dropped = self._dropped, 0
+        if dropped:
+            message = f"{dropped} access log lines dropped: the log output did not keep up"
+            batch.append(orjson.dumps(entry(time.time(), "warning", "workflow_runs.access", message, None)))
         output = self._output
         if batch and output is not None:
             try:

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.errors import PayloadTooLarge
 from server import errors
-from server.logs import access_log, monotonic_ms, request_id_var
+from server.logs import access_log, clip, monotonic_ms, request_id_var
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 STREAM_AUTH_PARAM = "access_token"  # the stream's token in the query: accepted there, never logged
@@ -98,13 +98,13 @@ class RequestContext:
             status = status or 500  # what the server answers for an exception that got this far
             raise
         finally:
-            method, path = scope["method"], scope["path"]
+            method, path = scope["method"], clip(scope["path"])
             access_log.write(
                 f"{method} {path} {status or CLIENT_GONE_STATUS}",
                 {
                     "method": method,
                     "path": path,
-                    "query": redacted_query(scope.get("query_string", b"")),
+                    "query": clip(redacted_query(scope.get("query_string", b""))),
                     "status": status or CLIENT_GONE_STATUS,
                     "duration_ms": monotonic_ms(start),
                 },

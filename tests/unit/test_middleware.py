@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from server import middleware
-from server.logs import AccessLog
+from server.logs import MAX_FIELD_CHARS, AccessLog, clip
 from server.middleware import redacted_query
 from tests.unit.test_fast_lane import FAST, GET, auth, token
 
@@ -140,3 +140,20 @@ def test_a_failed_write_loses_its_batch_not_the_log() -> None:
     log.write("GET /c 200", {"status": 200})  # after stop: dropped
     log.stop()
     assert [orjson.loads(line)["msg"] for line in output.getvalue().splitlines()] == ["GET /b 200"]
+
+
+def test_a_blocked_log_output_bounds_the_queue_and_reports_what_it_dropped() -> None:
+    log, output = AccessLog(interval=3600, max_pending=3), io.BytesIO()
+    log.start(output)
+    for index in range(5):  # the writer never runs: as with an output that does not take lines
+        log.write(f"GET /{index} 200", {"status": 200})
+    log.stop()
+    lines = [orjson.loads(line) for line in output.getvalue().splitlines()]
+    assert [line["msg"] for line in lines[:3]] == ["GET /0 200", "GET /1 200", "GET /2 200"]
+    assert len(lines) == 4 and "2 access log lines dropped" in lines[3]["msg"]
+
+
+def test_a_long_path_and_query_are_clipped_in_the_access_log() -> None:
+    assert clip("a" * 10) == "a" * 10
+    clipped = clip("a" * 5000)
+    assert len(clipped) == MAX_FIELD_CHARS and clipped.endswith("\u2026")
