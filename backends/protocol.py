@@ -65,7 +65,7 @@ class RunRef:
 
     workflow_id: str
     run_id: str
-    closed: bool  # as last seen by this process (`RunsBackend.is_closed` asks Temporal)
+    closed: bool  # as last seen by this process (`RunsBackend.closed_status` asks Temporal)
     # When it closed (epoch seconds); None while open, or when the backend cannot tell.
     closed_at: float | None = None
 
@@ -91,8 +91,6 @@ class RunsBackend(Protocol):
     async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
         """Resolve a run by run id (and workflow id when known); `NotFound` if not visible."""
         ...
-
-    async def is_closed(self, workflow_id: str, run_id: str) -> bool: ...
 
     async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
         """The run's closed status ("COMPLETED", "FAILED", ...) once it is closed, None while it

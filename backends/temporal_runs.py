@@ -14,7 +14,7 @@ rendered as it comes, and reading stops at the first event that does not fit.
 
 Update operations look runs up by id (`find_run`) many times: what is learnt is kept (`_known`), and
 so is, for a short while, that a run does not exist (`_missing`), or is not the run of the workflow
-id asked. Streams ask whether their run has closed (`closed_status`, `is_closed`): concurrent askers
+id asked. Streams ask whether their run has closed (`closed_status`): concurrent askers
 of one run share one describe, and a close, once seen, is answered from memory.
 """
 
@@ -454,7 +454,7 @@ class TemporalRunsBackend:
         """`known` as Temporal describes it now. While Temporal does not answer, what was known
         stands: runs already known keep taking updates through a Temporal outage."""
         try:
-            await self.is_closed(known.workflow_id, run_id)
+            await self._described_status(known.workflow_id, run_id)
         except BackendUnavailable:
             return known
         except NotFound:
@@ -480,12 +480,6 @@ class TemporalRunsBackend:
     @staticmethod
     def _ref(run_id: str, known: _KnownRun) -> RunRef:
         return RunRef(workflow_id=known.workflow_id, run_id=run_id, closed=known.closed, closed_at=known.closed_at)
-
-    async def is_closed(self, workflow_id: str, run_id: str) -> bool:
-        known = self._known.get(run_id)
-        if known is not None and known.closed and known.workflow_id == workflow_id:
-            return True
-        return await self._described_status(workflow_id, run_id) != "RUNNING"
 
     async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
         known = self._known.get(run_id)

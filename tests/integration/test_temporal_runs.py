@@ -530,10 +530,10 @@ async def test_a_run_beyond_its_retries_fails_with_an_error(
         await backend.signal(me, workflow_id, run_id, "UserInput", {"message": "hi"})
 
 
-# -- find_run, is_closed, availability --------------------------------------------------------
+# -- find_run, closed_status, availability --------------------------------------------------------
 
 
-async def test_find_run_by_run_id_and_is_closed(
+async def test_find_run_by_run_id_and_closed_status(
     client: Client, worker: str, backend: TemporalRunsBackend, project: str
 ) -> None:
     me = principal(project)
@@ -558,13 +558,13 @@ async def test_find_run_by_run_id_and_is_closed(
         await other.find_run(principal("another-project"), run_id)
     with pytest.raises(NotFound):
         await other.find_run(me, str(uuid.uuid4()))
-    assert await other.is_closed(workflow_id, run_id) is False
+    assert await other.closed_status(workflow_id, run_id) is None
 
     await backend.apply_action(me, workflow_id, run_id, "terminate", None)
-    assert await other.is_closed(workflow_id, run_id) is True
+    assert await other.closed_status(workflow_id, run_id) == "TERMINATED"
     assert (await other.find_run(me, run_id)).closed is True
     with pytest.raises(NotFound):
-        await other.is_closed(workflow_id, str(uuid.uuid4()))
+        await other.closed_status(workflow_id, str(uuid.uuid4()))
 
 
 async def test_ping(backend: TemporalRunsBackend) -> None:
@@ -885,7 +885,7 @@ async def test_closed_status_is_one_shared_describe_and_a_close_is_remembered(
     monkeypatch.setattr(runs, "_describe_status", counted)
     # Many streams of one run polling at once: one describe answers them all.
     assert await asyncio.gather(*(runs.closed_status(workflow_id, run_id) for _ in range(20))) == [None] * 20
-    assert await runs.is_closed(workflow_id, run_id) is False
+    assert await runs.closed_status(workflow_id, run_id) is None
     assert len(describes) == 2  # and a later poll asks again: "open" is only true when asked
 
     await backend_terminate(client, workflow_id, run_id)
@@ -894,7 +894,6 @@ async def test_closed_status_is_one_shared_describe_and_a_close_is_remembered(
     assert len(describes) == 3
     # A close is final: every later poll is answered from memory, with the status get_run shows.
     assert await runs.closed_status(workflow_id, run_id) == "TERMINATED"
-    assert await runs.is_closed(workflow_id, run_id) is True
     assert len(describes) == 3
     assert (await runs.get_run(principal(project), workflow_id, run_id))["status"] == "TERMINATED"
     with pytest.raises(NotFound):

@@ -103,9 +103,6 @@ class FakeRuns:
             workflow_id=WORKFLOW_ID, run_id=RUN_ID, closed=closed, closed_at=self.closed_at if closed else None
         )
 
-    async def is_closed(self, workflow_id: str, run_id: str) -> bool:
-        return self.status != "RUNNING"
-
     async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
         return None if self.status == "RUNNING" else self.status
 
