@@ -8,7 +8,7 @@ export REDOCLY_TELEMETRY := off
 export REDOCLY_SUPPRESS_UPDATE_NOTICE := true
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test unit contract-test generate check-generated bundle lint lint-spec typecheck format clean
+.PHONY: help install run test unit contract-test generate check-generated bundle lint lint-imports lint-spec typecheck format clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -27,7 +27,7 @@ include make/spec.mk make/clients.mk make/browser.mk make/bench.mk make/fuzz.mk
 run: install  ## the API on the embedded stack (Temporal dev server, Redis, sample worker)
 	$(BIN)/workflow-runs dev
 
-test: install lint typecheck lint-spec check-generated browser-deps clients-deps  ## the whole suite (what CI runs)
+test: install lint lint-imports typecheck lint-spec check-generated browser-deps clients-deps  ## the whole suite (what CI runs)
 	$(BIN)/pytest
 	$(BIN)/python -m contract_tests.run
 
@@ -46,6 +46,10 @@ check-generated: install bundle  ## fail when generated/ is stale
 lint: install  ## ruff (lint + format check)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The contracts are [tool.importlinter] in pyproject.toml; its cache goes to build/, which git ignores.
+lint-imports: install  ## import-linter: the one-way layers of ARCHITECTURE.md (cli > web > handlers | backends > core)
+	$(BIN)/lint-imports --no-logo --cache-dir build/import-linter
 
 format: install  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .

@@ -23,8 +23,8 @@ import logging
 import re
 import secrets
 
-from backends.errors import InvalidInput
-from server.settings import Settings
+from core.errors import InvalidInput
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -56,8 +56,6 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
-from backends.errors import InvalidInput, PayloadTooLarge
-from backends.protocol import UpdateEvent
 from backends.update_hub import (
     MAX_SEQ,
     StreamId,
@@ -69,10 +67,11 @@ from backends.update_hub import (
     parse_id,
     range_entries,
 )
-from server.settings import Settings
+from core.errors import InvalidInput, PayloadTooLarge
+from core.protocols import UpdateEvent
+from core.settings import Settings
 
 MAX_UPDATES_PER_RUN = 1000
-MAX_UPDATE_BYTES_PER_RUN = 8_388_608  # the default of `Settings.max_update_bytes_per_run`
 TTL_SECONDS = 90 * 24 * 3600
 MAX_MESSAGE_BYTES = 65_536  # UTF-8 bytes of `message`
 MAX_DETAILS_BYTES = 262_144  # bytes of `details` serialised as JSON
@@ -277,15 +276,16 @@ def request_pool(url: str, max_connections: int, timeout: float, client_name: st
 
 
 class RedisUpdatesBackend:
-    """`UpdatesBackend` on Redis Streams; build it with `await RedisUpdatesBackend.from_url(...)`."""
+    """`UpdatesBackend` on Redis Streams; build it with `await RedisUpdatesBackend.from_url(...)`,
+    which passes the settings' bytes bound of a run (`max_update_bytes_per_run`) as `max_bytes`."""
 
     def __init__(
         self,
         client: Redis,
         hub: UpdateHub,
         *,
+        max_bytes: int,
         max_updates: int = MAX_UPDATES_PER_RUN,
-        max_bytes: int = MAX_UPDATE_BYTES_PER_RUN,
         ttl_seconds: int = TTL_SECONDS,
     ) -> None:
         self._client = client
@@ -428,10 +428,6 @@ class RunUpdateStream:
         self._reading_history = True
         self._draining = False
         self._ended = False
-
-    @property
-    def cursor(self) -> str | None:
-        return None if self._cursor is None else format_id(self._cursor)
 
     async def load_page(self) -> None:
         history = await self._backend.read_page(self._run_id, self._cursor)

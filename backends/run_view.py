@@ -24,7 +24,7 @@ from temporalio.api.workflow.v1 import PendingActivityInfo, WorkflowExecutionInf
 from temporalio.common import TypedSearchAttributes
 from temporalio.converter import DataConverter
 
-from backends.search_attributes import (
+from core.search_attributes import (
     INITIATED_BY,
     INTERACTION_NAME,
     IS_CONVERSATION,

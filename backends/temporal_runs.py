@@ -42,10 +42,7 @@ from temporalio.client import Client, WorkflowExecutionDescription, WorkflowHand
 from temporalio.converter import decode_typed_search_attributes
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
-from backends import temporal_connection
-from backends.errors import BackendUnavailable, Conflict, Forbidden, InvalidInput, NotFound
 from backends.page_tokens import PageTokens, page_token_key
-from backends.protocol import JSON, Action, Principal, RunFilters, RunPage, RunRef
 from backends.run_view import (
     RUNNING,
     HistoryView,
@@ -56,7 +53,11 @@ from backends.run_view import (
     summary,
 )
 from backends.visibility_query import build_query, page_size_of, quote
-from server.settings import Settings
+from core import temporal_connection
+from core.errors import BackendUnavailable, Conflict, Forbidden, InvalidInput, NotFound
+from core.principals import Principal
+from core.protocols import JSON, Action, RunFilters, RunPage, RunRef
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +118,14 @@ def _closed_at(info: WorkflowExecutionInfo) -> float | None:
     return float(info.close_time.ToMicroseconds()) / 1e6 if info.HasField("close_time") else time.time()
 
 
-def _not_found(workflow_id: str | None, run_id: str) -> NotFound:
+def _not_found(run_id: str) -> NotFound:
     # Built from the run id alone: a missing run and another project's run read the same, whichever
     # operation (details, action, signal, updates) was asked.
     return NotFound(f"Workflow run {run_id} was not found.")
 
 
 class TemporalRunsBackend:
-    """`backends.protocol.RunsBackend` over a Temporal client."""
+    """`core.protocols.RunsBackend` over a Temporal client."""
 
     def __init__(
         self,
@@ -184,14 +185,10 @@ class TemporalRunsBackend:
             open_status_seconds=settings.post_after_close_seconds,
         )
 
-    @property
-    def client(self) -> Client:
-        return self._client
-
     # -- error translation -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _temporal(self, what: str, *, workflow_id: str | None = None, run_id: str = "") -> AsyncIterator[None]:
+    async def _temporal(self, what: str, *, run_id: str = "") -> AsyncIterator[None]:
         """Bound the block by the operation deadline and translate Temporal's errors. With a
         `run_id`, NOT_FOUND and INVALID_ARGUMENT (a malformed id) mean the run does not exist."""
         try:
@@ -204,7 +201,7 @@ class TemporalRunsBackend:
                     f"Temporal could not {what}: {err.status.name} {err.message}", backend="temporal"
                 ) from err
             if run_id and err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
-                raise _not_found(workflow_id, run_id) from err
+                raise _not_found(run_id) from err
             if err.status == RPCStatusCode.INVALID_ARGUMENT:
                 # Caused by the input (e.g. `query` names an attribute the namespace does not have):
                 # the caller's to fix, in our words; Temporal's are for the log.
@@ -258,9 +255,9 @@ class TemporalRunsBackend:
         del self._missing[key]
         return False
 
-    def _check_scope(self, principal: Principal, scope: RunScope, workflow_id: str | None, run_id: str) -> None:
+    def _check_scope(self, principal: Principal, scope: RunScope, run_id: str) -> None:
         if not scope.visible_to(principal.project_id, principal.ref, principal.superadmin):
-            raise _not_found(workflow_id, run_id)
+            raise _not_found(run_id)
 
     async def _describe(
         self, principal: Principal, workflow_id: str, run_id: str
@@ -277,10 +274,10 @@ class TemporalRunsBackend:
         description = await handle.describe(rpc_timeout=self._rpc_timeout)
         info = description.raw_description.workflow_execution_info
         if info.execution.run_id != run_id or info.execution.workflow_id != workflow_id:
-            raise _not_found(workflow_id, run_id)
+            raise _not_found(run_id)
         scope = RunScope.of(description.typed_search_attributes)
         self._remember(run_id, workflow_id, scope, info)
-        self._check_scope(principal, scope, workflow_id, run_id)
+        self._check_scope(principal, scope, run_id)
         return handle, description, scope
 
     # -- RunsBackend -------------------------------------------------------------------------
@@ -288,7 +285,7 @@ class TemporalRunsBackend:
     async def get_run(self, principal: Principal, workflow_id: str, run_id: str) -> dict[str, JSON]:
         converter = self._client.data_converter
         view = HistoryView(converter, max_bytes=self._max_history_bytes)
-        async with self._temporal("describe run", workflow_id=workflow_id, run_id=run_id):
+        async with self._temporal("describe run", run_id=run_id):
             handle, description, scope = await self._describe_scoped(principal, workflow_id, run_id)
             info = description.raw_description.workflow_execution_info
             async for event in handle.fetch_history_events(page_size=HISTORY_PAGE_SIZE, rpc_timeout=self._rpc_timeout):
@@ -370,7 +367,7 @@ class TemporalRunsBackend:
     ) -> None:
         if action not in ("cancel", "terminate"):
             raise InvalidInput("action must be cancel or terminate.")
-        async with self._temporal(f"{action} run", workflow_id=workflow_id, run_id=run_id):
+        async with self._temporal(f"{action} run", run_id=run_id):
             handle, description = await self._describe(principal, workflow_id, run_id)
             self._ensure_open(description, run_id)
             try:
@@ -385,7 +382,7 @@ class TemporalRunsBackend:
     async def signal(
         self, principal: Principal, workflow_id: str, run_id: str, signal_name: str, payload: dict[str, JSON]
     ) -> None:
-        async with self._temporal("signal run", workflow_id=workflow_id, run_id=run_id):
+        async with self._temporal("signal run", run_id=run_id):
             handle, description = await self._describe(principal, workflow_id, run_id)
             self._ensure_open(description, run_id)
             try:
@@ -420,11 +417,11 @@ class TemporalRunsBackend:
             # whether an open run has closed since.
             if not self._fresh(known):
                 known = await self._refresh(run_id, known)
-            self._check_scope(principal, known.scope, workflow_id, run_id)
+            self._check_scope(principal, known.scope, run_id)
             return self._ref(run_id, known)
         key = (run_id, workflow_id)
         if self._known_missing(key):
-            raise _not_found(workflow_id, run_id)
+            raise _not_found(run_id)
         try:
             await self._look_up(principal, run_id, workflow_id)
         except NotFound:
@@ -435,19 +432,19 @@ class TemporalRunsBackend:
             raise
         self._missing.pop(key, None)
         known = self._known[run_id]
-        self._check_scope(principal, known.scope, workflow_id, run_id)
+        self._check_scope(principal, known.scope, run_id)
         return self._ref(run_id, known)
 
     async def _look_up(self, principal: Principal, run_id: str, workflow_id: str | None) -> None:
         """Ask Temporal for the run (it is remembered); NotFound when it is not there."""
-        async with self._temporal("find run", workflow_id=workflow_id, run_id=run_id):
+        async with self._temporal("find run", run_id=run_id):
             if workflow_id is not None:
                 # Describe needs no visibility index, so a run started a moment ago is found too.
                 await self._describe(principal, workflow_id, run_id)
             else:
                 page = await self._list(f"RunId = {quote(run_id)}", 1, b"")
                 if not page.executions:
-                    raise _not_found(None, run_id)
+                    raise _not_found(run_id)
                 await self._summary(page.executions[0])
 
     async def _refresh(self, run_id: str, known: _KnownRun) -> _KnownRun:
@@ -502,7 +499,7 @@ class TemporalRunsBackend:
         return await asyncio.shield(check)
 
     async def _describe_status(self, workflow_id: str, run_id: str) -> str | None:
-        async with self._temporal("describe run", workflow_id=workflow_id, run_id=run_id):
+        async with self._temporal("describe run", run_id=run_id):
             handle = self._client.get_workflow_handle(workflow_id, run_id=run_id)
             description = await handle.describe(rpc_timeout=self._rpc_timeout)
         info = description.raw_description.workflow_execution_info

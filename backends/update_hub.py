@@ -34,7 +34,8 @@ from typing import Any, TypeVar
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from backends.errors import BackendUnavailable
+from core.errors import BackendUnavailable
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ _SCRIPT_REPLY_CODE = re.compile(r": -([A-Z]+) ")
 FULL_RETRY_AFTER = 30
 FULL_MESSAGE = "The update store is full: the update was not stored. Retry later."
 UNAVAILABLE_MESSAGE = "The update store (Redis) is unavailable. Retry later."
-# A subscriber's undelivered live updates, in bytes, beyond which it is dropped (it resumes from
-# Redis): the run's own stored bound, `max_update_bytes_per_run`, is what the backend passes.
-DEFAULT_QUEUE_BYTES = 8_388_608
 
 
 def parse_id(raw: bytes | str) -> StreamId:
@@ -162,6 +160,9 @@ class Subscription:
     """One stream's view of a feed: a queue of `(id, data)` the hub fills, bounded in entries and
     in bytes (it always takes one entry, whatever its size).
 
+    `max_bytes` defaults to the bytes a run keeps by default (`Settings.max_update_bytes_per_run`);
+    the hub passes the configured value.
+
     A waiting `get` sleeps on a future the hub resolves; its deadline is kept by one timer per
     subscription that is re-armed only when it would fire after the wanted deadline (an early wake
     just waits again), so a delivery costs no timer of its own."""
@@ -178,7 +179,7 @@ class Subscription:
         "key",
     )
 
-    def __init__(self, key: str, maxsize: int, max_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
+    def __init__(self, key: str, maxsize: int, max_bytes: int = Settings.max_update_bytes_per_run) -> None:
         self.key = key
         self.closed_reason: str | None = None
         self._maxsize = maxsize
@@ -264,7 +265,10 @@ class UpdateHub:
 
     `reader` must be a client of its own (single connection, socket timeout above `block_ms`): the
     reader task is its only user. `commands` is the shared pool, used to resolve a new feed's
-    starting id and to wake the reader (`CLIENT UNBLOCK`) when the set of keys grows."""
+    starting id and to wake the reader (`CLIENT UNBLOCK`) when the set of keys grows. A subscriber
+    whose undelivered entries pass `queue_size` entries or `queue_bytes` bytes is dropped (it
+    resumes from Redis); the backend passes the run's own stored bound, `max_update_bytes_per_run`,
+    as `queue_bytes`."""
 
     def __init__(
         self,
@@ -272,9 +276,9 @@ class UpdateHub:
         commands: Redis,
         *,
         timeout: float,
+        queue_bytes: int,
         block_ms: int = 1000,
         queue_size: int = 1000,
-        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         read_count: int = 500,
         field: bytes = b"u",
     ) -> None:

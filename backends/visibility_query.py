@@ -26,11 +26,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 
-from backends.errors import Forbidden, InvalidInput
-from backends.protocol import RunFilters
+from core.errors import Forbidden, InvalidInput
+from core.protocols import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MIN_PAGE_SIZE, RunFilters
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 200
 # The document says the same (ListRunsRequest): 256 characters for a filter value, 2000 for `query`.
 MAX_VALUE_LENGTH = 256
 MAX_QUERY_LENGTH = 2000
@@ -163,8 +161,8 @@ def status_value(value: str) -> str:
 def page_size_of(value: object) -> int:
     if value is None:
         return DEFAULT_PAGE_SIZE
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PAGE_SIZE:
-        raise InvalidInput(f"page_size must be an integer from 1 to {MAX_PAGE_SIZE}.")
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_PAGE_SIZE <= value <= MAX_PAGE_SIZE:
+        raise InvalidInput(f"page_size must be an integer from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}.")
     return value
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import httpx
 
-from server import stack
-from server.auth import mint_token
+from cli import stack
+from core.tokens import mint_token
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "contract"
@@ -89,7 +89,7 @@ def embedded_target(profile: Profile) -> Iterator[Target]:
         "RATE_LIMIT_UPDATES_BURST": "100000",
         **profile.server_env,
     }
-    cli = [sys.executable, "-m", "server.cli"]
+    cli = [sys.executable, "-m", "cli.main"]
     children: list[stack.Child] = []
     with stack.running(children):
         children.append(stack.start_temporal(data_dir, port=temporal_port))

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.responses import Response
-
-from handlers.runs import filters_of, page_response
-from server.context import backends, principal_of
-from server.permissions import LIST_RUNS, require
+from core.principals import LIST_RUNS, Principal, require
+from handlers.deps import Deps
+from handlers.runs import filters_of, page_answer
 
 
-async def list_conversations(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> Response:
-    principal = require(principal_of(token_info), LIST_RUNS)
+async def list_conversations(deps: Deps, principal: Principal, *, body: dict[str, Any] | None = None) -> bytes:
+    require(principal, LIST_RUNS)
     filters = filters_of(body)
-    context = backends()
-    context.rates.charge_temporal(principal)  # a listing reaches Temporal (server.rate_limit)
-    return page_response(await context.runs.list_runs(principal, filters, conversations_only=True))
+    deps.rates.charge_temporal(principal)  # a listing reaches Temporal (handlers.rate_limits)
+    return page_answer(await deps.runs.list_runs(principal, filters, conversations_only=True))

@@ -1,9 +1,9 @@
 """Run operations: details, listing, cancel / terminate, signal.
 
 Thin by design: check the permission, charge the caller's rate limit (every operation here reaches
-Temporal: `server.rate_limit`), call the runs backend, shape the answer through the Pydantic model
-generated from the document, so that what leaves the server is what the contract says. Domain
-errors raised below become the JSON error body in `server.errors`.
+Temporal: `handlers.rate_limits`), call the runs backend, shape the answer through the Pydantic
+model generated from the document, so that what leaves the server is what the contract says.
+Domain errors raised below become the JSON error body in the HTTP layer.
 """
 
 from __future__ import annotations
@@ -12,20 +12,16 @@ import dataclasses
 from typing import Any
 
 from pydantic import BaseModel
-from starlette.responses import Response
 
-from backends.errors import InvalidInput
-from backends.protocol import RunFilters, RunPage
+from core.errors import InvalidInput
+from core.principals import ACT_ON_RUN, LIST_RUNS, READ_RUN, Principal, require
+from core.protocols import Action, RunFilters, RunPage
 from generated.models import ActionResult, SignalResult, WorkflowRun, WorkflowRunList
-from server.context import Backends, backends, principal_of
-from server.permissions import ACT_ON_RUN, LIST_RUNS, READ_RUN, require
+from handlers.deps import Deps
 
 FILTER_FIELDS = tuple(field.name for field in dataclasses.fields(RunFilters))
-ACTION_VERBS = {"cancel": "cancelled", "terminate": "terminated"}
-
-
-def respond(model: type[BaseModel], data: dict[str, Any]) -> Response:
-    return Response(serialised(model, data), media_type="application/json")
+ACTION_VERBS: dict[str, Action] = {"cancel": "cancel", "terminate": "terminate"}
+ACTION_DONE = {"cancel": "cancelled", "terminate": "terminated"}
 
 
 def serialised(model: type[BaseModel], data: dict[str, Any]) -> bytes:
@@ -43,59 +39,47 @@ def filters_of(body: dict[str, Any] | None) -> RunFilters:
     return RunFilters(**{name: body[name] for name in FILTER_FIELDS if body.get(name) is not None})
 
 
-def page_body(page: RunPage) -> dict[str, Any]:
-    return {"runs": page.runs, "next_page_token": page.next_page_token, "has_more": page.has_more}
+def page_answer(page: RunPage) -> bytes:
+    """A WorkflowRunList answer."""
+    return serialised(
+        WorkflowRunList, {"runs": page.runs, "next_page_token": page.next_page_token, "has_more": page.has_more}
+    )
 
 
-def page_response(page: RunPage) -> Response:
-    """A WorkflowRunList answer, as the response."""
-    return respond(WorkflowRunList, page_body(page))
+async def get_workflow_run(deps: Deps, principal: Principal, *, workflow_id: str, run_id: str) -> bytes:
+    require(principal, READ_RUN)
+    deps.rates.charge_temporal(principal)
+    return serialised(WorkflowRun, await deps.runs.get_run(principal, workflow_id, run_id))
 
 
-async def get_workflow_run(workflow_id: str, run_id: str, token_info: dict[str, Any]) -> Response:
-    return Response(await run_details(backends(), token_info, workflow_id, run_id), media_type="application/json")
-
-
-async def run_details(context: Backends, token_info: dict[str, Any], workflow_id: str, run_id: str) -> bytes:
-    """The body of getWorkflowRun (shared with `server.fast_lane`)."""
-    principal = require(principal_of(token_info), READ_RUN)
-    context.rates.charge_temporal(principal)
-    return serialised(WorkflowRun, await context.runs.get_run(principal, workflow_id, run_id))
-
-
-async def list_workflow_runs(token_info: dict[str, Any], body: dict[str, Any] | None = None) -> Response:
-    principal = require(principal_of(token_info), LIST_RUNS)
+async def list_workflow_runs(deps: Deps, principal: Principal, *, body: dict[str, Any] | None = None) -> bytes:
+    require(principal, LIST_RUNS)
     filters = filters_of(body)
-    context = backends()
-    context.rates.charge_temporal(principal)
-    return page_response(await context.runs.list_runs(principal, filters))
+    deps.rates.charge_temporal(principal)
+    return page_answer(await deps.runs.list_runs(principal, filters))
 
 
 async def apply_workflow_run_action(
-    workflow_id: str, run_id: str, action: str, token_info: dict[str, Any], body: dict[str, Any] | None = None
-) -> Response:
-    principal = require(principal_of(token_info), ACT_ON_RUN)
+    deps: Deps, principal: Principal, *, workflow_id: str, run_id: str, action: str, body: dict[str, Any] | None = None
+) -> bytes:
+    require(principal, ACT_ON_RUN)
     reason = body.get("reason") if isinstance(body, dict) else None
     if reason is not None and not isinstance(reason, str):
         raise InvalidInput("reason must be a string.")
-    if action not in ACTION_VERBS:
+    verb = ACTION_VERBS.get(action)
+    if verb is None:
         raise InvalidInput("action must be cancel or terminate.", details=f"got {action!r}")
-    context = backends()
-    context.rates.charge_temporal(principal)
-    if action == "cancel":
-        await context.runs.apply_action(principal, workflow_id, run_id, "cancel", reason)
-    else:
-        await context.runs.apply_action(principal, workflow_id, run_id, "terminate", reason)
-    return respond(ActionResult, {"message": f"Workflow {run_id} {ACTION_VERBS[action]}"})
+    deps.rates.charge_temporal(principal)
+    await deps.runs.apply_action(principal, workflow_id, run_id, verb, reason)
+    return serialised(ActionResult, {"message": f"Workflow {run_id} {ACTION_DONE[verb]}"})
 
 
 async def signal_workflow_run(
-    workflow_id: str, run_id: str, signal_name: str, body: dict[str, Any], token_info: dict[str, Any]
-) -> Response:
-    principal = require(principal_of(token_info), ACT_ON_RUN)
+    deps: Deps, principal: Principal, *, workflow_id: str, run_id: str, signal_name: str, body: dict[str, Any]
+) -> bytes:
+    require(principal, ACT_ON_RUN)
     if not isinstance(body, dict) or not isinstance(body.get("message"), str):
         raise InvalidInput("The signal body must be a JSON object with a string `message`.")
-    context = backends()
-    context.rates.charge_temporal(principal)
-    await context.runs.signal(principal, workflow_id, run_id, signal_name, body)
-    return respond(SignalResult, {"status": "success", "message": f"Workflow {run_id} signalled with {signal_name}"})
+    deps.rates.charge_temporal(principal)
+    await deps.runs.signal(principal, workflow_id, run_id, signal_name, body)
+    return serialised(SignalResult, {"status": "success", "message": f"Workflow {run_id} signalled with {signal_name}"})

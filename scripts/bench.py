@@ -1,7 +1,7 @@
 """`make bench`: every performance figure of the project's server, side by side with its ceiling.
 
 One command, one run. It starts what it needs in a temporary folder: a Temporal dev server, Redis,
-the sample worker (only while seeding), the project's server (`python -m server.cli serve`: uvicorn,
+the sample worker (only while seeding), the project's server (`python -m cli.main serve`: uvicorn,
 one worker, request validation on, `VALIDATE_RESPONSES=0`) and the bare baseline
 (`scripts.bench_baseline`), seeds real data, measures, prints a table and writes JSON (`--json`).
 
@@ -50,10 +50,11 @@ from typing import Any
 import httpx
 import orjson
 
+from cli import stack
+from core.settings import Settings
 from scripts import bench_profile
 from scripts.bench_load import Load, LoadResult, generate, wrk_path
 from scripts.bench_proc import CpuMeter, Placement, raise_open_files_limit, run_pinned, spawn_pinned
-from server import stack
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "bench"
@@ -163,7 +164,7 @@ def running_stack(data_dir: Path, placement: Placement, server_env: dict[str, st
     with stack.running(bench.children):
         bench.children.append(stack.start_temporal(data_dir, port=temporal_port))
         bench.children.append(stack.start_redis(data_dir, port=redis_port))
-        api = spawn_pinned("api", [*python, "server.cli", "serve"], logs, placement.servers, {**env, **server_env})
+        api = spawn_pinned("api", [*python, "cli.main", "serve"], logs, placement.servers, {**env, **server_env})
         bench.children.append(api)
         baseline_argv = [
             *python,
@@ -174,7 +175,7 @@ def running_stack(data_dir: Path, placement: Placement, server_env: dict[str, st
             bench.redis_url,
         ]
         bench.children.append(spawn_pinned("baseline", baseline_argv, logs, placement.servers, env))
-        bench.children.append(stack.spawn("worker", [*python, "server.cli", "worker"], logs, env))
+        bench.children.append(stack.spawn("worker", [*python, "cli.main", "worker"], logs, env))
         stack.wait_for_port("127.0.0.1", api_port, 60, api.proc)
         stack.wait_for_port("127.0.0.1", baseline_port, 60, bench.children[3].proc)
         bench.api_pid, bench.baseline_pid = api.proc.pid, bench.children[3].proc.pid
@@ -210,10 +211,8 @@ def seed(bench: Stack, config: Config) -> Seeds:
     from redis.asyncio import Redis
     from temporalio.client import Client
 
-    from backends.protocol import Principal, RunFilters
     from backends.redis_updates import (
         _APPEND,
-        MAX_UPDATE_BYTES_PER_RUN,
         MAX_UPDATES_PER_RUN,
         TTL_SECONDS,
         append_args,
@@ -221,7 +220,9 @@ def seed(bench: Stack, config: Config) -> Seeds:
         encode_update,
     )
     from backends.visibility_query import build_query
-    from server.auth import mint_token
+    from core.principals import Principal
+    from core.protocols import RunFilters
+    from core.tokens import mint_token
     from workloads.starter import start_workflow
 
     async def seed_all() -> Seeds:
@@ -252,7 +253,7 @@ def seed(bench: Stack, config: Config) -> Seeds:
                         args=append_args(
                             rest,
                             max_updates=MAX_UPDATES_PER_RUN,
-                            max_bytes=MAX_UPDATE_BYTES_PER_RUN,
+                            max_bytes=Settings.max_update_bytes_per_run,
                             ttl_seconds=TTL_SECONDS,
                         ),
                         client=pipe,
@@ -565,8 +566,8 @@ def meta(config: Config, placement: Placement, bench: Stack) -> dict[str, object
         "duration_s": config.duration,
         "warmup_s": config.warmup,
         "rounds": config.rounds,
-        "server": "python -m server.cli serve (uvicorn, 1 worker), VALIDATE_RESPONSES=0, request validation on",
-        "redis_appendfsync": os.environ.get("REDIS_APPENDFSYNC", "always"),
+        "server": "python -m cli.main serve (uvicorn, 1 worker), VALIDATE_RESPONSES=0, request validation on",
+        "redis_appendfsync": Settings.redis_appendfsync,
         "versions": versions(),
         "data_dir": str(bench.data_dir),
     }

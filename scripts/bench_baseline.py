@@ -12,7 +12,7 @@ is compared with the cheapest possible handler of the same work.
   the stored JSON passed through untouched inside `{"messages":[...]}`.
 
 The Redis pool has the server's settings (blocking pool of 32 connections, no retries) and uvicorn
-runs with the server's settings (`server.cli.serve`: one worker, auto loop and HTTP parser).
+runs with the server's settings (`cli.main.serve`: one worker, auto loop and HTTP parser).
 
     python -m scripts.bench_baseline --port 8101 --redis-url redis://127.0.0.1:6379/0
 """
@@ -32,7 +32,6 @@ from starlette.routing import Route
 
 from backends.redis_updates import (
     _APPEND,
-    MAX_UPDATE_BYTES_PER_RUN,
     MAX_UPDATES_PER_RUN,
     TTL_SECONDS,
     append_args,
@@ -42,6 +41,7 @@ from backends.redis_updates import (
     stream_key,
 )
 from backends.update_hub import entry_data
+from core.settings import Settings
 
 POOL_SIZE = 32  # RedisUpdatesBackend.from_url's default
 TIMEOUT_SECONDS = 10.0  # BACKEND_TIMEOUT_SECONDS's default
@@ -57,7 +57,7 @@ def create_app(redis_url: str) -> Starlette:
         run_id = request.path_params["run_id"]
         rest = encode_update(run_id, orjson.loads(await request.body()))
         args = append_args(
-            rest, max_updates=MAX_UPDATES_PER_RUN, max_bytes=MAX_UPDATE_BYTES_PER_RUN, ttl_seconds=TTL_SECONDS
+            rest, max_updates=MAX_UPDATES_PER_RUN, max_bytes=Settings.max_update_bytes_per_run, ttl_seconds=TTL_SECONDS
         )
         await append(keys=append_keys(run_id), args=args)
         return Response(SUCCESS, media_type="application/json")
@@ -93,7 +93,7 @@ def main() -> None:
     args.add_argument("--port", type=int, required=True)
     args.add_argument("--redis-url", required=True)
     options = args.parse_args()
-    # The same uvicorn settings as `server.cli.serve`.
+    # The same uvicorn settings as `cli.main.serve`.
     uvicorn.run(
         create_app(options.redis_url),
         host=options.host,

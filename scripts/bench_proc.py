@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.stack import Child, spawn
+from cli.stack import Child, spawn
 
 WANTED_OPEN_FILES = 65_536
 
@@ -76,7 +76,7 @@ def preexec(cores: frozenset[int]) -> Callable[[], None]:
 def spawn_pinned(
     name: str, argv: Sequence[str], log_dir: Path, cores: frozenset[int], env: dict[str, str] | None = None
 ) -> Child:
-    """`server.stack.spawn`, pinned to `cores` and with a raised open-files limit."""
+    """`cli.stack.spawn`, pinned to `cores` and with a raised open-files limit."""
     return spawn(name, argv, log_dir, env, setup=preexec(cores))
 
 

@@ -59,7 +59,7 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("JWT verification (PyJWT)", ("jwt/",)),
     ("request validation (connexion validators, jsonschema)", ("connexion/validators", "jsonschema")),
     ("parameter parsing (connexion decorators, uri_parsing)", ("connexion/decorators", "connexion/uri_parsing")),
-    ("access log (logging, server/logs.py)", ("logging/", "server/logs.py")),
+    ("access log (logging, web/logs.py)", ("logging/", "web/logs.py")),
     ("request id (uuid4)", ("uuid.py",)),
     ("Redis client (redis-py)", ("redis/",)),
     ("Temporal SDK (temporalio, protobuf)", ("temporalio/", "protobuf/", "google/")),
@@ -69,7 +69,7 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("connexion (routing, security, middleware)", ("connexion/",)),
     ("starlette", ("starlette/",)),
     ("uvicorn HTTP protocol", ("uvicorn/",)),
-    ("project code (server, handlers, backends)", ("server/", "handlers/", "backends/")),
+    ("project code (core, backends, handlers, web, cli)", ("core/", "backends/", "handlers/", "web/", "cli/")),
 )
 _GENERIC = (
     "asyncio/", "<frozen", "typing.py", "abc.py", "inspect.py", "functools.py", "contextlib.py", "enum.py",
@@ -89,13 +89,16 @@ def component(frames: list[str]) -> str:
     return EVENT_LOOP
 
 
+_REPOSITORY = str(Path(__file__).resolve().parents[1]) + "/"
+
+
 def _short(frame: str) -> str:
     """`handle (site-packages/connexion/foo.py:12)` → `handle (connexion/foo.py)`."""
     match = _FRAME.match(frame.strip())
     if match is None:
         return frame.strip()
     path = match["file"]
-    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+    for marker in ("site-packages/", "lib/python3.11/", _REPOSITORY):
         if marker in path:
             path = path.split(marker, 1)[1]
     return f"{match['function']} ({path})"

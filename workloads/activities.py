@@ -17,7 +17,7 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from server.auth import mint_token
+from core.tokens import mint_token
 from workloads.shared import (
     FLAKY_OPERATION,
     GENERATE_ANSWER,
@@ -42,7 +42,7 @@ HEARTBEAT_EVERY_SECONDS = 0.5
 class WorkloadActivities:
     """The activities of the sample workflows.
 
-    `api_url` None (or a secret provider that yields None) turns posting updates into a no-op that
+    `api_url` None (or no `secret` to sign tokens with) turns posting updates into a no-op that
     still appears in the run's history: the workflows then run without the API, as the backend's
     integration tests do."""
 
@@ -50,7 +50,7 @@ class WorkloadActivities:
         self,
         *,
         api_url: str | None,
-        secret: Callable[[], str | None] = lambda: None,
+        secret: str | None = None,
         audience: str | None = None,
         issuer: str | None = None,
         http_timeout: float = 5.0,
@@ -88,7 +88,7 @@ class WorkloadActivities:
 
         Transport errors, 404 (a run visibility has not indexed yet), 429 and 5xx are retried by
         the activity's retry policy; other answers are final."""
-        secret = self._secret()
+        secret = self._secret
         if not self.api_url or not secret:
             return UpdatePosted(posted=False, reason="the API is not configured for this worker")
         if not request.project:

@@ -10,7 +10,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
-from backends.search_attributes import (
+from core.search_attributes import (
     ACCOUNT_ID,
     DOCUMENT_ID,
     EVENT_NAME,
@@ -22,7 +22,6 @@ from backends.search_attributes import (
     VERTESIA_WORKFLOW_TYPE,
     VISIBILITY,
 )
-from server.settings import Settings
 from workloads.shared import (
     CONVERSATION_WORKFLOW,
     INGESTION_WORKFLOW,
@@ -76,13 +75,13 @@ async def start_workflow(
     document_id: str | None = None,
     event_name: str | None = None,
     rule_id: str | None = None,
-    task_queue: str | None = None,
+    task_queue: str,
     account: str | None = None,
     workflow_id: str | None = None,
 ) -> tuple[str, str]:
     """Start `workflow_type` for `project` on behalf of `user`; return `(workflow_id, run_id)`.
 
-    `account` defaults to the one `server.auth.mint_token` puts in dev tokens (`acct-<project>`)."""
+    `account` defaults to the one `core.tokens.mint_token` puts in dev tokens (`acct-<project>`)."""
     if workflow_type not in WORKFLOW_TYPES:
         raise ValueError(f"unknown workflow type {workflow_type!r}: one of {', '.join(WORKFLOW_TYPES)}")
     if visibility not in VISIBILITIES:
@@ -122,8 +121,6 @@ async def start_workflow(
             memo[MEMO_TOPIC] = argument.topic
         memo[MEMO_ACTIVITY_STATE] = "idle"
 
-    if task_queue is None:
-        task_queue = Settings().temporal_task_queue
     handle = await client.start_workflow(
         workflow_type,
         argument,

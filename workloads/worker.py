@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from backends import temporal_connection
-from server.settings import Settings
+from core import temporal_connection
+from core.settings import Settings
 from workloads.activities import WorkloadActivities
 from workloads.workflows import WORKFLOWS
 
@@ -20,23 +19,12 @@ _USE_SETTINGS = "settings"
 _PERMANENT_CONNECT_ERRORS = ("Unauthenticated", "PermissionDenied", "certificate")
 
 
-def jwt_secret_of(settings: Settings) -> str | None:
-    """JWT_SECRET, else the secret `workflow-runs dev` keeps in `<data_dir>/jwt-secret` (read on
-    each use, so a worker started before `dev` wrote it still picks it up)."""
-    if settings.jwt_secret:
-        return settings.jwt_secret
-    path = Path(settings.data_dir) / "jwt-secret"
-    try:
-        return path.read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
-
-
 def build_activities(settings: Settings, *, api_url: str | None = _USE_SETTINGS) -> WorkloadActivities:
-    """The activities wired to the API at `api_url` (default: `settings.api_url`; None: do not post)."""
+    """The activities wired to the API at `api_url` (default: `settings.api_url`; None: do not post),
+    signing their tokens with `settings.jwt_secret` (JWT_SECRET, or the dev secret file)."""
     return WorkloadActivities(
         api_url=settings.api_url if api_url == _USE_SETTINGS else api_url,
-        secret=lambda: jwt_secret_of(settings),
+        secret=settings.jwt_secret,
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
     )

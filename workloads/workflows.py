@@ -13,7 +13,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from backends.search_attributes import PROJECT_ID
+    from core.search_attributes import PROJECT_ID
     from workloads.shared import (
         ACTIVITY_STATE_QUERY,
         CONVERSATION_WORKFLOW,

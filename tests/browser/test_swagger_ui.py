@@ -26,8 +26,8 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, FloatRect, Locator, Page, Request, expect, sync_playwright
 
-from tests.conftest import LiveApi
-from tests.integration.test_api_e2e import wait_for
+from tests.support.live import LiveApi
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.services
 
@@ -62,7 +62,7 @@ class UiProject:
 def ui_project(live_api: LiveApi) -> UiProject:
     """A project of its own with one completed run, already visible in listings: what the UI must list."""
     project, document_id = f"ui-{uuid.uuid4().hex[:8]}", f"doc-ui-{uuid.uuid4().hex[:8]}"
-    cli = [sys.executable, "-m", "server.cli", "start", "StandardContentIngestion", "--project", project]
+    cli = [sys.executable, "-m", "cli.main", "start", "StandardContentIngestion", "--project", project]
     out = subprocess.run(
         [*cli, "--user", "u-ui", "--input", json.dumps({"documentId": document_id}), "--document-id", document_id],
         env=live_api.env(),

@@ -4,49 +4,17 @@ driven the way a user drives them (the CLI starts runs; httpx reads them)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from tests.conftest import LiveApi
+from tests.support.live import LiveApi
+from tests.support.runs import start, start_command
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.services
-
-
-def start_command(live: LiveApi, kind: str, *args: str, project: str = "p1", user: str = "u1") -> Any:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", "start", kind, "--project", project, "--user", user, *args],
-        env=live.env(),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-
-
-def start(live: LiveApi, kind: str, *args: str, project: str = "p1", user: str = "u1") -> tuple[str, str]:
-    out = start_command(live, kind, *args, project=project, user=user)
-    assert out.returncode == 0, out.stderr
-    ids = json.loads(out.stdout)
-    return ids["workflow_id"], ids["run_id"]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll a condition until it holds (services are eventually consistent); fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.2)
 
 
 def client(live: LiveApi, **token_kwargs: Any) -> httpx.Client:

@@ -11,8 +11,9 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import LiveApi
-from tests.integration.test_api_e2e import start, wait_for
+from tests.support.live import LiveApi
+from tests.support.runs import start
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.services
 

@@ -15,7 +15,6 @@ import os
 import random
 import secrets
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,18 +24,12 @@ import httpx
 import orjson
 import pytest
 
-from server import stack
-from server.auth import mint_token
-from tests.integration.test_load import (
-    Poster,
-    ResumingReader,
-    Run,
-    assert_error_body,
-    read_log,
-    start_runs,
-    wait_all,
-    wait_until,
-)
+from cli import stack
+from core.tokens import mint_token
+from tests.support.live import start_api
+from tests.support.load import Poster, ResumingReader, assert_error_body, read_log
+from tests.support.runs import Run, start_runs
+from tests.support.waits import wait_all, wait_until
 
 pytestmark = pytest.mark.services
 
@@ -108,11 +101,7 @@ class FaultStack:
             self.start_redis()
 
     def spawn_api(self, port: int) -> stack.Child:
-        name = f"api-{port}-{len(self.apis)}"
-        child = stack.spawn(name, [sys.executable, "-m", "server.cli", "serve"], self.data_dir / "logs", self.env(port))
-        self.apis.append(child)
-        stack.wait_for_port("127.0.0.1", port, DEADLINE, child.proc)
-        return child
+        return start_api(self.apis, f"api-{port}-{len(self.apis)}", port, self.env(port), self.data_dir / "logs")
 
     def stop_all(self) -> None:
         for child in [*self.apis, self.redis, self.temporal]:

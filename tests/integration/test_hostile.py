@@ -13,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,23 +25,18 @@ import orjson
 import pytest
 from httpx_sse import connect_sse
 
-from server import stack
-from tests.conftest import LiveApi, Services, live_env
-from tests.integration.hostile_tools import (
-    MIB,
-    IdleSockets,
-    RssSampler,
-    chunked,
-    raise_nofile_limit,
-    send_oversized_head,
-)
-from tests.integration.test_api_e2e import start, wait_for
+from cli import stack
+from core.settings import Settings
+from tests.support.hostile import MIB, IdleSockets, RssSampler, chunked, raise_nofile_limit, send_oversized_head
+from tests.support.live import LiveApi, Services, api_url, start_api, start_worker
+from tests.support.runs import start
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.services
 
 PROJECT = "hostile"
 HEADER_TIMEOUT_SECONDS = 3
-MAX_UPDATE_BYTES_PER_RUN = 8 * MIB  # the default, which the API process below runs with
+MAX_UPDATE_BYTES_PER_RUN = Settings.max_update_bytes_per_run  # the default, which the API process below runs with
 MAX_MESSAGE_BYTES = 65536
 MAX_DETAILS_BYTES = 262144
 RATE_BURST = 20
@@ -70,24 +63,21 @@ class HostileApi:
         return httpx.Client(base_url=self.live.base_url, headers={"Authorization": f"Bearer {token}"}, **kwargs)
 
 
-def spawn_api(services: Services, task_queue: str, name: str, **settings: str) -> tuple[LiveApi, int, stack.Child]:
+def spawn_api(
+    children: list[stack.Child], services: Services, task_queue: str, name: str, **settings: str
+) -> tuple[LiveApi, int, stack.Child]:
+    """An API process of its own on `services`, with `settings` (environment variables) on top."""
     port = stack.free_port()
-    base_url = f"http://127.0.0.1:{port}/api/v1"
+    live = LiveApi(base_url=api_url(port), services=services, task_queue=task_queue)
     env = {
-        **live_env(services, base_url, task_queue),
-        "PORT": str(port),
+        **live.env(),
         # The figures are those of a production process: response validation off.
         "VALIDATE_RESPONSES": "0",
         "SSE_HEARTBEAT_SECONDS": "15",
         **settings,
     }
-    child = stack.spawn(f"hostile-{name}-{port}", [sys.executable, "-m", "server.cli", "serve"], logs(services), env)
-    stack.wait_for_port("127.0.0.1", port, 60, child.proc)
-    return LiveApi(base_url=base_url, services=services, task_queue=task_queue), port, child
-
-
-def logs(services: Services) -> Path:
-    return services.data_dir / "logs"
+    child = start_api(children, f"hostile-{name}-{port}", port, env, services.logs)
+    return live, port, child
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +88,15 @@ def hostile(services: Services) -> Iterator[HostileApi]:
     children: list[stack.Child] = []
     with stack.running(children):
         live, port, api = spawn_api(
+            children,
             services,
             task_queue,
             "api",
             HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT_SECONDS),
             BODY_TIMEOUT_SECONDS="2",
         )
-        children.append(api)
         # The sample worker posts the runs' own updates to this API (API_URL in live.env()).
-        worker = [sys.executable, "-m", "server.cli", "worker"]
-        children.append(stack.spawn(f"hostile-worker-{port}", worker, logs(services), live.env()))
+        start_worker(children, f"hostile-worker-{port}", live.env(), services.logs)
         yield HostileApi(live=live, port=port, child=api)
 
 
@@ -344,17 +333,17 @@ def test_tampered_or_invented_page_tokens_are_400(hostile: HostileApi, runs: Run
 @pytest.fixture
 def rate_limited(hostile: HostileApi) -> Iterator[LiveApi]:
     """A second API process whose Temporal bucket is small: 1/s, burst RATE_BURST."""
-    live, _, child = spawn_api(
-        hostile.live.services,
-        hostile.live.task_queue,
-        "rate",
-        RATE_LIMIT_TEMPORAL_PER_SECOND="1",
-        RATE_LIMIT_TEMPORAL_BURST=str(RATE_BURST),
-    )
-    try:
+    children: list[stack.Child] = []
+    with stack.running(children):
+        live, _, _ = spawn_api(
+            children,
+            hostile.live.services,
+            hostile.live.task_queue,
+            "rate",
+            RATE_LIMIT_TEMPORAL_PER_SECOND="1",
+            RATE_LIMIT_TEMPORAL_BURST=str(RATE_BURST),
+        )
         yield live
-    finally:
-        child.stop()
 
 
 async def test_a_principal_over_its_rate_gets_429_and_others_do_not_notice(rate_limited: LiveApi, runs: Runs) -> None:

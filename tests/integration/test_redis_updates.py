@@ -19,8 +19,6 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from backends.errors import BackendUnavailable, InvalidInput, PayloadTooLarge
-from backends.protocol import UpdateEvent
 from backends.redis_updates import (
     HISTORY_PAGE,
     HISTORY_PAGE_BYTES,
@@ -34,9 +32,14 @@ from backends.redis_updates import (
     trim_marker_key,
 )
 from backends.update_hub import FULL_MESSAGE, FULL_RETRY_AFTER, UNAVAILABLE_MESSAGE, format_id, range_entries
-from server import sse, stack
-from server.settings import Settings
-from tests.conftest import Services
+from cli import stack
+from core.errors import BackendUnavailable, InvalidInput, PayloadTooLarge
+from core.protocols import UpdateEvent
+from core.settings import Settings
+from core.shutdown import ServerShutdown
+from tests.support.live import Services
+from web.sse.frames import update_frames
+from web.sse.framing import encode_update_event, end_frame
 
 pytestmark = pytest.mark.services
 
@@ -378,7 +381,7 @@ async def test_four_concurrent_replays_of_a_full_run_hold_a_page_each_not_the_ru
             got: list[str] = []
             try:
                 while (event := await stream.next(0.0)) is not None:
-                    sse.encode_update_event(event)  # the frame the client would be sent
+                    encode_update_event(event)  # the frame the client would be sent
                     if event[0] == "message":  # (the first is `truncated`: the bound dropped some)
                         got.append(event[1])
             finally:
@@ -474,12 +477,17 @@ async def test_a_closed_run_stream_delivers_what_is_stored_then_ends(backend: Re
         return "COMPLETED"
 
     stream = await backend.open_stream(run_id, after_id=posted[9], since_ms=None, skip_history=False)
-    gen = sse.update_frames(
-        stream, heartbeat_seconds=3600, retry_ms=3000, closed_status=closed_status, status_at_open="COMPLETED"
+    gen = update_frames(
+        stream,
+        heartbeat_seconds=3600,
+        retry_ms=3000,
+        closed_status=closed_status,
+        status_at_open="COMPLETED",
+        shutdown=ServerShutdown(),
     )
     async with asyncio.timeout(DEADLINE):
         frames = [frame async for frame in gen]
-    assert frames[-1] == sse.end_frame("COMPLETED")
+    assert frames[-1] == end_frame("COMPLETED")
     assert frames[0].startswith(b"retry: 3000\n")
     assert sent_ids(frames) == posted[10:]
     assert backend.hub.subscriber_count == 0
@@ -493,7 +501,9 @@ async def test_run_closing_mid_stream_drains_updates_posted_just_before(backend:
         return closed[0] if closed else None
 
     stream = await backend.open_stream(run_id, after_id=None, since_ms=None, skip_history=True)
-    gen = sse.update_frames(stream, heartbeat_seconds=0.05, retry_ms=3000, closed_status=closed_status)
+    gen = update_frames(
+        stream, heartbeat_seconds=0.05, retry_ms=3000, closed_status=closed_status, shutdown=ServerShutdown()
+    )
     first = await backend.append(run_id, {"message": "working"})
     frames = [await first_frame(gen)]
     assert f"id: {first}".encode() in frames[0]
@@ -502,7 +512,7 @@ async def test_run_closing_mid_stream_drains_updates_posted_just_before(backend:
     closed.append("COMPLETED")
     async with asyncio.timeout(DEADLINE):
         frames += [frame async for frame in gen]
-    assert frames[-1] == sse.end_frame("COMPLETED")
+    assert frames[-1] == end_frame("COMPLETED")
     assert sent_ids(frames) == [first, *last]
 
 
@@ -536,10 +546,13 @@ async def test_200_streams_opened_and_dropped_leave_nothing_behind(services: Ser
             return None
 
         waiting = [Waiting(s) for s in streams[100:]]
+        shutdown = ServerShutdown()
         consumers = [
             asyncio.create_task(
                 first_frame(
-                    sse.update_frames(w, heartbeat_seconds=3600, retry_ms=1, closed_status=never, poll_seconds=3600)
+                    update_frames(
+                        w, heartbeat_seconds=3600, retry_ms=1, closed_status=never, poll_seconds=3600, shutdown=shutdown
+                    )
                 )
             )
             for w in waiting
@@ -573,7 +586,9 @@ async def test_cancelled_sse_generator_unsubscribes_at_once(backend: RedisUpdate
         return None
 
     waiting = Waiting(stream)
-    gen = sse.update_frames(waiting, heartbeat_seconds=3600, retry_ms=1, closed_status=never, poll_seconds=3600)
+    gen = update_frames(
+        waiting, heartbeat_seconds=3600, retry_ms=1, closed_status=never, poll_seconds=3600, shutdown=ServerShutdown()
+    )
     first = await backend.append(run_id, {})
     assert f"id: {first}".encode() in await first_frame(gen)
     waiting.waiting.clear()

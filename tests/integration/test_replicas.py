@@ -7,22 +7,23 @@ import asyncio
 import json
 import secrets
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from server import stack
-from server.auth import mint_token
-from tests.conftest import Services, live_env
-from tests.integration.test_load import Poster, ResumingReader, Run, read_log, wait_all, wait_until
+from cli import stack
+from core.tokens import mint_token
+from tests.support.live import CLI, Services, api_url, live_env, start_api, start_worker
+from tests.support.load import Poster, ResumingReader, read_log
+from tests.support.runs import Run
+from tests.support.waits import wait_all, wait_until
 
 pytestmark = pytest.mark.services
 
 DEADLINE = 60.0
-START = [sys.executable, "-m", "server.cli", "start", "AgentConversation"]
+START = [*CLI, "start", "AgentConversation"]
 
 
 @dataclass(frozen=True)
@@ -40,22 +41,17 @@ class Replicas:
 
 @pytest.fixture(scope="module")
 def replicas(services: Services) -> Iterator[Replicas]:
-    """`python -m server.cli serve` twice, on two ports, plus the sample worker (which posts its
+    """`python -m cli.main serve` twice, on two ports, plus the sample worker (which posts its
     updates through the first replica)."""
     ports = (stack.free_port(), stack.free_port())
-    urls = (f"http://127.0.0.1:{ports[0]}/api/v1", f"http://127.0.0.1:{ports[1]}/api/v1")
+    urls = (api_url(ports[0]), api_url(ports[1]))
     task_queue = f"replicas-{secrets.token_hex(4)}"
-    cli = [sys.executable, "-m", "server.cli"]
-    logs = services.data_dir / "logs"
     children: list[stack.Child] = []
     with stack.running(children):
         for port, url in zip(ports, urls, strict=True):
-            env = {**live_env(services, url, task_queue), "PORT": str(port)}
-            api = stack.spawn(f"replica-{port}", [*cli, "serve"], logs, env)
-            children.append(api)
-            stack.wait_for_port("127.0.0.1", port, DEADLINE, api.proc)
+            start_api(children, f"replica-{port}", port, live_env(services, url, task_queue), services.logs)
         worker_env = live_env(services, urls[0], task_queue)
-        children.append(stack.spawn(f"replica-worker-{ports[0]}", [*cli, "worker"], logs, worker_env))
+        start_worker(children, f"replica-worker-{ports[0]}", worker_env, services.logs)
         yield Replicas(urls=urls, services=services, task_queue=task_queue)
 
 

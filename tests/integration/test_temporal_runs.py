@@ -19,15 +19,17 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistoryEventFilterType
 
 from backends import temporal_runs
-from backends.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from backends.page_tokens import PageTokens, page_token_key
-from backends.protocol import Principal, RunFilters
 from backends.temporal_runs import TemporalRunsBackend
+from cli import stack
+from core.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
+from core.principals import Principal
+from core.protocols import RunFilters
+from core.settings import Settings
 from generated.models import WorkflowRun
-from handlers.runs import page_body, page_response, respond
-from server import stack
-from server.settings import Settings
-from tests.conftest import Services
+from handlers.runs import page_answer, serialised
+from tests.support.live import Services
+from web.errors import status_of
 from workloads.activities import WorkloadActivities
 from workloads.shared import FLAKY_MAX_ATTEMPTS
 from workloads.starter import start_workflow
@@ -171,7 +173,7 @@ async def test_completed_ingestion_reads_back_in_the_seed_shape(
     # Progress went out as postUpdate activities (best effort: no API in this test).
     assert [u["type"] for u in posted_updates(run)] == ["UPDATE", "COMPLETE"]
     # The generated model of the contract takes the answer as it is.
-    assert json.loads(bytes(respond(WorkflowRun, run).body)) == run
+    assert json.loads(serialised(WorkflowRun, run)) == run
 
 
 async def test_unknown_runs_and_other_projects_runs_are_not_found(
@@ -183,7 +185,7 @@ async def test_unknown_runs_and_other_projects_runs_are_not_found(
 
     with pytest.raises(NotFound) as missing:
         await backend.get_run(owner, "no-such-workflow", str(uuid.uuid4()))
-    assert missing.value.status == 404
+    assert status_of(missing.value) == 404
     with pytest.raises(NotFound):
         await backend.get_run(owner, workflow_id, str(uuid.uuid4()))  # right workflow, wrong run
     with pytest.raises(NotFound):
@@ -278,15 +280,15 @@ async def test_each_filter_returns_exactly_the_matching_runs(
     assert all(run["vertesia_workflow_type"] == run["type"] and run["visibility"] == "project" for run in runs.values())
     assert ids((await backend.list_runs(me, RunFilters(), conversations_only=True)).runs) == {r5}
     page = await backend.list_runs(me, RunFilters(page_size=3))
-    assert (
-        json.loads(bytes(page_response(page).body))
-        == page_body(page)
-        == {"runs": page.runs, "next_page_token": page.next_page_token, "has_more": True}
-    )
+    assert json.loads(page_answer(page)) == {
+        "runs": page.runs,
+        "next_page_token": page.next_page_token,
+        "has_more": True,
+    }
     for run_id in (r5, r6):  # a running conversation, a failed run: the contract takes them as they are
         workflow_id = next(wf for wf, run in started if run == run_id)
         details = await backend.get_run(me, workflow_id, run_id)
-        assert json.loads(bytes(respond(WorkflowRun, details).body)) == details
+        assert json.loads(serialised(WorkflowRun, details)) == details
 
     # Nothing of this project leaks into another one, whatever the filters.
     stranger = principal("another-project")
@@ -409,7 +411,7 @@ async def test_user_input_gets_an_answer_and_cancel_runs_the_cleanup(
 
     with pytest.raises(Conflict) as closed:
         await backend.apply_action(me, workflow_id, run_id, "cancel", None)
-    assert closed.value.status == 409
+    assert status_of(closed.value) == 409
     with pytest.raises(Conflict):
         await backend.apply_action(me, workflow_id, run_id, "terminate", None)
     with pytest.raises(Conflict):
@@ -578,7 +580,7 @@ async def test_an_unreachable_temporal_is_backend_unavailable() -> None:
         await down.ping()
     with pytest.raises(BackendUnavailable) as unavailable:
         await down.get_run(principal("p"), "wf", str(uuid.uuid4()))
-    assert unavailable.value.status == 503
+    assert status_of(unavailable.value) == 503
     with pytest.raises(BackendUnavailable):
         await down.list_runs(principal("p"), RunFilters())
     await down.close()
@@ -727,7 +729,7 @@ async def test_run_details_render_at_most_max_history_bytes(
     all_events = int(WorkflowHistoryEventFilterType.ALL_EVENT)
     assert history_calls.count(all_events) < whole_pages  # reading stopped at the cap
     assert history_calls.count(int(WorkflowHistoryEventFilterType.CLOSE_EVENT)) == 1
-    assert json.loads(bytes(respond(WorkflowRun, run).body)) == run  # the document takes the marker
+    assert json.loads(serialised(WorkflowRun, run)) == run  # the document takes the marker
 
 
 # -- find_run: the not-found cache, is_known, the close time ---------------------------------------

@@ -11,9 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from backends.errors import BackendUnavailable
-from server.auth import TokenVerifier, mint_token, principal_from_claims
-from server.settings import Settings
+from core.errors import BackendUnavailable
+from core.settings import Settings
+from core.tokens import mint_token
+from web.auth import TokenVerifier, principal_from_claims
 
 SECRET = "unit-test-secret-" + "x" * 64  # long enough for HS512 too
 

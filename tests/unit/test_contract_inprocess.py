@@ -8,9 +8,9 @@ from typing import Any
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from server.app import create_app
-from server.auth import mint_token
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, fake_backends_factory
+from core.tokens import mint_token
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, fake_backends_factory
+from web.app import create_app
 
 SECRET = "inprocess-contract-secret-" + "x" * 40
 APP = create_app(

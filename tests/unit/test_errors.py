@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
-from backends.errors import BackendUnavailable, DomainError
-from backends.protocol import Principal, RunFilters, RunPage
-from server.app import create_app
-from server.auth import mint_token
-from server.errors import MAX_MESSAGE_CHARS, MAX_QUOTED_CHARS, UNAVAILABLE, UNAVAILABLE_DEFAULT, bounded
-from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
+from core.errors import BackendUnavailable, DomainError
+from core.principals import Principal
+from core.protocols import RunFilters, RunPage
+from core.settings import Settings
+from core.tokens import mint_token
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
+from web.app import create_app
+from web.errors import MAX_MESSAGE_CHARS, MAX_QUOTED_CHARS, UNAVAILABLE, UNAVAILABLE_DEFAULT, bounded
 
 SECRET = "errors-unit-test-secret-" + "x" * 40
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"

@@ -1,4 +1,4 @@
-"""The fast lane answers exactly as Connexion does (server/fast_lane.py).
+"""The fast lane answers exactly as Connexion does (web/fast_lane.py).
 
 Every request here goes to two apps on the same fake backends, one with the lane (the default) and
 one without (`FAST_LANE=0`): status, JSON body and the headers a client acts on must be the same.
@@ -9,7 +9,9 @@ plainly valid requests rather than passing everything on.
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -19,17 +21,22 @@ import jwt
 import orjson
 import pytest
 import schemathesis
+from connexion.json_schema import resolve_refs
 from connexion.middleware.routing import RoutingMiddleware
 from hypothesis import HealthCheck, settings
 
-from backends.errors import BackendUnavailable, PayloadTooLarge
-from server import fast_lane
-from server.app import create_app, published_document
-from server.auth import TokenVerifier, mint_token
-from server.fast_lane import FastLane
-from server.settings import Settings
-from tests.unit import fakes
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from core.errors import BackendUnavailable, PayloadTooLarge
+from core.settings import Settings
+from core.tokens import mint_token
+from handlers import HANDLERS
+from handlers.deps import Deps
+from tests.support import fakes
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from web import fast_lane
+from web.app import create_app, published_document
+from web.auth import TokenVerifier
+from web.fast_lane import FastLane, LaneUnsupported, lane_routes
+from web.operations import compile_operations
 
 SECRET = "fast-lane-unit-test-secret-" + "x" * 40
 POST = f"/api/v1/workflows/runs/{RUN_ID}/updates"
@@ -77,6 +84,12 @@ def routed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(RoutingMiddleware, "__call__", counting)
     return seen
+
+
+def lane_of(app: Any, settings: Settings) -> FastLane:
+    """The lane alone, in front of `app`, on the bundled document."""
+    operations = compile_operations(resolve_refs(copy.deepcopy(published_document())), HANDLERS)
+    return FastLane(app, lane_routes(operations, "/api/v1"), settings.max_body_bytes, validate_responses=False)
 
 
 def token(**kwargs: Any) -> str:
@@ -312,12 +325,9 @@ async def test_a_post_whose_client_left_mid_body_is_not_stored() -> None:
         handed_on.extend([await receive(), await receive()])
 
     settings = app_settings(True)
-    lane = FastLane(connexion, published_document(), "/api/v1", settings.max_body_bytes, validate_responses=False)
+    lane = lane_of(connexion, settings)
     updates = Updates()
-    state = {
-        "verifier": TokenVerifier(settings),
-        "backends": await fake_backends_factory(FakeRuns(), updates)(settings),
-    }
+    state = {"verifier": TokenVerifier(settings), "deps": Deps(FakeRuns(), updates, settings)}
     headers = [(k.lower().encode(), v.encode()) for k, v in post(b"")["headers"].items()]
     scope = {"type": "http", "method": "POST", "path": POST, "query_string": b"", "state": state}
     messages = [{"type": "http.request", "body": b"{}", "more_body": True}, {"type": "http.disconnect"}]
@@ -358,11 +368,8 @@ async def test_a_chunked_body_over_the_limit_is_not_read_whole_by_the_lane() -> 
         handed_on.append(await receive())
 
     settings = app_settings(True)
-    lane = FastLane(connexion, published_document(), "/api/v1", settings.max_body_bytes, validate_responses=False)
-    state = {
-        "verifier": TokenVerifier(settings),
-        "backends": await fake_backends_factory(FakeRuns(), Updates())(settings),
-    }
+    lane = lane_of(connexion, settings)
+    state = {"verifier": TokenVerifier(settings), "deps": Deps(FakeRuns(), Updates(), settings)}
     headers = [(k.lower().encode(), v.encode()) for k, v in post(b"")["headers"].items()]
     scope = {"type": "http", "method": "POST", "path": POST, "query_string": b"", "state": state}
     part = {"type": "http.request", "body": b"x" * 3000, "more_body": True}
@@ -401,3 +408,80 @@ def test_negative_integers_beyond_64_bits_are_stored_exactly(clients: tuple[Any,
     before = len(UPDATES.stored)
     assert assert_same(clients, post(b'{"details": -9223372036854775809}'))[0] == 200
     assert [json.loads(u)["details"] for u in UPDATES.stored[before:]] == [-(2**63) - 1] * 2
+
+
+# -- the lane implements what the document says, or refuses to start ---------------------------------
+
+
+def altered_document(change: Any) -> dict[str, Any]:
+    document = copy.deepcopy(published_document())
+    change(document)
+    return document
+
+
+def operation_of(document: dict[str, Any], operation_id: str) -> dict[str, Any]:
+    for item in document["paths"].values():
+        for operation in item.values():
+            if isinstance(operation, dict) and operation.get("operationId") == operation_id:
+                return operation
+    raise LookupError(operation_id)
+
+
+def with_cookie_parameter(document: dict[str, Any]) -> None:
+    operation_of(document, "getWorkflowRun")["parameters"].append(
+        {"name": "session", "in": "cookie", "required": False, "schema": {"type": "string"}}
+    )
+
+
+def test_a_construct_the_lane_does_not_implement_stops_the_app_from_starting() -> None:
+    document = altered_document(with_cookie_parameter)
+    with pytest.raises(LaneUnsupported, match=r"getWorkflowRun: parameter 'session' is in 'cookie'"):
+        create_app(app_settings(True), fake_backends_factory(), document=document)
+    # Without the lane, Connexion serves the same document.
+    create_app(app_settings(False), fake_backends_factory(), document=document)
+
+
+@pytest.mark.parametrize(
+    ("construct", "change", "named"),
+    [
+        ("a parameter style", lambda o: o["parameters"][0].update(style="label"), "'style'"),
+        (
+            "an array query parameter",
+            lambda o: o["parameters"].append(
+                {"name": "tag", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}}
+            ),
+            "type 'array'",
+        ),
+        ("another media type", lambda o: o["requestBody"]["content"].update({"text/plain": {}}), "'text/plain'"),
+        ("another security", lambda o: o.update(security=[]), "security is []"),
+        ("callbacks", lambda o: o.update(callbacks={}), "'callbacks'"),
+    ],
+)
+def test_every_unimplemented_construct_is_named(construct: str, change: Any, named: str) -> None:
+    document = altered_document(lambda d: change(operation_of(d, "postWorkflowRunUpdate")))
+    with pytest.raises(LaneUnsupported, match=re.escape(named)):
+        create_app(app_settings(True), fake_backends_factory(), document=document)
+
+
+def require_api_version(document: dict[str, Any]) -> None:
+    for parameter in operation_of(document, "getWorkflowRun")["parameters"]:
+        if "$ref" in parameter:  # the shared x-api-version parameter: required everywhere
+            name = parameter["$ref"].rsplit("/", 1)[-1]
+            document["components"]["parameters"][name]["required"] = True
+
+
+def test_a_header_made_required_is_enforced_alike_by_both_paths(routed: list[str]) -> None:
+    document = altered_document(require_api_version)
+    runs = FakeRuns(status="RUNNING")
+    with (
+        create_app(app_settings(True), fake_backends_factory(runs), document=document).test_client() as fast,
+        create_app(app_settings(False), fake_backends_factory(runs), document=document).test_client() as connexion,
+    ):
+        details = {**get(), "url": RUN}
+        status, body, _ = assert_same((fast, connexion), details)
+        assert status == 400 and body["errorCode"] == "invalid_request"
+        assert "x-api-version" in body["message"]
+        routed.clear()
+        status, _, _ = answer(fast, {**get(**{"x-api-version": "1"}), "url": RUN})
+        assert status == 200 and routed == []  # with the header, the lane serves it
+        assert assert_same((fast, connexion), {**get(**{"x-api-version": "1"}), "url": RUN})[0] == 200

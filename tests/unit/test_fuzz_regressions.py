@@ -18,11 +18,12 @@ from typing import Any
 import orjson
 import pytest
 
-from backends.protocol import Principal, RunFilters, RunPage
-from server.app import create_app
-from server.auth import mint_token
-from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
+from core.principals import Principal
+from core.protocols import RunFilters, RunPage
+from core.settings import Settings
+from core.tokens import mint_token
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
+from web.app import create_app
 
 SECRET = "fuzz-regressions-secret-" + "x" * 48
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from backends.errors import BackendUnavailable
-from server.context import Backends
-from server.errors import public_sentence
-from server.health import Readiness
-from server.settings import Settings
-from tests.unit.fakes import FakeRuns, FakeUpdates
+from core.errors import BackendUnavailable
+from core.settings import Settings
+from handlers.deps import Deps
+from tests.support.fakes import FakeRuns, FakeUpdates
+from web.errors import public_sentence
+from web.health import Readiness
 
 
 class CountingRuns(FakeRuns):
@@ -27,8 +27,8 @@ class CountingRuns(FakeRuns):
             raise BackendUnavailable("connection refused by 10.0.0.7:7233", backend="temporal")
 
 
-def backends(runs: FakeRuns) -> Backends:
-    return Backends(runs=runs, updates=FakeUpdates(), settings=Settings())
+def backends(runs: FakeRuns) -> Deps:
+    return Deps(runs=runs, updates=FakeUpdates(), settings=Settings())
 
 
 async def test_concurrent_callers_share_one_check() -> None:

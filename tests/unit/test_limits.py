@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -18,14 +18,17 @@ import orjson
 import pytest
 from starlette.types import Message
 
-from backends.errors import BackendUnavailable, TooManyRequests
-from backends.protocol import Principal, UpdateEvent
-from server import sse
-from server.app import create_app
-from server.auth import mint_token
-from server.context import Backends
-from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
+from core.errors import BackendUnavailable, TooManyRequests
+from core.principals import Principal
+from core.protocols import UpdateEvent
+from core.settings import Settings
+from core.shutdown import ServerShutdown
+from core.tokens import mint_token
+from handlers.deps import Deps
+from handlers.stream_limits import StreamLimiter
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
+from web.app import begin_shutdown, create_app
+from web.sse.frames import update_frames
 
 SECRET = "limits-unit-test-secret-" + "x" * 48
 STREAM = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}/stream"
@@ -221,10 +224,10 @@ async def driver(updates: StreamingUpdates) -> AsyncIterator[Driver]:
         yield d
 
 
-def limiter(driver: Driver) -> sse.StreamLimiter:
-    """The app's own stream limiter (on the backends its lifespan built)."""
-    backends: Backends = driver.state["backends"]
-    return backends.streams
+def limiter(driver: Driver) -> StreamLimiter:
+    """The app's own stream limiter (on the dependencies its lifespan built)."""
+    deps: Deps = driver.state["deps"]
+    return deps.streams
 
 
 def assert_429(exchange: Exchange) -> dict[str, Any]:
@@ -311,7 +314,7 @@ async def test_a_closed_run_stream_ends_and_releases(updates: StreamingUpdates) 
 
 
 def test_limiter_counts_per_project_and_principal() -> None:
-    limits = sse.StreamLimiter(per_principal=1, per_process=10)
+    limits = StreamLimiter(per_principal=1, per_process=10)
     alice_p1 = Principal(user_id="alice", project_id="p1")
     alice_p2 = Principal(user_id="alice", project_id="p2")
     alice_key = Principal(user_id="alice", kind="apikey", project_id="p1")
@@ -326,7 +329,7 @@ def test_limiter_counts_per_project_and_principal() -> None:
 
 
 def test_a_slot_dropped_without_release_gives_its_place_back() -> None:
-    limits = sse.StreamLimiter(per_principal=1, per_process=1)
+    limits = StreamLimiter(per_principal=1, per_process=1)
     slot = limits.acquire(Principal(user_id="u"))
     assert limits.open_streams == 1
     del slot  # a response built but never sent
@@ -357,22 +360,14 @@ async def test_a_stream_ends_with_token_expired_when_its_token_does_and_gives_it
 # -- graceful shutdown -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def shutdown() -> Iterator[sse.ServerShutdown]:
-    try:
-        yield sse.SHUTDOWN
-    finally:
-        sse.SHUTDOWN.reset()
-
-
 async def test_shutdown_ends_open_streams_with_a_final_event_and_refuses_new_ones(
-    driver: Driver, updates: StreamingUpdates, shutdown: sse.ServerShutdown
+    driver: Driver, updates: StreamingUpdates
 ) -> None:
     updates.stored.append(b'{"timestamp":1678886400000,"type":"UPDATE","message":"m"}')
     streams = [await driver.stream(), await driver.stream(user="u2")]
     for exchange in streams:
         await exchange.until_body_contains(b"id: 1678886400000-0")  # idle, waiting for the next one
-    shutdown.trigger()
+    begin_shutdown(driver.app)  # what the CLI calls from uvicorn's signal handler
     for exchange in streams:
         await exchange.finished()
         assert exchange.body.endswith(b'event: end\ndata: {"reason":"server_shutdown"}\n\n')
@@ -385,13 +380,13 @@ async def test_shutdown_ends_open_streams_with_a_final_event_and_refuses_new_one
 
 
 async def test_shutdown_interrupts_a_wait_and_is_safe_to_trigger_from_another_thread() -> None:
-    own = sse.ServerShutdown()
+    own = ServerShutdown()
     stream = IdleStream([("message", "1-0", b"{}")])
 
     async def closed_status() -> str | None:
         return None
 
-    frames = sse.update_frames(stream, heartbeat_seconds=3600, retry_ms=3000, closed_status=closed_status, shutdown=own)
+    frames = update_frames(stream, heartbeat_seconds=3600, retry_ms=3000, closed_status=closed_status, shutdown=own)
     assert (await anext(frames)).startswith(b"retry: 3000\n")
     assert b"id: 1-0" in await anext(frames)
     waiting = asyncio.create_task(anext(frames))
@@ -405,3 +400,17 @@ async def test_shutdown_interrupts_a_wait_and_is_safe_to_trigger_from_another_th
     with pytest.raises(StopAsyncIteration):
         await anext(frames)
     assert stream.closed and not own._waits
+
+
+async def test_the_stop_signal_is_the_app_s_own(updates: StreamingUpdates) -> None:
+    """Two apps in one process: stopping one leaves the other's streams and new streams alone."""
+    stopped = create_app(settings(), fake_backends_factory(FakeRuns(status="RUNNING"), updates))
+    other = create_app(settings(), fake_backends_factory(FakeRuns(status="RUNNING"), StreamingUpdates()))
+    async with Driver(stopped) as first, Driver(other) as second:
+        begin_shutdown(stopped)
+        late = await first.stream()
+        await late.finished()
+        assert late.status == 503
+        open_one = await second.stream()
+        await open_one.until_body_contains(b": open")
+        assert limiter(second).open_streams == 1

@@ -10,10 +10,11 @@ from urllib.parse import unquote
 import orjson
 import pytest
 
-from server import middleware
-from server.logs import MAX_FIELD_CHARS, AccessLog, clip
-from server.middleware import redacted_query
-from tests.unit.test_fast_lane import FAST, GET, auth, token
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, bearer, fake_backends_factory
+from web import middleware
+from web.app import create_app
+from web.logs import MAX_FIELD_CHARS, AccessLog, clip
+from web.middleware import redacted_query
 
 
 def test_access_token_is_redacted_and_the_rest_kept() -> None:
@@ -32,7 +33,16 @@ def test_queries_without_tokens_are_unchanged() -> None:
     assert redacted_query(b"") == ""
 
 
-JWT = token()  # a real one: header `eyJ...`, payload, signature
+SECRET = "middleware-unit-test-secret-" + "x" * 40
+GET = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}/updates"
+FAST = create_app(app_settings(SECRET), fake_backends_factory(FakeRuns(status="RUNNING")))
+
+
+def auth() -> dict[str, str]:
+    return bearer(SECRET)
+
+
+JWT = auth()["Authorization"].removeprefix("Bearer ")  # a real one: header `eyJ...`, payload, signature
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 from connexion import AsyncApp
 from connexion.resolver import Resolver
 
-from server import openapi31
+from web import openapi31
 
 BODY_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from backends.errors import InvalidInput
 from backends.page_tokens import MAX_TOKEN_LENGTH, PageTokens, page_token_key
-from server.settings import Settings
+from core.errors import InvalidInput
+from core.settings import Settings
 
 CURSOR = b'{"CloseTime":"2024-05-01T00:00:00Z","StartTime":"2024-05-01T00:00:00Z","RunID":"3f1c9a52"}'
 QUERY = "ProjectId = 'p1' AND DocumentId = 'd1'"

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from server.app import create_app
-from server.auth import mint_token
-from tests.unit.fakes import RUN_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
+from core.tokens import mint_token
+from tests.support.fakes import RUN_ID, FakeRuns, FakeUpdates, app_settings, fake_backends_factory
+from web.app import create_app
 
 SECRET = "post-after-close-unit-test-secret-" + "x" * 40
 POST = f"/api/v1/workflows/runs/{RUN_ID}/updates"

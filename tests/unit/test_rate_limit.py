@@ -1,4 +1,4 @@
-"""Per-caller rate limits (server/rate_limit.py): the buckets on their own, then every operation
+"""Per-caller rate limits (handlers/rate_limits.py): the buckets on their own, then every operation
 through the whole app on fake backends, with and without the fast lane.
 
 Time is a fake clock handed to the app's backends: buckets refill when the test moves it, never
@@ -13,14 +13,15 @@ from typing import Any
 
 import pytest
 
-from backends.errors import TooManyRequests
-from backends.protocol import Principal, UpdateEvent
-from server.app import create_app
-from server.auth import mint_token
-from server.context import Backends
-from server.rate_limit import RateLimits, TokenBuckets
-from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from core.errors import TooManyRequests
+from core.principals import Principal
+from core.protocols import UpdateEvent
+from core.settings import Settings
+from core.tokens import mint_token
+from handlers.deps import Deps
+from handlers.rate_limits import RateLimits, TokenBuckets
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from web.app import create_app
 
 SECRET = "rate-limit-unit-test-secret-" + "x" * 40
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
@@ -133,9 +134,14 @@ def settings(**overrides: Any) -> Settings:
 
 
 class App:
-    def __init__(self, client: Any, backends: Backends, runs: CountingRuns, updates: CountingUpdates) -> None:
-        self.client, self.backends, self.runs, self.updates = client, backends, runs, updates
-        self.clock = Clock()
+    def __init__(self, client: Any, clock: Clock, runs: CountingRuns, updates: CountingUpdates) -> None:
+        self.client, self.clock, self.runs, self.updates = client, clock, runs, updates
+
+    @property
+    def deps(self) -> Deps:
+        """What the app's lifespan built (the test client keeps the lifespan's state)."""
+        deps: Deps = self.client.app_state["deps"]
+        return deps
 
     def call(
         self, operation: tuple[str, str, str, Any], *, user: str = "u1", project: str = "p1", kind: str = "user"
@@ -151,17 +157,9 @@ class App:
 
 def app_of(*, status: str = "RUNNING", **overrides: Any) -> Iterator[App]:
     runs, updates, clock = CountingRuns(status), CountingUpdates(), Clock()
-    factory = fake_backends_factory(runs, updates, clock=clock)
-    built: list[Backends] = []
-
-    async def recording(app_settings: Settings) -> Backends:
-        built.append(await factory(app_settings))
-        return built[-1]
-
-    with create_app(settings(**overrides), recording).test_client() as client:
-        app = App(client, built[0], runs, updates)
-        app.clock = clock
-        yield app
+    factory = fake_backends_factory(runs, updates)
+    with create_app(settings(**overrides), factory, clock=clock).test_client() as client:
+        yield App(client, clock, runs, updates)
 
 
 @pytest.fixture(params=[True, False], ids=["fast-lane", "connexion"])
@@ -254,7 +252,7 @@ def test_every_stream_opening_takes_from_the_temporal_bucket_even_for_a_known_ru
         assert_429(refused, retry_after=1)
         assert "stream openings" in refused.json()["message"]
         assert app.backend_calls == calls
-        assert app.backends.streams.open_streams == 0
+        assert app.deps.streams.open_streams == 0
         # The updates bucket (5) still had tokens: a read of the known run is served.
         assert app.call(UPDATE_OPERATIONS[0]).status_code == 200
 
@@ -280,7 +278,7 @@ def test_a_stream_refused_by_the_rate_holds_no_stream_place() -> None:
         stream = UPDATE_OPERATIONS[2]
         assert app.call(stream).status_code == 200
         assert_429(app.call(stream), retry_after=1)
-        assert app.backends.streams.open_streams == 0
+        assert app.deps.streams.open_streams == 0
         app.clock.now += 1.0
         assert app.call(stream).status_code == 200
 

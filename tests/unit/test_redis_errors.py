@@ -12,8 +12,8 @@ import pytest
 from redis import exceptions as redis_errors
 from redis._parsers.base import BaseParser
 
-from backends.errors import BackendUnavailable
 from backends.update_hub import FULL_MESSAGE, FULL_RETRY_AFTER, UNAVAILABLE_MESSAGE, call, reply_code, unavailable
+from core.errors import BackendUnavailable
 
 SCRIPT_OOM = (
     "ERR Error running script (call to f_f0d7d46267f514ea9dda8824ff23f183151cf2d7): @user_script:30: "

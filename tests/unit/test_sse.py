@@ -19,14 +19,17 @@ import pytest
 import uvicorn
 from starlette.types import Message
 
-from backends.errors import BackendUnavailable
-from backends.protocol import UpdateEvent
-from server import sse
-from server.abortable import AbortableHttpToolsProtocol
-from server.app import create_app
-from server.auth import mint_token
-from server.settings import Settings
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from core.errors import BackendUnavailable
+from core.protocols import UpdateEvent
+from core.settings import Settings
+from core.shutdown import ServerShutdown
+from core.tokens import mint_token
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from web.abortable import AbortableHttpToolsProtocol
+from web.app import create_app
+from web.sse import framing
+from web.sse.frames import update_frames
+from web.sse.response import EventStreamResponse
 
 UPDATE = b'{"timestamp":1678886400000,"workflow_run_id":"r1","type":"UPDATE","message":"Processing document"}'
 OPEN = b"retry: 3000\n: open\n\n"  # the first frame of every stream (retry_ms=3000)
@@ -102,9 +105,10 @@ def frames(stream: FakeStream, **kwargs: Any) -> AsyncGenerator[bytes, None]:
         "retry_ms": 3000,
         "closed_status": statuses(),
         "poll_seconds": 3600.0,
+        "shutdown": ServerShutdown(),
     }
     options.update(kwargs)
-    return sse.update_frames(stream, **options)
+    return update_frames(stream, **options)
 
 
 def parse(frame: bytes) -> list[tuple[str, str]]:
@@ -121,34 +125,34 @@ def parse(frame: bytes) -> list[tuple[str, str]]:
 
 
 def test_update_event_has_id_and_the_stored_json_as_one_data_line_on_the_default_event() -> None:
-    frame = sse.encode_update_event(("message", "1678886400000-0", UPDATE))
+    frame = framing.encode_update_event(("message", "1678886400000-0", UPDATE))
     assert frame == b"id: 1678886400000-0\ndata: " + UPDATE + b"\n\n"
     assert b"event:" not in frame
 
 
 def test_truncated_control_event_has_a_name_and_no_id() -> None:
     data = orjson.dumps({"reason": "truncated", "oldest_id": "1678886400005-0"})
-    frame = sse.encode_update_event(("truncated", "", data))
+    frame = framing.encode_update_event(("truncated", "", data))
     assert parse(frame) == [("event", "truncated"), ("data", '{"reason":"truncated","oldest_id":"1678886400005-0"}')]
 
 
 def test_end_control_event() -> None:
-    assert sse.end_frame("COMPLETED") == b'event: end\ndata: {"reason":"run_closed","status":"COMPLETED"}\n\n'
+    assert framing.end_frame("COMPLETED") == b'event: end\ndata: {"reason":"run_closed","status":"COMPLETED"}\n\n'
 
 
 def test_heartbeat_is_a_comment_frame() -> None:
-    assert sse.PING == b": ping\n\n"
-    assert sse.ping_frame() == sse.PING
-    assert parse(sse.ping_frame(retry_ms=3000)) == [("retry", "3000"), ("", "ping")]
+    assert framing.PING == b": ping\n\n"
+    assert framing.ping_frame() == framing.PING
+    assert parse(framing.ping_frame(retry_ms=3000)) == [("retry", "3000"), ("", "ping")]
 
 
 def test_data_with_line_breaks_becomes_several_data_lines_and_ids_stay_on_one_line() -> None:
-    frame = sse.encode_frame(b"a\nb\r\nc", event_id="1-0\n2")
+    frame = framing.encode_frame(b"a\nb\r\nc", event_id="1-0\n2")
     assert parse(frame) == [("id", "1-0 2"), ("data", "a"), ("data", "b"), ("data", "c")]
 
 
 def test_retry_comes_first_in_the_frame() -> None:
-    frame = sse.encode_update_event(message(1), retry_ms=2500)
+    frame = framing.encode_update_event(message(1), retry_ms=2500)
     assert frame.startswith(b"retry: 2500\nid: 1678886400001-0\ndata: ")
 
 
@@ -160,7 +164,7 @@ async def test_the_first_frame_is_retry_sent_at_once_and_no_other_frame_carries_
     out = await frames_of(frames(stream, retry_ms=1234), limit=4)
     assert out[0] == b"retry: 1234\n: open\n\n"
     assert parse(out[0]) == [("retry", "1234"), ("", "open")]
-    assert out[1:] == [sse.encode_update_event(message(i)) for i in (1, 2, 3)]
+    assert out[1:] == [framing.encode_update_event(message(i)) for i in (1, 2, 3)]
     assert stream.closed
 
 
@@ -184,14 +188,14 @@ async def test_retry_is_sent_before_the_stream_is_waited_on() -> None:
 async def test_heartbeats_only_while_idle() -> None:
     stream = FakeStream([IDLE, IDLE, message(1), IDLE])
     out = await frames_of(frames(stream, heartbeat_seconds=0.0), limit=5)
-    assert out == [OPEN, sse.PING, sse.PING, sse.encode_update_event(message(1)), sse.PING]
+    assert out == [OPEN, framing.PING, framing.PING, framing.encode_update_event(message(1)), framing.PING]
 
 
 async def test_no_heartbeat_before_the_interval() -> None:
     # `next` returned None although the heartbeat interval has not passed (a spurious wake-up).
     stream = FakeStream([IDLE, IDLE, message(1)])
     out = await frames_of(frames(stream, heartbeat_seconds=3600.0), limit=2)
-    assert out == [OPEN, sse.encode_update_event(message(1))]
+    assert out == [OPEN, framing.encode_update_event(message(1))]
 
 
 async def test_run_closed_at_open_drains_what_is_stored_then_ends() -> None:
@@ -199,9 +203,9 @@ async def test_run_closed_at_open_drains_what_is_stored_then_ends() -> None:
     out = await frames_of(frames(stream, status_at_open="COMPLETED"))
     assert out == [
         OPEN,
-        sse.encode_update_event(message(1)),
-        sse.encode_update_event(message(2)),
-        sse.end_frame("COMPLETED"),
+        framing.encode_update_event(message(1)),
+        framing.encode_update_event(message(2)),
+        framing.end_frame("COMPLETED"),
     ]
     assert stream.finished and stream.closed
 
@@ -211,7 +215,7 @@ async def test_run_closing_while_streaming_is_polled_then_drained_then_ends() ->
     stream = FakeStream([message(1), IDLE, IDLE, IDLE, IDLE], stored=[message(2)])
     out = await frames_of(frames(stream, poll_seconds=0.0, closed_status=closed_status))
     assert out[0] == OPEN
-    assert out[2:] == [sse.encode_update_event(message(2)), sse.end_frame("FAILED")]
+    assert out[2:] == [framing.encode_update_event(message(2)), framing.end_frame("FAILED")]
     assert not closed_status.remaining
     assert stream.closed
 
@@ -220,20 +224,20 @@ async def test_poll_failures_are_retried() -> None:
     closed_status = statuses(BackendUnavailable("Temporal is down"), "COMPLETED")
     stream = FakeStream([IDLE, IDLE, IDLE])
     out = await frames_of(frames(stream, poll_seconds=0.0, closed_status=closed_status))
-    assert out == [OPEN, sse.end_frame("COMPLETED")]
+    assert out == [OPEN, framing.end_frame("COMPLETED")]
 
 
 async def test_dropped_subscription_ends_without_end_event() -> None:
     stream = FakeStream([message(1), DROPPED])
     out = await frames_of(frames(stream))
-    assert out == [OPEN, sse.encode_update_event(message(1))]
+    assert out == [OPEN, framing.encode_update_event(message(1))]
     assert stream.closed
 
 
 async def test_backend_failure_mid_stream_ends_without_end_event() -> None:
     stream = FakeStream([message(1), FAILED])
     out = await frames_of(frames(stream))
-    assert out == [OPEN, sse.encode_update_event(message(1))] and stream.closed
+    assert out == [OPEN, framing.encode_update_event(message(1))] and stream.closed
 
 
 async def test_closing_the_generator_closes_the_stream() -> None:
@@ -267,7 +271,7 @@ async def test_a_stream_ends_with_token_expired_when_its_token_expires() -> None
     stream = WaitingStream()
     async with asyncio.timeout(10):
         out = await frames_of(frames(stream, expires_at=time.time() + 0.05))
-    assert out == [OPEN, sse.token_expired_frame()]
+    assert out == [OPEN, framing.token_expired_frame()]
     assert parse(out[1]) == [("event", "end"), ("data", '{"reason":"token_expired"}')]
     assert stream.waits and all(wait <= 0.05 for wait in stream.waits)
     assert stream.closed
@@ -291,7 +295,7 @@ async def test_the_wait_is_bounded_by_the_time_the_token_has_left() -> None:
 async def test_an_expired_token_ends_the_stream_even_while_updates_flow() -> None:
     stream = FakeStream([message(1), message(2)])
     out = await frames_of(frames(stream, expires_at=time.time() - 1))
-    assert out == [OPEN, sse.token_expired_frame()]
+    assert out == [OPEN, framing.token_expired_frame()]
 
 
 async def test_without_expiry_the_wait_is_the_heartbeat() -> None:
@@ -338,7 +342,7 @@ def scope(spec_version: str) -> dict[str, Any]:
 
 
 async def test_response_headers() -> None:
-    response = sse.event_stream_response(frames(FakeStream([])), send_timeout=1.0)
+    response = EventStreamResponse(frames(FakeStream([])), send_timeout=1.0)
     headers = dict(response.headers)
     assert headers["cache-control"] == "no-store"
     assert headers["x-accel-buffering"] == "no"
@@ -363,7 +367,7 @@ async def test_send_timeout_ends_the_stream_of_a_client_that_stopped_reading(spe
         await asyncio.Event().wait()  # no disconnect is ever reported
         return {"type": "http.disconnect"}
 
-    response = sse.event_stream_response(frames(stream), send_timeout=0.05)
+    response = EventStreamResponse(frames(stream), send_timeout=0.05)
     async with asyncio.timeout(10):
         await response(scope(spec_version), receive, send)
     assert stuck.is_set() and stream.closed
@@ -382,7 +386,7 @@ async def test_client_disconnect_closes_the_stream_at_once() -> None:
         await first_body.wait()
         return {"type": "http.disconnect"}
 
-    response = sse.event_stream_response(frames(stream), send_timeout=5.0)
+    response = EventStreamResponse(frames(stream), send_timeout=5.0)
     async with asyncio.timeout(10):
         await response(scope("2.3"), receive, send)
     assert stream.closed
@@ -395,10 +399,10 @@ async def test_client_disconnect_closes_the_stream_at_once() -> None:
 def test_the_update_fast_path_frames_exactly_like_encode_frame(
     name: str, event_id: str, data: bytes, retry_ms: int | None
 ) -> None:
-    expected = sse.encode_frame(
+    expected = framing.encode_frame(
         data, event_id=event_id or None, event=None if name == "message" else name, retry_ms=retry_ms
     )
-    assert sse.encode_update_event((name, event_id, data), retry_ms=retry_ms) == expected
+    assert framing.encode_update_event((name, event_id, data), retry_ms=retry_ms) == expected
 
 
 async def test_a_slow_send_that_completes_within_the_timeout_does_not_end_the_stream() -> None:
@@ -414,7 +418,7 @@ async def test_a_slow_send_that_completes_within_the_timeout_does_not_end_the_st
         await asyncio.Event().wait()
         return {"type": "http.disconnect"}
 
-    response = sse.event_stream_response(frames(stream), send_timeout=0.1)
+    response = EventStreamResponse(frames(stream), send_timeout=0.1)
     async with asyncio.timeout(10):
         await response(scope("2.3"), receive, send)
     assert bodies[0] == OPEN
@@ -452,7 +456,7 @@ class Flood(FakeStream):
 
 @asynccontextmanager
 async def live_server(stream: FakeStream) -> AsyncIterator[int]:
-    """uvicorn in this process, as `server.cli` runs it (the abortable protocol), on a free port, with
+    """uvicorn in this process, as `cli.main` runs it (the abortable protocol), on a free port, with
     the app on fake backends whose run stream is `stream`; keep-alive is made an hour long so that
     only the server's own decision can close a connection within a test."""
     settings = replace(

@@ -4,6 +4,7 @@ tests bind themselves; no Temporal or Redis is started."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -13,9 +14,24 @@ from typing import Any
 
 import pytest
 
-from server import cli, stack
+from cli import main as cli
+from cli import stack
+from core.settings import Settings
+from web.app import WorkflowRunsApp
 
-ENV = ("PORT", "API_URL", "VALIDATE_RESPONSES", "JWT_SECRET", "TEMPORAL_ADDRESS", "REDIS_URL", "HOST", "DATA_DIR")
+# What decides what `dev` starts and how: unset for these tests.
+ENV = (
+    "PORT",
+    "HOST",
+    "API_URL",
+    "VALIDATE_RESPONSES",
+    "JWT_SECRET",
+    "JWT_PUBLIC_KEY",
+    "JWKS_URL",
+    "TEMPORAL_ADDRESS",
+    "TEMPORAL_PROFILE",
+    "REDIS_URL",
+)
 
 
 @pytest.fixture
@@ -30,11 +46,11 @@ def taken() -> Iterator[int]:
 
 @pytest.fixture
 def dev_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A clean environment for `dev` (restored afterwards, whatever `dev` set), nothing started."""
+    """A clean environment for `dev` (no Temporal profile file either), nothing started."""
     for name in ENV:
-        monkeypatch.setenv(name, "recorded")  # so that undo restores it even if `dev` sets it
-        monkeypatch.delenv(name)
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TEMPORAL_CONFIG_FILE", str(tmp_path / "absent.toml"))
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # dev's SIGTERM handler: not in pytest
 
     def must_not_start(*args: Any, **kwargs: Any) -> stack.Child:
@@ -96,12 +112,19 @@ def test_dev_exits_2_with_one_line_when_a_port_it_would_bind_is_taken(
     assert not (dev_env / "jwt-secret").exists()  # nothing was done at all
 
 
+@pytest.mark.parametrize("pointed_by", ["TEMPORAL_ADDRESS", "the Temporal profile file"])
 def test_dev_does_not_check_a_server_it_was_pointed_at(
-    dev_env: Path, taken: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    dev_env: Path, taken: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], pointed_by: str
 ) -> None:
-    # TEMPORAL_ADDRESS names the process on `taken` on purpose: dev uses it and starts no Temporal;
+    # The address names the process on `taken` on purpose: dev uses it and starts no Temporal;
     # Redis then dies at start, which ends dev with its reason, not with a banner.
-    monkeypatch.setenv("TEMPORAL_ADDRESS", f"{stack.LOCALHOST}:{taken}")
+    address = f"{stack.LOCALHOST}:{taken}"
+    if pointed_by == "TEMPORAL_ADDRESS":
+        monkeypatch.setenv("TEMPORAL_ADDRESS", address)
+    else:
+        profile = dev_env / "temporal.toml"
+        profile.write_text(f'[profile.default]\naddress = "{address}"\n', encoding="utf-8")
+        monkeypatch.setenv("TEMPORAL_CONFIG_FILE", str(profile))
 
     def redis_dies(*args: Any, **kwargs: Any) -> stack.Child:
         raise stack.StartError("redis-server exited with status 1 at start; see x.log: Bad directive")
@@ -113,6 +136,66 @@ def test_dev_does_not_check_a_server_it_was_pointed_at(
     out, err = capsys.readouterr()
     assert code == 1 and out == ""
     assert err == "workflow-runs dev: redis-server exited with status 1 at start; see x.log: Bad directive\n"
+
+
+class FakeChild:
+    def stop(self) -> None:
+        pass
+
+
+def test_dev_serves_the_stack_it_started_and_hands_its_settings_down_not_through_os_environ(
+    dev_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REDIS_APPENDFSYNC", "everysec")
+    started: dict[str, Any] = {}
+
+    def start_temporal(data_dir: Path, *, port: int) -> FakeChild:
+        started["temporal"] = port
+        return FakeChild()
+
+    def start_redis(data_dir: Path, *, port: int, maxmemory: str, appendfsync: str) -> FakeChild:
+        started["redis"] = (port, maxmemory, appendfsync)
+        return FakeChild()
+
+    def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> FakeChild:
+        started["worker"] = (argv[-1], env)
+        return FakeChild()
+
+    def serve(settings: Settings, app: Any, *, port: int) -> None:
+        started["api"] = (settings, app, port)
+
+    monkeypatch.setattr(stack, "start_temporal", start_temporal)
+    monkeypatch.setattr(stack, "start_redis", start_redis)
+    monkeypatch.setattr(stack, "spawn", spawn)
+    monkeypatch.setattr(cli, "serve", serve)
+    environment = dict(os.environ)
+
+    cli.main(["dev", "--port", "18080", "--temporal-port", "17233", "--redis-port", "16379"])
+
+    assert dict(os.environ) == environment
+    secret = (dev_env / "jwt-secret").read_text(encoding="utf-8")
+    settings, app, port = started["api"]
+    assert port == settings.port == 18080
+    assert (settings.temporal_address, settings.redis_url) == ("127.0.0.1:17233", "redis://127.0.0.1:16379/0")
+    assert (settings.api_url, settings.validate_responses, settings.jwt_secret) == (
+        "http://127.0.0.1:18080/api/v1",
+        True,
+        secret,
+    )
+    assert isinstance(app(), WorkflowRunsApp)  # uvicorn's factory: the app of these settings
+    assert started["temporal"] == 17233
+    assert started["redis"] == (16379, "1gb", "everysec")
+    command, worker_env = started["worker"]
+    assert command == "worker"
+    assert {name: worker_env[name] for name in ("TEMPORAL_ADDRESS", "REDIS_URL", "API_URL", "JWT_SECRET")} == {
+        "TEMPORAL_ADDRESS": "127.0.0.1:17233",
+        "REDIS_URL": "redis://127.0.0.1:16379/0",
+        "API_URL": "http://127.0.0.1:18080/api/v1",
+        "JWT_SECRET": secret,
+    }
+    out = capsys.readouterr().out
+    assert "  Temporal    127.0.0.1:17233\n  Redis       redis://127.0.0.1:16379/0\n" in out
+    assert "export TOKEN=" in out
 
 
 def test_start_redis_and_start_temporal_refuse_a_taken_port_without_starting_anything(

@@ -1,4 +1,4 @@
-"""The HTTP transport (server/transport.py) on a real uvicorn server and real sockets.
+"""The HTTP transport (web/transport.py) on a real uvicorn server and real sockets.
 
 Each test starts uvicorn in a thread, on a free port, with the bounded protocol and tiny limits
 (a 1 KiB head, deadlines under a second). Most use a trivial ASGI app that reads the body and
@@ -23,12 +23,18 @@ import orjson
 import pytest
 import uvicorn
 
-from server import middleware, transport
-from server.app import create_app
-from server.settings import Settings
-from server.transport import Limits
-from tests.unit.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
-from tests.unit.test_fast_lane import SECRET, auth
+from core.settings import Settings
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, bearer, fake_backends_factory
+from web import middleware, transport
+from web.app import create_app
+from web.transport import Limits
+
+SECRET = "transport-unit-test-secret-" + "x" * 40
+
+
+def auth() -> dict[str, str]:
+    return bearer(SECRET)
+
 
 WAIT = 10.0  # socket timeout: far longer than any deadline under test
 LIMITS = Limits(max_header_bytes=1024, header_timeout=0.5, body_timeout=0.5, max_connections=100)

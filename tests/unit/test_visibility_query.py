@@ -6,10 +6,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from backends.errors import Forbidden, InvalidInput
-from backends.protocol import RunFilters
 from backends.visibility_query import (
-    MAX_PAGE_SIZE,
     MAX_QUERY_LENGTH,
     MAX_VALUE_LENGTH,
     build_query,
@@ -22,6 +19,8 @@ from backends.visibility_query import (
     tokenize,
     value_problem,
 )
+from core.errors import Forbidden, InvalidInput
+from core.protocols import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, RunFilters
 
 SCOPE = "ProjectId = 'p1' AND (Visibility IS NULL OR Visibility != 'private' OR InitiatedBy = 'user:u1')"
 
@@ -179,7 +178,7 @@ def test_bad_page_sizes_are_refused(size: object) -> None:
 
 
 def test_page_size_default_and_bounds() -> None:
-    assert page_size_of(None) == 50
+    assert page_size_of(None) == DEFAULT_PAGE_SIZE
     assert page_size_of(1) == 1
     assert page_size_of(MAX_PAGE_SIZE) == MAX_PAGE_SIZE
 

@@ -1,0 +1,1 @@
+"""The `workflow-runs` command and the embedded development stack it starts."""

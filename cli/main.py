@@ -1,0 +1,328 @@
+"""`workflow-runs`: the console command (its subcommands and flags are a stable interface).
+
+dev     the embedded stack: Temporal dev server, Redis, sample worker and the API, in the foreground
+serve   the API only, configured from the environment
+worker  the sample Temporal worker
+token   mint a development JWT
+start   start a sample workflow and print {"workflow_id", "run_id"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+from cli import stack
+from core.settings import Settings, SettingsError, create_dev_jwt_secret, dev_jwt_secret_path
+from core.tokens import DEV_PERMISSIONS, mint_token
+from web import logs
+
+
+def _no_jwt_secret(settings: Settings) -> str:
+    path = dev_jwt_secret_path(settings.data_dir)
+    return f"no JWT_SECRET set and no {path}: run `workflow-runs dev` first or set JWT_SECRET"
+
+
+def serve(settings: Settings, app: str | Callable[[], Any], *, port: int) -> None:
+    """Run the API on `port` under uvicorn until SIGTERM / Ctrl-C, then shut down gracefully: stop
+    accepting, end open update streams with `event: end` `server_shutdown` (clients resume elsewhere
+    with `Last-Event-ID`), let in-flight requests finish (at most `shutdown_timeout_seconds`), close
+    the backends (the app's lifespan) and exit. `app` is uvicorn's app factory: an import string
+    (each serving process then builds its settings from its environment) or a callable."""
+    import uvicorn
+
+    from web import transport
+    from web.app import begin_shutdown
+
+    class GracefulServer(uvicorn.Server):
+        # uvicorn waits for open connections *before* the lifespan shutdown, so an open stream
+        # would hold it for the whole timeout: tell the streams first, from the signal handler.
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            begin_shutdown(self.config.loaded_app)
+            super().handle_exit(sig, frame)
+
+    logs.configure()
+    # Every connection holds a file descriptor: take all the hard limit allows, and cap the
+    # connections below it (beyond the cap they are answered 503, health checks excepted).
+    fd_limit = transport.raise_fd_limit()
+    cap = transport.connection_cap(settings.max_connections, fd_limit)
+    if cap < settings.max_connections:
+        transport.log.warning(
+            "MAX_CONNECTIONS lowered from %d to %d: the open-files limit is %d (%d kept for other files)",
+            settings.max_connections,
+            cap,
+            fd_limit,
+            transport.FD_RESERVE,
+        )
+    if cap <= settings.max_streams_per_process:
+        transport.log.warning(
+            "the connection cap (%d) leaves no room above MAX_STREAMS_PER_PROCESS (%d): raise the open-files limit",
+            cap,
+            settings.max_streams_per_process,
+        )
+    limits = transport.Limits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+        max_connections=cap,
+        send_timeout=settings.sse_send_timeout_seconds,  # a client that stops reading any answer
+    )
+    config = uvicorn.Config(
+        app,
+        factory=True,
+        host=settings.host,
+        port=port,
+        http=transport.protocol_class(limits),  # httptools, with the bounds of web/transport.py
+        ws="none",  # the API has no WebSocket endpoint: an Upgrade request stays plain HTTP
+        server_header=False,
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
+        access_log=False,  # web.middleware.RequestContext logs requests, with secrets redacted
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
+    )
+    server = GracefulServer(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run does
+        server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE: the app could not start (port taken, bad settings)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    if not (settings.jwt_secret or settings.jwt_public_key or settings.jwks_url):
+        sys.exit(_no_jwt_secret(settings))
+    # The factory by import string, not an app built here: the serving process (each one, with
+    # several workers) reads the same environment, dev JWT secret file included, and finds the
+    # same settings. The port is uvicorn's bind option, not an app setting.
+    serve(settings, "web.app:app_from_env", port=args.port or settings.port)
+
+
+def _dev_port_conflict(
+    args: argparse.Namespace, host: str, port: int, *, own_temporal: bool, own_redis: bool
+) -> str | None:
+    """The line `dev` exits with when a port it is about to bind is held by another process (the
+    first such port), else None. Checked before anything starts: a child that cannot bind would
+    otherwise leave the stack talking to whatever already listens there."""
+    wanted: list[tuple[str, int, str, str]] = []  # (host, port, what, the two ways out)
+    if own_temporal:  # the dev server is headless: its frontend is its only fixed port
+        ways = "point TEMPORAL_ADDRESS at that server on purpose, or pick another port with --temporal-port"
+        wanted.append((stack.LOCALHOST, args.temporal_port, "Temporal", ways))
+    if own_redis:
+        ways = "point REDIS_URL at that server on purpose, or pick another port with --redis-port"
+        wanted.append((stack.LOCALHOST, args.redis_port, "Redis", ways))
+    wanted.append((host, port, "the API", "stop that process, or pick another port with --port"))
+    for bind_host, bind_port, what, ways in wanted:
+        if stack.port_in_use(bind_host, bind_port):
+            return f"workflow-runs dev: port {bind_port} ({what}) is in use by another process: {ways}"
+    return None
+
+
+def _dev_exit(message: str, status: int) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
+    environ = os.environ  # read only: what the user set decides what dev starts and overrides
+    port = args.port or settings.port
+    # A Temporal address from TEMPORAL_ADDRESS or the Temporal profile, or a REDIS_URL, names a
+    # server to use; without one, dev starts its own.
+    own_temporal = settings.temporal_profile.address is None
+    own_redis = not environ.get("REDIS_URL")
+    conflict = _dev_port_conflict(args, settings.host, port, own_temporal=own_temporal, own_redis=own_redis)
+    if conflict is not None:
+        _dev_exit(conflict, 2)
+    secret = settings.jwt_secret or create_dev_jwt_secret(settings.data_dir)
+    settings = replace(
+        settings,
+        port=port,
+        api_url=settings.api_url if environ.get("API_URL") else f"http://127.0.0.1:{port}/api/v1",
+        # dev catches document/server drift early, unless VALIDATE_RESPONSES says otherwise
+        validate_responses=settings.validate_responses if environ.get("VALIDATE_RESPONSES") else True,
+        jwt_secret=secret,
+        temporal_address=f"{stack.LOCALHOST}:{args.temporal_port}" if own_temporal else settings.temporal_address,
+        redis_url=f"redis://{stack.LOCALHOST}:{args.redis_port}/0" if own_redis else settings.redis_url,
+    )
+    data_dir = Path(settings.data_dir)
+    children: list[stack.Child] = []
+    # SIGTERM ends the stack like Ctrl-C does: through the `finally` below.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with stack.running(children):
+        try:
+            if own_temporal:
+                children.append(stack.start_temporal(data_dir, port=args.temporal_port))
+            if own_redis:
+                children.append(
+                    stack.start_redis(
+                        data_dir,
+                        port=args.redis_port,
+                        maxmemory=settings.redis_maxmemory,
+                        appendfsync=settings.redis_appendfsync,
+                    )
+                )
+        except stack.PortInUse as exc:  # taken since the check above
+            _dev_exit(
+                _dev_port_conflict(args, settings.host, port, own_temporal=own_temporal, own_redis=own_redis)
+                or f"workflow-runs dev: {exc}",
+                2,
+            )
+        except stack.StartError as exc:  # the child exited at start
+            _dev_exit(f"workflow-runs dev: {exc}", 1)
+        # The worker builds its settings from its environment: give it the stack's.
+        worker_env = {
+            **environ,
+            "TEMPORAL_ADDRESS": settings.temporal_address,
+            "REDIS_URL": settings.redis_url,
+            "API_URL": settings.api_url,
+            "JWT_SECRET": secret,
+        }
+        children.append(
+            stack.spawn("worker", [sys.executable, "-m", "cli.main", "worker"], data_dir / "logs", worker_env)
+        )
+        token = mint_token(secret, user="dev", project="dev-project", ttl_seconds=7 * 24 * 3600)
+        base = f"http://127.0.0.1:{port}/api/v1"
+        print(
+            f"\nWorkflow Runs API on the embedded stack\n"
+            f"  API         {base}\n  Swagger UI  {base}/ui/\n  document    {base}/openapi.json\n"
+            f"  Temporal    {settings.temporal_address}\n  Redis       {settings.redis_url}\n"
+            f"  logs        {data_dir / 'logs'}\n\n"
+            f"Dev token (project dev-project, 7 days):\n\n  export TOKEN={token}\n"
+            f'  curl -s -X POST {base}/workflows/runs -H "Authorization: Bearer $TOKEN" '
+            "-H 'Content-Type: application/json' -d '{}'\n",
+            flush=True,
+        )
+        from web.app import create_app
+
+        with contextlib.suppress(KeyboardInterrupt):
+            serve(settings, functools.partial(create_app, settings), port=port)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
+    from workloads.worker import run_worker
+
+    logs.configure()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_worker(settings))
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> None:
+    if not settings.jwt_secret:
+        sys.exit(_no_jwt_secret(settings))
+    print(
+        mint_token(
+            settings.jwt_secret,
+            user=args.user,
+            project=args.project,
+            permissions=args.permission or list(DEV_PERMISSIONS),
+            ttl_seconds=args.ttl,
+            kind=args.type,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
+
+
+def cmd_start(args: argparse.Namespace, settings: Settings) -> None:
+    from core import temporal_connection
+    from workloads.starter import start_workflow
+
+    async def start(given: dict[str, Any] | None) -> tuple[str, str]:
+        client = await temporal_connection.connect(settings)
+        return await start_workflow(
+            client,
+            args.type,
+            project=args.project,
+            user=args.user,
+            input=given,
+            visibility=args.visibility,
+            interaction=args.interaction,
+            document_id=args.document_id,
+            event_name=args.event_name,
+            rule_id=args.rule_id,
+            task_queue=settings.temporal_task_queue,
+        )
+
+    try:
+        workflow_id, run_id = asyncio.run(start(_json_object_argument("--input", args.input)))
+    except (ValueError, RuntimeError) as exc:  # bad input (exit 2, as argparse), or Temporal unreachable
+        print(f"workflow-runs start: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(2 if isinstance(exc, ValueError) else 1)
+    print(json.dumps({"workflow_id": workflow_id, "run_id": run_id}), flush=True)
+    # The Temporal client's Rust runtime threads can call back into Python while the interpreter
+    # finalizes ("PyGILState_Release ... finalizing", exit 134, seen once): the work is done and
+    # printed, so leave without finalizing.
+    os._exit(0)
+
+
+def _json_object_argument(name: str, raw: str | None) -> dict[str, Any] | None:
+    value = json.loads(raw) if raw else None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="workflow-runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = root.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="run the embedded stack and the API in the foreground")
+    dev.add_argument("--port", type=int, help="API port (default $PORT, else 8000)")
+    dev.add_argument("--temporal-port", type=int, default=7233)
+    dev.add_argument("--redis-port", type=int, default=6379)
+    dev.set_defaults(func=cmd_dev)
+
+    srv = sub.add_parser("serve", help="run the API against TEMPORAL_ADDRESS and REDIS_URL")
+    srv.add_argument("--port", type=int, help="API port (default $PORT, else 8000)")
+    srv.set_defaults(func=cmd_serve)
+
+    sub.add_parser("worker", help="run the sample Temporal worker").set_defaults(func=cmd_worker)
+
+    tok = sub.add_parser("token", help="mint a development JWT (HS256, JWT_SECRET or .data/jwt-secret)")
+    tok.add_argument("--user", required=True)
+    tok.add_argument("--project", required=True)
+    tok.add_argument("--permission", action="append", help="repeatable; default: read, run and admin")
+    tok.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    tok.add_argument("--type", default="user", help="principal type: user, apikey, service_account, ...")
+    tok.set_defaults(func=cmd_token)
+
+    start = sub.add_parser("start", help="start a sample workflow; prints its ids as JSON")
+    start.add_argument("type", choices=["StandardContentIngestion", "AgentConversation", "RetryingActivity"])
+    start.add_argument("--project", required=True)
+    start.add_argument("--user", required=True)
+    start.add_argument("--input", help="JSON argument of the workflow")
+    start.add_argument("--visibility", choices=["private", "project"], default="project")
+    start.add_argument("--interaction")
+    start.add_argument("--document-id")
+    start.add_argument("--event-name")
+    start.add_argument("--rule-id")
+    start.set_defaults(func=cmd_start)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Connexion imports Starlette's test client at import time, which warns about httpx: noise here.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()  # once per command, passed down
+    except SettingsError as exc:
+        print(f"workflow-runs {args.command}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    args.func(args, settings)
+
+
+if __name__ == "__main__":
+    main()

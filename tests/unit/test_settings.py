@@ -1,0 +1,135 @@
+"""`Settings(...)` is plain data; `Settings.from_env` reads every variable, refuses invalid values
+naming the variable, and resolves the dev JWT secret."""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings, SettingsError, create_dev_jwt_secret, dev_jwt_secret_path
+
+# A value other than the default for every setting (the Temporal ones are tested with envconfig).
+EVERY_VARIABLE = {
+    "HOST": "10.0.0.5",
+    "PORT": "9000",
+    "TEMPORAL_ADDRESS": "temporal.internal:7233",
+    "TEMPORAL_NAMESPACE": "prod",
+    "TEMPORAL_API_KEY": "key",
+    "TEMPORAL_TASK_QUEUE": "queue",
+    "REDIS_URL": "redis://redis.internal:6379/1",
+    "JWT_SECRET": "s",
+    "JWT_PUBLIC_KEY": "PEM",
+    "JWKS_URL": "https://issuer/jwks",
+    "JWT_AUDIENCE": "aud",
+    "JWT_ISSUER": "iss",
+    "JWT_LEEWAY_SECONDS": "5",
+    "VALIDATE_RESPONSES": "1",
+    "FAST_LANE": "0",
+    "MAX_BODY_BYTES": "1",
+    "SSE_HEARTBEAT_SECONDS": "1",
+    "SSE_RETRY_MS": "1",
+    "SSE_SEND_TIMEOUT_SECONDS": "1",
+    "BACKEND_TIMEOUT_SECONDS": "1",
+    "MAX_STREAMS_PER_PRINCIPAL": "1",
+    "MAX_STREAMS_PER_PROCESS": "1",
+    "SHUTDOWN_TIMEOUT_SECONDS": "1",
+    "API_URL": "http://api/v1",
+    "DATA_DIR": "/srv/data",
+    "MAX_HEADER_BYTES": "1",
+    "HEADER_TIMEOUT_SECONDS": "1",
+    "BODY_TIMEOUT_SECONDS": "1",
+    "KEEPALIVE_TIMEOUT_SECONDS": "1",
+    "MAX_CONNECTIONS": "1",
+    "MAX_UPDATE_BYTES_PER_RUN": "1",
+    "POST_AFTER_CLOSE_SECONDS": "1",
+    "MAX_HISTORY_BYTES": "1",
+    "REDIS_MAXMEMORY": "2gb",
+    "REDIS_APPENDFSYNC": "everysec",
+    "PAGE_TOKEN_SECRET": "p",
+    "RATE_LIMIT_TEMPORAL_PER_SECOND": "0.5",
+    "RATE_LIMIT_TEMPORAL_BURST": "1",
+    "RATE_LIMIT_UPDATES_PER_SECOND": "0",
+    "RATE_LIMIT_UPDATES_BURST": "1",
+    "NOT_FOUND_CACHE_SECONDS": "0",
+}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """An environment that names no Temporal profile file that exists, and an empty data dir."""
+    return {"TEMPORAL_CONFIG_FILE": str(tmp_path / "absent.toml"), "DATA_DIR": str(tmp_path / "data")}
+
+
+def test_settings_built_in_code_do_not_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "9999")
+    monkeypatch.setenv("REDIS_URL", "redis://elsewhere/0")
+    assert Settings().port == 8000
+    assert Settings(port=1).redis_url == "redis://127.0.0.1:6379/0"
+
+
+def test_from_env_reads_every_setting(env: dict[str, str]) -> None:
+    settings = Settings.from_env({**env, **EVERY_VARIABLE})
+    defaults = Settings()
+    unchanged = [f.name for f in fields(Settings) if getattr(settings, f.name) == getattr(defaults, f.name)]
+    assert unchanged == []
+    assert (settings.port, settings.fast_lane, settings.redis_appendfsync) == (9000, False, "everysec")
+    assert settings.rate_limit_temporal_per_second == 0.5
+
+
+def test_from_env_without_variables_is_the_defaults(env: dict[str, str]) -> None:
+    assert Settings.from_env(env) == Settings(data_dir=env["DATA_DIR"])
+
+
+def test_an_empty_variable_counts_as_unset(env: dict[str, str]) -> None:
+    assert Settings.from_env({**env, "PORT": "", "REDIS_URL": "", "FAST_LANE": ""}) == Settings.from_env(env)
+
+
+def test_api_url_follows_the_port_unless_set(env: dict[str, str]) -> None:
+    assert Settings.from_env({**env, "PORT": "9001"}).api_url == "http://127.0.0.1:9001/api/v1"
+    assert Settings.from_env({**env, "PORT": "9001", "API_URL": "http://x/v1"}).api_url == "http://x/v1"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("PORT", "abc", "PORT must be a whole number, 0 or more, not 'abc'"),
+        ("PORT", "70000", r"PORT must be a port number \(0 to 65535\), not 70000"),
+        ("MAX_CONNECTIONS", "-1", "MAX_CONNECTIONS must be a whole number, 0 or more, not '-1'"),
+        ("JWT_LEEWAY_SECONDS", "1.5", "JWT_LEEWAY_SECONDS must be a whole number, 0 or more, not '1.5'"),
+        ("NOT_FOUND_CACHE_SECONDS", "soon", "NOT_FOUND_CACHE_SECONDS must be a number, 0 or more, not 'soon'"),
+        ("RATE_LIMIT_UPDATES_PER_SECOND", "inf", "RATE_LIMIT_UPDATES_PER_SECOND must be a number, 0 or more"),
+        ("FAST_LANE", "yes", r"FAST_LANE must be 1 or 0 \(true or false\), not 'yes'"),
+        ("REDIS_APPENDFSYNC", "sometimes", "REDIS_APPENDFSYNC must be one of always, everysec, no, not 'sometimes'"),
+    ],
+)
+def test_an_invalid_value_is_refused_naming_its_variable(
+    env: dict[str, str], name: str, value: str, message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({**env, name: value})
+
+
+def test_flags_take_envconfigs_spellings(env: dict[str, str]) -> None:
+    assert Settings.from_env({**env, "VALIDATE_RESPONSES": "TRUE", "FAST_LANE": "false"}).validate_responses
+    assert not Settings.from_env({**env, "FAST_LANE": "False"}).fast_lane
+
+
+def test_the_dev_secret_file_is_the_jwt_secret_when_no_key_is_configured(env: dict[str, str]) -> None:
+    assert Settings.from_env(env).jwt_secret is None
+    secret = create_dev_jwt_secret(env["DATA_DIR"])
+    assert Settings.from_env(env).jwt_secret == secret
+    assert Settings.from_env({**env, "JWT_SECRET": "explicit"}).jwt_secret == "explicit"
+    # A configured public key or key server means tokens are verified with those, not the dev secret.
+    assert Settings.from_env({**env, "JWT_PUBLIC_KEY": "PEM"}).jwt_secret is None
+    assert Settings.from_env({**env, "JWKS_URL": "https://issuer/jwks"}).jwt_secret is None
+
+
+def test_the_dev_secret_is_created_once_readable_by_its_owner_only(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "new" / "data")
+    secret = create_dev_jwt_secret(data_dir)
+    assert len(secret) >= 64
+    assert create_dev_jwt_secret(data_dir) == secret
+    assert stat.S_IMODE(dev_jwt_secret_path(data_dir).stat().st_mode) == 0o600

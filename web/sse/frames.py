@@ -1,0 +1,108 @@
+"""The frames of one update stream: the generator that waits for events, heartbeats, polls whether
+the run closed and ends the stream (the reasons are listed in `web.sse`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+
+from core.errors import DomainError
+from core.protocols import UpdateStream
+from core.shutdown import ServerShutdown, ShuttingDown
+from web.sse.framing import (
+    PING,
+    encode_update_event,
+    end_frame,
+    open_frame,
+    shutdown_frame,
+    token_expired_frame,
+)
+
+logger = logging.getLogger("web.sse")
+
+
+async def update_frames(
+    stream: UpdateStream,
+    *,
+    heartbeat_seconds: float,
+    retry_ms: int,
+    closed_status: Callable[[], Awaitable[str | None]],
+    status_at_open: str | None = None,
+    poll_seconds: float | None = None,
+    expires_at: float | None = None,
+    shutdown: ServerShutdown,
+) -> AsyncGenerator[bytes, None]:
+    """The frames of one stream: `retry:` at once, then updates as they come, heartbeats while
+    idle, `end` once the run is closed and every stored update was sent, `end` with
+    `server_shutdown` as soon as the server is stopping, or `end` with `token_expired` at
+    `expires_at` (epoch seconds; None: never). `closed_status()` returns the run's final status,
+    or None while it runs; its failures are logged and retried at the next poll. Closes `stream`."""
+    now = asyncio.get_running_loop().time
+    poll_every = heartbeat_seconds if poll_seconds is None else poll_seconds
+    status = status_at_open
+    # The token's end on the loop's clock: every wait below is bounded by it.
+    end_at = math.inf if expires_at is None else now() + (expires_at - time.time())
+    try:
+        if status is not None:
+            stream.finish()
+        yield open_frame(retry_ms)
+        idle_deadline = now() + heartbeat_seconds
+        poll_deadline = now() + poll_every
+        while True:
+            if now() >= end_at:
+                yield token_expired_frame()
+                return
+            wake_at = min(idle_deadline if status is not None else min(idle_deadline, poll_deadline), end_at)
+            try:
+                async with shutdown.interruptible():
+                    event = await stream.next(max(wake_at - now(), 0.0))
+            except ShuttingDown:
+                yield shutdown_frame()
+                return
+            except StopAsyncIteration:
+                if status is not None:
+                    yield end_frame(status)
+                return
+            except DomainError as exc:  # Redis failed mid-stream: end; the client resumes by id
+                logger.warning("ending an update stream: %s", exc.message)
+                return
+            if event is not None:
+                yield encode_update_event(event)
+                idle_deadline = now() + heartbeat_seconds
+            elif now() >= idle_deadline:
+                yield PING
+                idle_deadline = now() + heartbeat_seconds
+            if status is None and now() >= poll_deadline:
+                try:
+                    status = await _poll_and_finish(stream, closed_status, shutdown)
+                except ShuttingDown:
+                    yield shutdown_frame()
+                    return
+                poll_deadline = now() + poll_every
+    finally:
+        await stream.aclose()
+
+
+async def _poll_and_finish(
+    stream: UpdateStream, closed_status: Callable[[], Awaitable[str | None]], shutdown: ServerShutdown
+) -> str | None:
+    """One poll of the run's status (interrupted by a shutdown); once the run is closed, the stream
+    is told to finish with what is stored."""
+    async with shutdown.interruptible():
+        status = await _poll(closed_status)
+    if status is not None:
+        stream.finish()
+    return status
+
+
+async def _poll(closed_status: Callable[[], Awaitable[str | None]]) -> str | None:
+    try:
+        return await closed_status()
+    except DomainError as exc:
+        logger.warning("could not learn whether a streamed run closed (will retry): %s", exc.message)
+    except Exception:  # a poll must never end an open stream; the next one asks again
+        logger.exception("could not learn whether a streamed run closed (will retry)")
+    return None
