@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -35,23 +34,26 @@ def _no_jwt_secret(settings: Settings) -> str:
     return f"no JWT_SECRET set and no {path}: run `workflow-runs dev` first or set JWT_SECRET"
 
 
-def serve(settings: Settings, app: str | Callable[[], Any], *, port: int) -> None:
+def serve(settings: Settings, *, port: int) -> None:
     """Run the API on `port` under uvicorn until SIGTERM / Ctrl-C, then shut down gracefully: stop
     accepting, end open update streams with `event: end` `server_shutdown` (clients resume elsewhere
     with `Last-Event-ID`), let in-flight requests finish (at most `shutdown_timeout_seconds`), close
-    the backends (the app's lifespan) and exit. `app` is uvicorn's app factory: an import string
-    (each serving process then builds its settings from its environment) or a callable."""
+    the backends (the app's lifespan) and exit. The app is built by uvicorn, in its loop, from these
+    same `settings`: one process, one settings object."""
     import uvicorn
 
     from web import transport
-    from web.app import begin_shutdown
+    from web.app import begin_shutdown, create_app
 
     class GracefulServer(uvicorn.Server):
         # uvicorn waits for open connections *before* the lifespan shutdown, so an open stream
         # would hold it for the whole timeout: tell the streams first, from the signal handler.
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            begin_shutdown(self.config.loaded_app)
-            super().handle_exit(sig, frame)
+            try:
+                # No app yet when the signal comes while it is being built: nothing to tell.
+                begin_shutdown(getattr(self.config, "loaded_app", None))
+            finally:
+                super().handle_exit(sig, frame)
 
     logs.configure()
     # Every connection holds a file descriptor: take all the hard limit allows, and cap the
@@ -80,7 +82,7 @@ def serve(settings: Settings, app: str | Callable[[], Any], *, port: int) -> Non
         send_timeout=settings.sse_send_timeout_seconds,  # a client that stops reading any answer
     )
     config = uvicorn.Config(
-        app,
+        functools.partial(create_app, settings),
         factory=True,
         host=settings.host,
         port=port,
@@ -102,10 +104,8 @@ def serve(settings: Settings, app: str | Callable[[], Any], *, port: int) -> Non
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     if not (settings.jwt_secret or settings.jwt_public_key or settings.jwks_url):
         sys.exit(_no_jwt_secret(settings))
-    # The factory by import string, not an app built here: the serving process (each one, with
-    # several workers) reads the same environment, dev JWT secret file included, and finds the
-    # same settings. The port is uvicorn's bind option, not an app setting.
-    serve(settings, "web.app:app_from_env", port=args.port or settings.port)
+    # The port is uvicorn's bind option, not an app setting.
+    serve(settings, port=args.port or settings.port)
 
 
 def _dev_port_conflict(
@@ -134,12 +134,12 @@ def _dev_exit(message: str, status: int) -> NoReturn:
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
-    environ = os.environ  # read only: what the user set decides what dev starts and overrides
+    chosen = settings.set_in_environment  # what the user set decides what dev starts and overrides
     port = args.port or settings.port
     # A Temporal address from TEMPORAL_ADDRESS or the Temporal profile, or a REDIS_URL, names a
     # server to use; without one, dev starts its own.
     own_temporal = settings.temporal_profile.address is None
-    own_redis = not environ.get("REDIS_URL")
+    own_redis = "REDIS_URL" not in chosen
     conflict = _dev_port_conflict(args, settings.host, port, own_temporal=own_temporal, own_redis=own_redis)
     if conflict is not None:
         _dev_exit(conflict, 2)
@@ -147,9 +147,9 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
     settings = replace(
         settings,
         port=port,
-        api_url=settings.api_url if environ.get("API_URL") else f"http://127.0.0.1:{port}/api/v1",
+        api_url=settings.api_url if "API_URL" in chosen else f"http://127.0.0.1:{port}/api/v1",
         # dev catches document/server drift early, unless VALIDATE_RESPONSES says otherwise
-        validate_responses=settings.validate_responses if environ.get("VALIDATE_RESPONSES") else True,
+        validate_responses=settings.validate_responses if "VALIDATE_RESPONSES" in chosen else True,
         jwt_secret=secret,
         temporal_address=f"{stack.LOCALHOST}:{args.temporal_port}" if own_temporal else settings.temporal_address,
         redis_url=f"redis://{stack.LOCALHOST}:{args.redis_port}/0" if own_redis else settings.redis_url,
@@ -179,9 +179,10 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
             )
         except stack.StartError as exc:  # the child exited at start
             _dev_exit(f"workflow-runs dev: {exc}", 1)
-        # The worker builds its settings from its environment: give it the stack's.
+        # The worker builds its settings from its environment: this process's (a child inherits it),
+        # with the stack's addresses and secret on top.
         worker_env = {
-            **environ,
+            **os.environ,
             "TEMPORAL_ADDRESS": settings.temporal_address,
             "REDIS_URL": settings.redis_url,
             "API_URL": settings.api_url,
@@ -202,10 +203,8 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
             "-H 'Content-Type: application/json' -d '{}'\n",
             flush=True,
         )
-        from web.app import create_app
-
         with contextlib.suppress(KeyboardInterrupt):
-            serve(settings, functools.partial(create_app, settings), port=port)
+            serve(settings, port=port)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:

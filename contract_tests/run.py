@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from cli import stack
+from core.settings import Settings
 from core.tokens import mint_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def contract_profile() -> Profile:
 @dataclass(frozen=True)
 class Target:
     base_url: str
-    temporal_address: str
+    temporal: Settings  # how to reach the Temporal the server uses (address, namespace, TLS)
     jwt_secret: str
     task_queue: str
 
@@ -66,14 +67,14 @@ def embedded_target(profile: Profile) -> Iterator[Target]:
     temporal_port, redis_port, api_port = stack.free_port(), stack.free_port(), stack.free_port()
     target = Target(
         base_url=f"http://127.0.0.1:{api_port}/api/v1",
-        temporal_address=f"127.0.0.1:{temporal_port}",
+        temporal=Settings(temporal_address=f"127.0.0.1:{temporal_port}"),
         jwt_secret=secrets.token_urlsafe(48),
         task_queue="contract-samples",
     )
     env = {
         **os.environ,
         "PORT": str(api_port),
-        "TEMPORAL_ADDRESS": target.temporal_address,
+        "TEMPORAL_ADDRESS": target.temporal.temporal_address,
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "JWT_SECRET": target.jwt_secret,
         "API_URL": target.base_url,
@@ -103,12 +104,11 @@ def embedded_target(profile: Profile) -> Iterator[Target]:
 
 def seed(target: Target) -> dict[str, tuple[str, str]]:
     """Real runs in every state; returns `name -> (workflow_id, run_id)`."""
-    from temporalio.client import Client
-
+    from core import temporal_connection
     from workloads.starter import start_workflow
 
     async def start_all() -> dict[str, tuple[str, str]]:
-        client = await Client.connect(target.temporal_address)
+        client = await temporal_connection.connect(target.temporal)
 
         async def start(kind: str, **kwargs: object) -> tuple[str, str]:
             return await start_workflow(client, kind, project=PROJECT, task_queue=target.task_queue, **kwargs)  # type: ignore[arg-type]
@@ -186,11 +186,15 @@ def main(profile: Profile | None = None) -> int:
     profile = profile or contract_profile()
     base_url = os.environ.get("BASE_URL")
     if base_url:
+        # The server's own settings, read as it reads them (Temporal profile and TLS included).
+        settings = Settings.from_env()
+        if not settings.jwt_secret:
+            sys.exit("contract test: BASE_URL needs JWT_SECRET, the secret the server verifies tokens with")
         target = Target(
             base_url=base_url.rstrip("/"),
-            temporal_address=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
-            jwt_secret=os.environ["JWT_SECRET"],
-            task_queue=os.environ.get("TEMPORAL_TASK_QUEUE", "workflow-runs-samples"),
+            temporal=settings,
+            jwt_secret=settings.jwt_secret,
+            task_queue=settings.temporal_task_queue,
         )
         return run_schemathesis(profile, target, seed(target))
     with embedded_target(profile) as target:

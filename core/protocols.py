@@ -1,8 +1,8 @@
 """The narrow interfaces handlers depend on.
 
 Concrete adapters (`backends.temporal_runs`, `backends.redis_updates`) are built once at start-up
-(the app's lifespan) and handlers read them from request state, so tests can inject fakes and
-production can point the same code at any Temporal cluster and Redis.
+(the app's lifespan) and handed to every handler in its `handlers.deps.Deps`, so tests can inject
+fakes and production can point the same code at any Temporal cluster and Redis.
 """
 
 from __future__ import annotations

@@ -110,6 +110,8 @@ class Settings:
     # "Run not found" answers are remembered this long, so repeated unknown run ids cost Temporal
     # nothing; kept short because a just-started run may not be visible yet.
     not_found_cache_seconds: float = 2
+    # The variables `from_env` found set (not empty): what the operator chose, as opposed to a default.
+    set_in_environment: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -167,6 +169,7 @@ class Settings:
             rate_limit_updates_per_second=env.rate("RATE_LIMIT_UPDATES_PER_SECOND", cls.rate_limit_updates_per_second),
             rate_limit_updates_burst=env.count("RATE_LIMIT_UPDATES_BURST", cls.rate_limit_updates_burst),
             not_found_cache_seconds=env.rate("NOT_FOUND_CACHE_SECONDS", cls.not_found_cache_seconds),
+            set_in_environment=frozenset(env.found),
         )
 
 
@@ -175,9 +178,13 @@ class _Env:
     """Typed reads of one environment, each failing with the variable's name and value."""
 
     environ: Mapping[str, str]
+    found: set[str] = field(default_factory=set)  # the names read that were set
 
     def optional(self, name: str) -> str | None:
-        return self.environ.get(name) or None
+        value = self.environ.get(name) or None
+        if value is not None:
+            self.found.add(name)
+        return value
 
     def text(self, name: str, default: str) -> str:
         return self.optional(name) or default

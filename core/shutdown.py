@@ -16,7 +16,7 @@ class ShuttingDown(Exception):
 
 
 class ServerShutdown:
-    """Process-wide: set once the server has been asked to stop, and able to interrupt every stream
+    """One per app: set once the server has been asked to stop, and able to interrupt every stream
     waiting for its next event at that moment.
 
     `trigger()` is safe to call from a signal handler (uvicorn's `handle_exit` runs in one, in the

@@ -9,7 +9,7 @@ Domain errors raised below become the JSON error body in the HTTP layer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast, get_args
 
 from pydantic import BaseModel
 
@@ -20,8 +20,7 @@ from generated.models import ActionResult, SignalResult, WorkflowRun, WorkflowRu
 from handlers.deps import Deps
 
 FILTER_FIELDS = tuple(field.name for field in dataclasses.fields(RunFilters))
-ACTION_VERBS: dict[str, Action] = {"cancel": "cancel", "terminate": "terminate"}
-ACTION_DONE = {"cancel": "cancelled", "terminate": "terminated"}
+ACTION_DONE: dict[str, str] = {"cancel": "cancelled", "terminate": "terminated"}  # by `Action`
 
 
 def serialised(model: type[BaseModel], data: dict[str, Any]) -> bytes:
@@ -66,12 +65,11 @@ async def apply_workflow_run_action(
     reason = body.get("reason") if isinstance(body, dict) else None
     if reason is not None and not isinstance(reason, str):
         raise InvalidInput("reason must be a string.")
-    verb = ACTION_VERBS.get(action)
-    if verb is None:
+    if action not in get_args(Action):
         raise InvalidInput("action must be cancel or terminate.", details=f"got {action!r}")
     deps.rates.charge_temporal(principal)
-    await deps.runs.apply_action(principal, workflow_id, run_id, verb, reason)
-    return serialised(ActionResult, {"message": f"Workflow {run_id} {ACTION_DONE[verb]}"})
+    await deps.runs.apply_action(principal, workflow_id, run_id, cast(Action, action), reason)
+    return serialised(ActionResult, {"message": f"Workflow {run_id} {ACTION_DONE[action]}"})
 
 
 async def signal_workflow_run(

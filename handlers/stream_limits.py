@@ -56,9 +56,6 @@ class StreamLimiter:
     def open_streams(self) -> int:
         return self._total
 
-    def open_streams_of(self, principal: Principal) -> int:
-        return self._open.get(self.owner_of(principal), 0)
-
     @staticmethod
     def owner_of(principal: Principal) -> StreamOwner:
         return (principal.project_id, principal.ref)

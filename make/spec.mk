@@ -41,8 +41,8 @@ bundle: npm-tools ## Bundle openapi/ into build/openapi.yaml (single file for co
 #   found warnings, so its output is checked for a warning count as well;
 # - spectral (spectral:oas, see .spectral.yaml) on the bundle: Spectral 6.16.3
 #   misreports every `$ref`-ed path item of a split 3.1 document as an oas3-schema
-#   error (stoplightio/spectral#2655) and reports components used only from other
-#   files as unused; the bundle has the same content with internal refs only.
+#   error (https://github.com/stoplightio/spectral/issues/2655) and reports components
+#   used only from other files as unused; the bundle has the same content with internal refs only.
 lint-spec: npm-tools bundle ## Validate and lint the OpenAPI document (0 errors and 0 warnings required)
 	$(VENV)/bin/openapi-spec-validator --validation-errors all $(OPENAPI_SPEC)
 	$(VENV)/bin/openapi-spec-validator --validation-errors all $(OPENAPI_BUNDLE)

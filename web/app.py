@@ -1,8 +1,9 @@
 """The application: Connexion serving the 3.1 document, with our middlewares, errors and backends.
 
-`app_from_env()` is what uvicorn runs (`web.app:app_from_env`, factory mode: each worker process
-builds its settings from the environment, once); the CLI and the tests call `create_app` with the
-settings they built, and tests with backends of their own.
+`workflow-runs serve` and `dev` have uvicorn build the app with `create_app` and the settings the
+command built; tests call it with settings and backends of their own. `app_from_env` is the import
+string factory for running under a process manager (`uvicorn web.app:app_from_env --factory`):
+each process then builds its settings from its environment, once.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def published_document() -> dict[str, Any]:
     return document
 
 
+@functools.cache
+def resolved_document() -> dict[str, Any]:
+    """The published document with its references resolved, as the operation table reads it (one
+    copy per process, so its compiled schemas are compiled once however many apps are built)."""
+    resolved: dict[str, Any] = resolve_refs(copy.deepcopy(published_document()))
+    return resolved
+
+
 def runtime_document(published: dict[str, Any]) -> dict[str, Any]:
     """The published document plus what only the server needs: the token verifier's location."""
     document = copy.deepcopy(published)
@@ -102,7 +111,8 @@ def create_app(
 ) -> WorkflowRunsApp:
     """The app; `backends_factory` connects its backends in the lifespan (the real ones by
     default), `clock` is its rate limits' (tests pass their own, to refill buckets without waiting),
-    `document` the one it serves (the bundled one; tests pass altered copies).
+    `document` the one it routes, validates and serves operations by (the bundled one; tests pass
+    altered copies; `/openapi.json` always shows the bundled one).
 
     Raises `web.fast_lane.LaneUnsupported` when the lane is on and one of its operations uses a
     construct of the document the lane does not implement: the app does not start."""
@@ -113,7 +123,8 @@ def create_app(
     openapi31.install()
     _cache_parameter_names()
     _no_slash_redirects()
-    operations = compile_operations(resolve_refs(copy.deepcopy(published)), HANDLERS)
+    resolved = resolved_document() if document is None else resolve_refs(copy.deepcopy(document))
+    operations = compile_operations(resolved, HANDLERS)
     lane = lane_routes(operations, BASE_PATH) if settings.fast_lane else None
 
     @asynccontextmanager

@@ -58,11 +58,18 @@ class TokenVerifier:
         return self.settings.jwt_secret, HMAC_ALGORITHMS
 
     def verify(self, token: str) -> dict[str, Any] | None:
-        """The token's claims, or None when it is malformed, badly signed, expired or not for us.
+        """The token's claims, or None when it is malformed, badly signed, expired, not for us,
+        or names no user (see `info`)."""
+        info = self.info(token)
+        return None if info is None else info["claims"]
+
+    def info(self, token: str) -> dict[str, Any] | None:
+        """The token's info, `{"sub", "principal", "claims"}`, or None when the token is not
+        acceptable.
 
         A client sends the same token on every request, and verifying a signature costs about as
-        much as the rest of a small request: verified claims are remembered until shortly before
-        the token expires (bounded; only valid tokens are kept, so garbage cannot fill it).
+        much as the rest of a small request: the info of a verified token is remembered until the
+        token expires (bounded; only acceptable tokens are kept, so garbage cannot fill it).
         Raises `BackendUnavailable` when the keys of JWKS_URL cannot be fetched."""
         cached = self._verified.get(token)
         if cached is not None:
@@ -70,11 +77,14 @@ class TokenVerifier:
                 return cached[0]
             del self._verified[token]
         claims = self._verify(token)
-        if claims is not None:
-            if len(self._verified) >= VERIFIED_CACHE_SIZE:
-                self._verified.pop(next(iter(self._verified)))  # the oldest entry
-            self._verified[token] = (claims, float(claims["exp"]))
-        return claims
+        principal = None if claims is None else principal_from_claims(claims)
+        if claims is None or principal is None:
+            return None
+        info = {"sub": principal.user_id, "principal": principal, "claims": claims}
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))  # the oldest entry
+        self._verified[token] = (info, float(claims["exp"]))
+        return info
 
     def _verify(self, token: str) -> dict[str, Any] | None:
         try:
@@ -141,12 +151,6 @@ async def token_info(verifier: TokenVerifier, token: str) -> dict[str, Any] | No
     if verifier.settings.jwks_url:
         import anyio.to_thread
 
-        claims = await anyio.to_thread.run_sync(verifier.verify, token)
-    else:
-        claims = verifier.verify(token)
-    if claims is None:
-        return None
-    principal = principal_from_claims(claims)
-    if principal is None:
-        return None
-    return {"sub": principal.user_id, "principal": principal, "claims": claims}
+        info: dict[str, Any] | None = await anyio.to_thread.run_sync(verifier.info, token)
+        return info
+    return verifier.info(token)

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.errors import DomainError
 from handlers.deps import Deps
 from web import errors, openapi31
+from web.asgi import replay, send_response
 from web.auth import token_info
 from web.operations import MISSING, Operation, Parameter, path_pattern
 
@@ -62,10 +63,34 @@ LANE_CONSTRUCTS = {
     "parameter": {"name", "in", "required", "schema", "description", "example", "examples", "deprecated"},
     "parameter location": {"path", "query", "header"},
     "parameter type": {"string", "integer", "boolean"},
+    # Keywords a parameter's schema may use: checked by the same 2020-12 validator on both paths.
+    # (`nullable`, for one, is not: Connexion reads `null` as None where the lane would not.)
+    "parameter schema": {
+        "type",
+        "format",
+        "pattern",
+        "minLength",
+        "maxLength",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "enum",
+        "const",
+        "default",
+        "title",
+        "description",
+        "example",
+        "examples",
+        "deprecated",
+    },
     "request body": {"content", "required", "description"},
     "body media type": {"application/json"},
     "media type object": {"schema", "example", "examples"},
 }
+# Specification extensions (`x-...`) the lane knows to mean nothing for serving: none yet. Connexion
+# acts on some (`x-body-name` renames the handler's body argument), so an unknown one is refused.
+LANE_EXTENSIONS: frozenset[str] = frozenset()
 # A query value the lane reads as it is: unreserved characters only (nothing percent-encoded, no
 # `+`); integers as JSON spells them, at most 19 digits; booleans in lower case.
 _PLAIN = re.compile(rb"[A-Za-z0-9._~-]+\Z")
@@ -84,6 +109,17 @@ class Route:
     operation: Operation
     pattern: re.Pattern[str]
     response: dict[str, Any]  # the schema of the 200 answer
+    inputs: tuple[Input, ...]
+    query_names: frozenset[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """A parameter with what each request needs of it, computed once."""
+
+    parameter: Parameter
+    wire: bytes  # its name as the request spells it: in the query, or lower-case in the headers
+    accepted: bool  # whether the handler takes it
 
 
 def lane_routes(operations: dict[str, Operation], base_path: str) -> list[Route]:
@@ -100,16 +136,16 @@ def route_of(operation: Operation, base_path: str) -> Route:
         at = f"{where}: parameter {parameter.name!r}"
         _only(parameter.spec, LANE_CONSTRUCTS["parameter"], f"{at} uses")
         _only([parameter.location], LANE_CONSTRUCTS["parameter location"], f"{at} is in")
+        _only(parameter.schema, LANE_CONSTRUCTS["parameter schema"], f"{at}'s schema uses")
         kind = parameter.schema.get("type")
         allowed = {"string"} if parameter.location != "query" else LANE_CONSTRUCTS["parameter type"]
-        if not isinstance(kind, str) or kind not in allowed:
+        if not isinstance(kind, str) or kind not in allowed or parameter.schema.get("format") == "binary":
             raise LaneUnsupported(f"{at} has type {kind!r}, which the lane does not read in the {parameter.location}")
     if operation.body is not None:
         _only(operation.body.spec, LANE_CONSTRUCTS["request body"], f"{where}: the request body uses")
         _only(operation.body.content, LANE_CONSTRUCTS["body media type"], f"{where}: the request body is")
         _only(operation.body.content["application/json"], LANE_CONSTRUCTS["media type object"], f"{where}: the body's")
-    if operation.security != [{"bearerAuth": []}]:
-        raise LaneUnsupported(f"{where}: its security is {operation.security!r}; the lane verifies bearerAuth only")
+    _bearer_only(operation, where)
     answers = {status: value.get("content", {}) for status, value in operation.responses.items()}
     if "application/json" not in answers.get("200", {}) or any(
         content for status, content in answers.items() if status != "200" and not status.startswith(("4", "5"))
@@ -119,13 +155,35 @@ def route_of(operation: Operation, base_path: str) -> Route:
         operation=operation,
         pattern=path_pattern(base_path, operation.path),
         response=operation.responses["200"]["content"]["application/json"]["schema"],
+        inputs=tuple(
+            Input(
+                p, (p.name.lower() if p.location == "header" else p.name).encode(), p.python_name in operation.accepts
+            )
+            for p in operation.parameters
+        ),
+        query_names=frozenset(p.name.encode() for p in operation.parameters_in("query")),
     )
 
 
 def _only(found: Iterable[str], allowed: set[str], context: str) -> None:
     for construct in found:
-        if construct not in allowed and not construct.startswith("x-"):
+        if construct not in allowed and construct not in LANE_EXTENSIONS:
             raise LaneUnsupported(f"{context} {construct!r}, which the lane does not implement")
+
+
+def _bearer_only(operation: Operation, where: str) -> None:
+    """The operation's security must be one HTTP bearer scheme, which is what the lane verifies."""
+    names = [name for requirement in operation.security for name in requirement]
+    schemes = [operation.security_schemes.get(name, {}) for name in names]
+    if (
+        len(operation.security) != 1
+        or len(names) != 1
+        or schemes[0].get("type") != "http"
+        or str(schemes[0].get("scheme", "")).lower() != "bearer"
+    ):
+        raise LaneUnsupported(
+            f"{where}: its security is {operation.security!r}; the lane verifies one HTTP bearer scheme only"
+        )
 
 
 class FastLane:
@@ -146,7 +204,7 @@ class FastLane:
                     try:
                         hand_on = await self._serve(route, match.groupdict(), scope, receive, send)
                     except Exception as exc:  # raised before anything was sent: the lane sends last
-                        await _send(send, _error_response(exc))
+                        await send_response(send, _error_response(exc))
                         return
                     if hand_on is not None:
                         await self.app(scope, hand_on, send)
@@ -160,14 +218,15 @@ class FastLane:
         the part of the body the lane read)."""
         operation = route.operation
         headers = _headers(scope)
-        arguments = None if headers is None else _arguments(operation, path, scope["query_string"], headers)
+        arguments = None if headers is None else _arguments(route, path, scope["query_string"], headers)
         if headers is None or arguments is None:
             return receive
         if operation.body is not None and _has_body(headers):
             return await self._serve_with_body(route, arguments, headers, scope=scope, receive=receive, send=send)
-        # No body: one the operation requires, or a media type declared for none, is Connexion's
-        # to judge (it reads and parses bodies, and refuses one over the limit).
-        if _has_body(headers) or b"content-type" in headers or (operation.body is not None and operation.body.required):
+        # No body: one the operation declares (Connexion passes a default for an optional one), or
+        # a body or media type on an operation that declares none, is Connexion's to judge (it
+        # reads and parses bodies, and refuses one over the limit).
+        if _has_body(headers) or b"content-type" in headers or operation.body is not None:
             return receive
         info = await self._token_info(scope, headers)
         if info is None:
@@ -209,7 +268,7 @@ class FastLane:
             or body is None
             or (schema is not None and not openapi31.compiled(schema).is_valid(body))
         ):
-            return _replay(messages, receive)
+            return replay(messages, receive)
         if "body" in operation.accepts:
             arguments["body"] = body
         await self._answer(send, route, await self._call(operation, scope, info, arguments))
@@ -225,7 +284,7 @@ class FastLane:
         """Send the operation's JSON answer (validated against the document when Connexion would
         validate it, with the same 500 when it does not conform)."""
         if self.validate_responses and (problem := openapi31.nonconforming(route.response, orjson.loads(body))):
-            await _send(send, errors.problem_response(problem))
+            await send_response(send, errors.problem_response(problem))
             return
         await send({"type": "http.response.start", "status": 200, "headers": _json_headers(body)})
         await send({"type": "http.response.body", "body": body})
@@ -240,38 +299,35 @@ class FastLane:
         return await token_info(scope["state"]["verifier"], authorization[7:].decode("latin-1"))
 
 
-def _arguments(
-    operation: Operation, path: dict[str, str], query: bytes, headers: dict[bytes, bytes]
-) -> dict[str, Any] | None:
+def _arguments(route: Route, path: dict[str, str], query: bytes, headers: dict[bytes, bytes]) -> dict[str, Any] | None:
     """The handler's arguments from the path, query and header parameters, each valid by its
     schema, defaults applied; None when any is doubtful (Connexion judges the request then)."""
     given = _query(query)
-    if given is None:
-        return None
-    declared = {parameter.name.encode(): parameter for parameter in operation.parameters_in("query")}
-    if any(name not in declared for name in given):
+    if given is None or not route.query_names.issuperset(given):
         return None
     arguments: dict[str, Any] = {}
-    for parameter in operation.parameters:
+    for one in route.inputs:
+        parameter = one.parameter
         if parameter.location == "path":
             value: Any = path[parameter.name]
         elif parameter.location == "query":
-            raw = given.get(parameter.name.encode())
+            raw = given.get(one.wire)
             value = MISSING if raw is None else _typed(parameter, raw)
             if value is None:
                 return None
         else:
-            raw = headers.get(parameter.name.lower().encode())
+            raw = headers.get(one.wire)
             value = MISSING if raw is None else raw.decode("latin-1")
         if value is MISSING:
             if parameter.required:
                 return None
-            value = parameter.default
+            # Connexion fills in the defaults of query parameters only; so does the lane.
+            value = parameter.default if parameter.location == "query" else MISSING
             if value is MISSING:
                 continue
         elif not parameter.validator.is_valid(value):
             return None
-        if parameter.python_name in operation.accepts:
+        if one.accepted:
             arguments[parameter.python_name] = value
     return arguments
 
@@ -350,23 +406,6 @@ async def _read_body(receive: Receive, max_bytes: int) -> list[Message]:
         received += len(message.get("body", b""))
         if received > max_bytes:
             return messages
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """A `receive` that gives the next app the messages the lane already read, then the rest."""
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
-
-
-async def _send(send: Send, response: ConnexionResponse) -> None:
-    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
-    headers.append((b"content-length", str(len(response.body)).encode()))
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
 
 
 def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:

@@ -27,11 +27,11 @@ class Readiness:
         self._last: tuple[float, Checks] | None = None
         self._pending: asyncio.Future[Checks] | None = None
 
-    async def checks(self, backends: Deps) -> Checks:
+    async def checks(self, deps: Deps) -> Checks:
         if self._last is not None and self.clock() - self._last[0] < self.max_age:
             return self._last[1]
         if self._pending is None:
-            self._pending = asyncio.ensure_future(self._check(backends))
+            self._pending = asyncio.ensure_future(self._check(deps))
             self._pending.add_done_callback(self._done)
         # Shielded: one caller leaving must not cancel the check the others wait for.
         return await asyncio.shield(self._pending)
@@ -42,9 +42,9 @@ class Readiness:
             self._last = (self.clock(), future.result())
 
     @staticmethod
-    async def _check(backends: Deps) -> Checks:
+    async def _check(deps: Deps) -> Checks:
         checks: Checks = {}
-        for name, backend in (("temporal", backends.runs), ("redis", backends.updates)):
+        for name, backend in (("temporal", deps.runs), ("redis", deps.updates)):
             try:
                 await backend.ping()
                 checks[name] = "ok"

@@ -10,13 +10,13 @@ import time
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
-from connexion.lifecycle import ConnexionResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import PayloadTooLarge
 from web import errors
+from web.asgi import replay, send_response
 from web.logs import access_log, clip, monotonic_ms, request_id_var
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -177,7 +177,7 @@ class ChunkedBody:
             await self.app(scope, receive, send)
             return
         if not framing:
-            await _send_response(send, errors.error_response(501, UNSUPPORTED_TRANSFER_CODING))
+            await send_response(send, errors.error_response(501, UNSUPPORTED_TRANSFER_CODING))
             return
         parts = []
         while True:
@@ -185,7 +185,7 @@ class ChunkedBody:
             if message["type"] != "http.request":
                 # Gone mid-body: `BodySizeLimit` has already ended the request; in any other
                 # arrangement, let the next app see the disconnect.
-                await self.app(scope, _replay([message], receive), send)
+                await self.app(scope, replay([message], receive), send)
                 return
             parts.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -194,7 +194,7 @@ class ChunkedBody:
         headers = [(k, v) for k, v in scope["headers"] if k != b"transfer-encoding"]
         headers.append((b"content-length", str(len(body)).encode()))
         whole: Message = {"type": "http.request", "body": body, "more_body": False}
-        await self.app({**scope, "headers": headers}, _replay([whole], receive), send)
+        await self.app({**scope, "headers": headers}, replay([whole], receive), send)
 
 
 UNSUPPORTED_TRANSFER_CODING = "Only the chunked transfer coding, alone and in HTTP/1.1, is implemented."
@@ -207,23 +207,6 @@ def _framing(scope: Scope) -> bool | None:
     if not codings:
         return None
     return len(codings) == 1 and codings[0].strip().lower() == b"chunked" and scope.get("http_version") == "1.1"
-
-
-async def _send_response(send: Send, response: ConnexionResponse) -> None:
-    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
-    headers.append((b"content-length", str(len(response.body)).encode()))
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """A `receive` that gives `messages` first, then what `receive` gives."""
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
 
 
 class QueryTokenForStreams:

@@ -68,9 +68,10 @@ MAX_JSON_DEPTH = 128
 
 def load_json(raw: bytes) -> Any:
     """A request body's JSON. orjson: strict RFC 8259 (no NaN/Infinity), and it rejects invalid
-    UTF-8 itself where Connexion's own parser answers 500 (spec-first/connexion#1860). A body with
-    a very long number is read again by the standard library, which keeps big integers exact
-    (update details are stored as given). Raises ValueError (`orjson.JSONDecodeError` is one)."""
+    UTF-8 itself where Connexion's own parser answers 500
+    (https://github.com/spec-first/connexion/issues/1860). A body with a very long number is read
+    again by the standard library, which keeps big integers exact (update details are stored as
+    given). Raises ValueError (`orjson.JSONDecodeError` is one)."""
     value = orjson.loads(raw)
     # Cheap first: a body with fewer brackets than the limit cannot nest deeper than it.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):

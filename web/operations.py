@@ -1,8 +1,10 @@
 """The operation table: every operation of the bundled document, compiled once, with its handler.
 
 Connexion's registration (`web.endpoints`) and the fast lane (`web.fast_lane`) both read this one
-table, so the two cannot disagree about an operation's path, parameters (types, defaults,
-`required`), body, security or answer: both take them from the document, here.
+table: the endpoint Connexion calls for each operation, and everything the lane knows of its
+operations (path, parameters with their types, defaults and `required`, body, security, answer),
+come from the document, here. Connexion also reads the document itself, for its routing and
+validation; the lane refuses at start-up any construct it could read differently.
 
 Building the table checks that the document and `handlers.HANDLERS` name the same operations, and
 reads each handler's keywords: a handler receives, by its Python name, every parameter and the body
@@ -54,6 +56,7 @@ class Operation:
     parameters: tuple[Parameter, ...]
     body: Body | None
     security: list[dict[str, list[str]]]  # the operation's, else the document's
+    security_schemes: dict[str, Any]  # the document's, by name
     responses: dict[str, Any]
     handler: Handler
     accepts: frozenset[str]  # the handler's keywords (beyond deps and principal)
@@ -84,6 +87,7 @@ def compile_operations(document: dict[str, Any], handlers: Mapping[str, Handler]
                 parameters=tuple(_parameter(spec) for spec in _merged(shared, spec.get("parameters", []))),
                 body=_body(spec.get("requestBody")),
                 security=spec.get("security", document.get("security", [])),
+                security_schemes=document.get("components", {}).get("securitySchemes", {}),
                 responses=spec.get("responses", {}),
                 handler=handler,
                 accepts=_keywords(handler),

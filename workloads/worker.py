@@ -67,6 +67,13 @@ async def run_worker(
         client = await connect_when_up(settings)
     queue = task_queue or settings.temporal_task_queue
     async with build_activities(settings, api_url=api_url) as activities:
+        if activities.api_url and not settings.jwt_secret:
+            # Read once, at start (`Settings.from_env`): say so rather than skip every post silently.
+            log.warning(
+                "no JWT_SECRET (nor a dev secret under %s): this worker will not post updates to %s",
+                settings.data_dir,
+                activities.api_url,
+            )
         worker = create_worker(client, task_queue=queue, activities=activities)
         log.info("sample worker polling task queue %s on %s", queue, settings.temporal_address)
         if stop is None:

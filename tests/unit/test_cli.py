@@ -1,5 +1,5 @@
 """The commands build their settings once, from the environment, and never write it back: `serve`
-hands uvicorn its port and the import string of the app factory; `token` signs with the secret
+hands uvicorn its port and the settings the app is built from; `token` signs with the secret
 the settings resolved. (`dev` is tested in test_stack.py.)"""
 
 from __future__ import annotations
@@ -67,18 +67,18 @@ def test_an_invalid_setting_stops_any_command_with_one_line(
 
 
 @pytest.mark.parametrize(("argv", "port"), [((), 8001), (("--port", "9123"), 9123)])
-def test_serve_gives_uvicorn_the_port_and_the_factory_and_leaves_the_environment_alone(
+def test_serve_gives_uvicorn_the_port_and_its_settings_and_leaves_the_environment_alone(
     clean_env: Path, monkeypatch: pytest.MonkeyPatch, argv: tuple[str, ...], port: int
 ) -> None:
     monkeypatch.setenv("PORT", "8001")
-    create_dev_jwt_secret(str(clean_env))  # found by the serving process's own settings too
-    served: list[tuple[Settings, object, int]] = []
-    monkeypatch.setattr(cli, "serve", lambda settings, app, *, port: served.append((settings, app, port)))
+    create_dev_jwt_secret(str(clean_env))
+    served: list[tuple[Settings, int]] = []
+    monkeypatch.setattr(cli, "serve", lambda settings, *, port: served.append((settings, port)))
     environment = dict(os.environ)
     cli.main(["serve", *argv])
     assert dict(os.environ) == environment
-    [(settings, app, bound)] = served
-    assert (app, bound) == ("web.app:app_from_env", port)
+    [(settings, bound)] = served
+    assert bound == port
     assert settings == Settings.from_env()
 
 

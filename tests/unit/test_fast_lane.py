@@ -450,11 +450,19 @@ def test_a_construct_the_lane_does_not_implement_stops_the_app_from_starting() -
             lambda o: o["parameters"].append(
                 {"name": "tag", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}}
             ),
-            "type 'array'",
+            "'items'",
         ),
         ("another media type", lambda o: o["requestBody"]["content"].update({"text/plain": {}}), "'text/plain'"),
         ("another security", lambda o: o.update(security=[]), "security is []"),
         ("callbacks", lambda o: o.update(callbacks={}), "'callbacks'"),
+        ("a specification extension", lambda o: o["requestBody"].update({"x-body-name": "update"}), "'x-body-name'"),
+        (
+            "a nullable parameter",
+            lambda o: o["parameters"].append(
+                {"name": "tag", "in": "query", "schema": {"type": "string", "nullable": True}}
+            ),
+            "'nullable'",
+        ),
     ],
 )
 def test_every_unimplemented_construct_is_named(construct: str, change: Any, named: str) -> None:
@@ -464,10 +472,18 @@ def test_every_unimplemented_construct_is_named(construct: str, change: Any, nam
 
 
 def require_api_version(document: dict[str, Any]) -> None:
-    for parameter in operation_of(document, "getWorkflowRun")["parameters"]:
-        if "$ref" in parameter:  # the shared x-api-version parameter: required everywhere
-            name = parameter["$ref"].rsplit("/", 1)[-1]
-            document["components"]["parameters"][name]["required"] = True
+    """The shared `x-api-version` header parameter made required (for every operation)."""
+    shared = document["components"]["parameters"]
+    (name,) = [name for name, parameter in shared.items() if parameter["name"] == "x-api-version"]
+    shared[name]["required"] = True
+
+
+def test_a_security_scheme_other_than_http_bearer_stops_the_lane() -> None:
+    def api_key(document: dict[str, Any]) -> None:
+        document["components"]["securitySchemes"]["bearerAuth"] = {"type": "apiKey", "in": "header", "name": "X-Key"}
+
+    with pytest.raises(LaneUnsupported, match="one HTTP bearer scheme only"):
+        create_app(app_settings(True), fake_backends_factory(), document=altered_document(api_key))
 
 
 def test_a_header_made_required_is_enforced_alike_by_both_paths(routed: list[str]) -> None:

@@ -80,7 +80,7 @@ def test_from_env_reads_every_setting(env: dict[str, str]) -> None:
 
 
 def test_from_env_without_variables_is_the_defaults(env: dict[str, str]) -> None:
-    assert Settings.from_env(env) == Settings(data_dir=env["DATA_DIR"])
+    assert Settings.from_env(env) == Settings(data_dir=env["DATA_DIR"], set_in_environment=frozenset({"DATA_DIR"}))
 
 
 def test_an_empty_variable_counts_as_unset(env: dict[str, str]) -> None:
@@ -133,3 +133,9 @@ def test_the_dev_secret_is_created_once_readable_by_its_owner_only(tmp_path: Pat
     assert len(secret) >= 64
     assert create_dev_jwt_secret(data_dir) == secret
     assert stat.S_IMODE(dev_jwt_secret_path(data_dir).stat().st_mode) == 0o600
+
+
+def test_the_variables_set_are_known_apart_from_defaults(env: dict[str, str]) -> None:
+    """`dev` starts its own Redis unless REDIS_URL names one, even one equal to the default."""
+    chosen = Settings.from_env({**env, "REDIS_URL": Settings.redis_url, "API_URL": ""}).set_in_environment
+    assert "REDIS_URL" in chosen and "API_URL" not in chosen

@@ -16,6 +16,7 @@ from web.abortable import ABORT_EXTENSION
 
 logger = logging.getLogger("web.sse")
 
+# `Connection: close`: a stream holds its connection for its whole life, and once it ends (for
 # whatever reason) the client reconnects anew; keeping the connection alive would only leave an
 # idle socket open after every stream.
 HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Connection": "close"}
