@@ -100,10 +100,19 @@ def error_body(status: int, message: str, *, code: str | None = None, details: s
     return orjson.dumps(body)
 
 
+# RFC 6750 section 3: a request without a token gets the bare challenge; one whose token was refused
+# gets `error="invalid_token"` too, with a description (no quote or backslash may appear in it).
+CHALLENGE_NONE = 'Bearer realm="workflow-runs"'
+CHALLENGE_INVALID = (
+    'Bearer realm="workflow-runs", error="invalid_token", '
+    'error_description="The bearer token is malformed, badly signed, expired or not for this API"'
+)
+
+
 def error_headers(status: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     headers = dict(extra or {})
     if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="workflow-runs"'
+        headers.setdefault("WWW-Authenticate", CHALLENGE_NONE)
     return headers
 
 
@@ -175,6 +184,13 @@ def _problem_message(exc: ProblemException) -> str:
 
 def on_problem(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     assert isinstance(exc, ProblemException)
+    if exc.status_code == 401:
+        # The stream also takes its token as `access_token` (moved to the header further in).
+        sent = request.headers.get("authorization", "")[:7].lower() == "bearer " or bool(
+            request.query_params.get("access_token")
+        )
+        challenge = CHALLENGE_INVALID if sent else CHALLENGE_NONE
+        return error_response(401, _problem_message(exc), headers={"WWW-Authenticate": challenge})
     return problem_response(exc)
 
 

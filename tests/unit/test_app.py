@@ -13,7 +13,8 @@ import yaml
 from core.settings import Settings
 from core.tokens import mint_token
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, fake_backends_factory
-from web.app import create_app
+from web.app import create_app, published_document
+from web.errors import CHALLENGE_INVALID, CHALLENGE_NONE
 
 SECRET = "app-unit-test-secret-" + "x" * 48
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
@@ -77,7 +78,17 @@ def test_bad_tokens_get_401_with_the_error_body(client: Any, operation: str, bad
     value = BAD_TOKENS[bad]
     response = call(client, operation, {"Authorization": value} if value else {})
     assert_error_body(response, 401)
-    assert response.headers["www-authenticate"].startswith("Bearer")
+    # RFC 6750: the bare challenge without a bearer token, `invalid_token` with a refused one.
+    sent = value is not None and value.startswith("Bearer ")
+    assert response.headers["www-authenticate"] == (CHALLENGE_INVALID if sent else CHALLENGE_NONE)
+
+
+def test_the_documented_challenge_is_the_one_sent_for_a_refused_token(client: Any) -> None:
+    header = published_document()["components"]["headers"]["WWWAuthenticate"]
+    assert header["example"] == CHALLENGE_INVALID
+    response = client.get(f"{RUN}/stream", params={"access_token": "not.a.jwt"})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == CHALLENGE_INVALID
 
 
 @pytest.mark.parametrize(
