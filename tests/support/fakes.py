@@ -60,7 +60,7 @@ class FakeRuns:
 
     def _check(self, principal: Principal, workflow_id: str | None, run_id: str) -> None:
         if principal.project_id != self.project or run_id != RUN_ID or workflow_id not in (None, WORKFLOW_ID):
-            raise NotFound("Workflow run not found.")
+            raise NotFound(f"Workflow run {run_id} was not found.")  # the Temporal backend's words
 
     async def get_run(self, principal: Principal, workflow_id: str, run_id: str) -> dict[str, Any]:
         self._check(principal, workflow_id, run_id)
@@ -85,7 +85,7 @@ class FakeRuns:
     ) -> None:
         self._check(principal, workflow_id, run_id)
         if self.status != "RUNNING":
-            raise Conflict("Workflow run is already closed.")
+            raise Conflict(f"Workflow run {run_id} is already closed ({self.status}).")
 
     async def signal(
         self, principal: Principal, workflow_id: str, run_id: str, signal_name: str, payload: dict[str, Any]
