@@ -1,0 +1,35 @@
+"""Small points where the document states what the server does, held together."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from backends.redis_updates import parse_event_id
+from core.errors import InvalidInput
+from web.app import resolved_document
+
+LARGEST = "18446744073709551615"  # a Redis stream id part is an unsigned 64-bit integer
+
+
+def stream_parameter(name: str) -> dict[str, object]:
+    operation = resolved_document()["paths"]["/workflows/runs/{workflowId}/{runId}/stream"]["get"]
+    (parameter,) = [p for p in operation["parameters"] if p["name"] == name]
+    schema: dict[str, object] = parameter["schema"]
+    return schema
+
+
+def test_every_event_id_the_server_sends_is_a_last_event_id_it_accepts() -> None:
+    event_id = resolved_document()["components"]["schemas"]["RunUpdateMessageEvent"]["properties"]["id"]
+    last_event_id = stream_parameter("Last-Event-ID")
+    for value in (f"{LARGEST}-{LARGEST}", "1678886400000-0", "1678886400000"):
+        assert re.search(str(last_event_id["pattern"]), value)
+        assert len(value) <= int(str(last_event_id["maxLength"]))
+        assert parse_event_id(value)
+    assert re.search(event_id["pattern"], f"{LARGEST}-{LARGEST}")
+
+
+def test_a_part_beyond_64_bits_is_refused_by_the_server_though_its_digits_fit() -> None:
+    with pytest.raises(InvalidInput):
+        parse_event_id("18446744073709551616-0")
