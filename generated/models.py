@@ -182,7 +182,7 @@ class ListRunsRequest(BaseModel):
         ),
     ] = None
     """
-    Only runs of this Temporal workflow type, for example `StandardContentIngestion`.
+    Only runs of this workflow type, for example `StandardContentIngestion`: runs whose Temporal workflow type, or whose `vertesia_workflow_type` search attribute, equals it.
     """
     query: Annotated[
         str | None,
@@ -194,7 +194,7 @@ class ListRunsRequest(BaseModel):
         ),
     ] = None
     """
-    A custom Temporal visibility query, ANDed with the other filters and with the caller's project scope, so it can only narrow the listing. Accepted language: comparisons (`=`, `!=`, `>`, `>=`, `<`, `<=`, `IN`, `BETWEEN`, `STARTS_WITH`) of search attributes other than the scoping ones (`ProjectId`, `AccountId`, `TenantId`, `Visibility`, `InitiatedBy`, `IsConversation`), combined with `AND` and `OR` inside parentheses. Anything else (scoping attributes, `ORDER BY`, `LIMIT`, comments, semicolons, unbalanced parentheses or quotes, a string value that begins or ends with `'`) is refused with 400.
+    A custom Temporal visibility query, ANDed with the other filters and with the caller's project scope, so it can only narrow the listing. Accepted language: comparisons (`=`, `!=`, `<>`, `>`, `>=`, `<`, `<=`, `[NOT] IN`, `BETWEEN`, `[NOT] STARTS_WITH`, `IS [NOT] NULL`) of search attributes other than the scoping ones (`ProjectId`, `AccountId`, `TenantId`, `Visibility`, `InitiatedBy`, `IsConversation`), negated with `NOT` and combined with `AND` and `OR` inside parentheses. Anything else (scoping attributes, `ORDER BY`, `LIMIT`, comments, semicolons, unbalanced parentheses or quotes, a string value that begins or ends with `'`) is refused with 400.
     """
     page_size: Annotated[int | None, Field(examples=[20], ge=1, le=200)] = 50
     """
