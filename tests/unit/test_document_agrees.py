@@ -61,3 +61,12 @@ def test_since_is_documented_as_the_whole_milliseconds_the_server_reads() -> Non
         (parameter,) = [p for p in operation["parameters"] if p["name"] == name]
         assert parameter["schema"]["type"] == "integer"
         assert "`1.5` is a 400" in parameter["description"]
+
+
+def test_the_listing_documents_private_runs_and_superadmin() -> None:
+    described = resolved_document()["paths"]["/workflows/runs"]["post"]["description"]
+    assert "private runs" in described and "`workflow:superadmin`" in described
+    scope = visibility_query.build_query(RunFilters(), project_id="p", principal_ref="user:u")
+    assert "Visibility != 'private'" in scope  # private runs of others are left out ...
+    everything = visibility_query.build_query(RunFilters(), project_id="p", principal_ref="user:u", superadmin=True)
+    assert "private" not in everything  # ... except for a superadmin
