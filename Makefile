@@ -8,7 +8,7 @@ export REDOCLY_TELEMETRY := off
 export REDOCLY_SUPPRESS_UPDATE_NOTICE := true
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test unit contract-test generate check-generated bundle lint lint-imports lint-spec typecheck format clean
+.PHONY: help install run test unit contract-test generate check-generated bundle docs lint lint-imports lint-spec typecheck format clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed npm-tools  ## create .venv with everything (idempotent)
 
-include make/spec.mk make/clients.mk make/browser.mk make/bench.mk make/fuzz.mk
+include make/spec.mk make/docs.mk make/clients.mk make/browser.mk make/bench.mk make/fuzz.mk
 
 run: install  ## the API on the embedded stack (Temporal dev server, Redis, sample worker)
 	$(BIN)/workflow-runs dev
