@@ -70,3 +70,12 @@ def test_the_listing_documents_private_runs_and_superadmin() -> None:
     assert "Visibility != 'private'" in scope  # private runs of others are left out ...
     everything = visibility_query.build_query(RunFilters(), project_id="p", principal_ref="user:u", superadmin=True)
     assert "private" not in everything  # ... except for a superadmin
+
+
+@pytest.mark.parametrize("path", ["/workflows/runs", "/workflows/conversations"])
+def test_a_start_after_its_end_is_a_documented_400(path: str) -> None:
+    assert "a `start` later than `end`" in resolved_document()["paths"][path]["post"]["description"]
+    with pytest.raises(InvalidInput):
+        visibility_query.build_query(
+            RunFilters(start="2024-05-02", end="2024-05-01"), project_id="p", principal_ref="user:u"
+        )
