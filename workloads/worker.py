@@ -16,7 +16,8 @@ from workloads.workflows import WORKFLOWS
 log = logging.getLogger(__name__)
 
 _USE_SETTINGS = "settings"
-_PERMANENT_CONNECT_ERRORS = ("Unauthenticated", "PermissionDenied", "certificate")
+# Matched case-insensitively: temporalio names a refused server certificate `InvalidCertificate(...)`.
+_PERMANENT_CONNECT_ERRORS = ("unauthenticated", "permissiondenied", "certificate")
 
 
 def build_activities(settings: Settings, *, api_url: str | None = _USE_SETTINGS) -> WorkloadActivities:
@@ -45,7 +46,7 @@ async def connect_when_up(settings: Settings, *, first_delay: float = 0.5, max_d
             # temporalio: "Failed client connect: ..." while nothing answers, or a server (or a
             # proxy in front of it) accepts and drops the connection. A refused API key or
             # certificate will not heal by waiting.
-            if any(marker in str(exc) for marker in _PERMANENT_CONNECT_ERRORS):
+            if any(marker in str(exc).lower() for marker in _PERMANENT_CONNECT_ERRORS):
                 raise
             log.warning(
                 "Temporal at %s is not reachable (%s); retrying in %.1f s", settings.temporal_address, exc, delay
