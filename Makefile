@@ -11,7 +11,7 @@ export REDOCLY_SUPPRESS_UPDATE_NOTICE := true
 .PHONY: help install run test unit contract-test generate check-generated bundle docs lint lint-imports lint-spec typecheck format clean
 
 help:  ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
@@ -22,26 +22,29 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed npm-tools  ## create .venv with everything (idempotent)
 
-include make/spec.mk make/docs.mk make/clients.mk make/browser.mk make/bench.mk make/fuzz.mk
+include make/spec.mk make/docs.mk make/clients.mk make/browser.mk make/bench.mk make/fuzz.mk make/breaking.mk make/mock.mk
 
 run: install  ## the API on the embedded stack (Temporal dev server, Redis, sample worker)
 	$(BIN)/workflow-runs dev
 
-test: install lint lint-imports typecheck lint-spec check-generated browser-deps clients-deps  ## the whole suite (what CI runs)
+test: install lint lint-imports typecheck lint-spec check-generated breaking browser-deps clients-deps  ## the whole suite (what CI runs)
 	$(BIN)/pytest
 	$(BIN)/python -m contract_tests.run
+	$(BIN)/python -m contract_tests.run --mock
 
 unit: install  ## only the tests that need no services
 	$(BIN)/pytest tests/unit
 
-generate: install bundle  ## regenerate generated/ (bundled document + Pydantic models) from openapi/
+generate: install bundle  ## regenerate generated/ (bundled document, its OpenAPI 3.2 edition, Pydantic models) from openapi/
 	cp build/openapi.yaml generated/openapi.yaml
 	printf '"""Written by `make generate` from openapi/: never edit by hand."""\n' > generated/__init__.py
 	$(BIN)/datamodel-codegen --input generated/openapi.yaml --output generated/models.py
+	$(BIN)/python -m scripts.openapi32 --source generated/openapi.yaml --output generated/openapi-3.2.yaml
 
 check-generated: install bundle  ## fail when generated/ is stale
 	@cmp -s build/openapi.yaml generated/openapi.yaml || { echo "generated/openapi.yaml is stale: run make generate"; exit 1; }
 	$(BIN)/datamodel-codegen --input generated/openapi.yaml --output generated/models.py --check
+	$(BIN)/python -m scripts.openapi32 --source generated/openapi.yaml --output generated/openapi-3.2.yaml --check
 
 lint: install  ## ruff (lint + format check)
 	$(BIN)/ruff check .

@@ -24,6 +24,7 @@ from temporalio.api.workflow.v1 import PendingActivityInfo, WorkflowExecutionInf
 from temporalio.common import TypedSearchAttributes
 from temporalio.converter import DataConverter
 
+from backends.visibility_query import UNKNOWN_INITIATOR
 from core.search_attributes import (
     INITIATED_BY,
     INTERACTION_NAME,
@@ -40,6 +41,16 @@ STATUS_PREFIX = "WORKFLOW_EXECUTION_STATUS_"
 ACTIVITY_STATE_PREFIX = "PENDING_ACTIVITY_STATE_"
 ACTIVITY_STATES = frozenset({"working", "idle"})
 RUNNING = WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+PAUSED = WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_PAUSED
+# Paused runs are open: they take actions, signals and updates, and their streams stay open.
+OPEN_STATUSES = frozenset({int(RUNNING), int(PAUSED)})
+# The values of the document's `WorkflowRunStatus` (a unit test holds the two equal). A status
+# Temporal reports that is not among them (one a newer Temporal added) is answered as UNKNOWN_STATUS,
+# which the document lists, rather than failing the answer's validation with a 500.
+DOCUMENTED_STATUSES = frozenset(
+    {"RUNNING", "PAUSED", "COMPLETED", "FAILED", "CANCELED", "TERMINATED", "CONTINUED_AS_NEW", "TIMED_OUT"}
+)
+UNKNOWN_STATUS = "UNKNOWN"
 # The protobuf enum wrappers resolve every member through `__getattr__` and every `Name()` through
 # the descriptor: read them once, as plain ints and strings.
 _EV: Any = SimpleNamespace(**dict(EventType.items()))
@@ -53,11 +64,18 @@ _ACTIVITY_STATE_NAMES: dict[int, str] = {
 
 
 def status_name(status: int) -> str:
-    """`WORKFLOW_EXECUTION_STATUS_CONTINUED_AS_NEW` -> `CONTINUED_AS_NEW`."""
+    """`WORKFLOW_EXECUTION_STATUS_CONTINUED_AS_NEW` -> `CONTINUED_AS_NEW`; `UNKNOWN` for a status
+    the document does not list (or this SDK cannot name)."""
     name = _STATUS_NAMES.get(status)
-    if name is None:  # a value this SDK's enum does not know: as `Name` does (raises)
-        return WorkflowExecutionStatus.Name(status).removeprefix(STATUS_PREFIX)  # type: ignore[arg-type]
-    return name
+    return name if name in DOCUMENTED_STATUSES else UNKNOWN_STATUS
+
+
+def is_open(info: WorkflowExecutionInfo) -> bool:
+    """Whether the run is open: RUNNING or PAUSED; for a status the API does not know, open unless
+    Temporal gave it a close time (which it sets on every closed run)."""
+    if info.status in OPEN_STATUSES:
+        return True
+    return status_name(info.status) == UNKNOWN_STATUS and not info.HasField("close_time")
 
 
 def seconds(stamp: Timestamp) -> int:
@@ -130,7 +148,7 @@ class RunScope:
     def of(cls, attributes: TypedSearchAttributes) -> RunScope:
         return cls(
             project_id=attributes.get(PROJECT_ID),
-            initiated_by=attributes.get(INITIATED_BY) or "unknown",
+            initiated_by=attributes.get(INITIATED_BY) or UNKNOWN_INITIATOR,
             visibility=attributes.get(VISIBILITY) or "project",
             conversation=bool(attributes.get(IS_CONVERSATION)),
         )
@@ -151,7 +169,7 @@ def summary(
 ) -> dict[str, JSON]:
     """A WorkflowRunSummary: what listings show for each run (`scope`: `RunScope.of(attributes)`,
     when the caller has it already)."""
-    running = info.status == RUNNING
+    running = is_open(info)
     started = seconds(info.start_time)
     closed = None if running or not info.HasField("close_time") else seconds(info.close_time)
     end = closed if closed is not None else int(now if now is not None else time.time())

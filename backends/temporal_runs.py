@@ -31,23 +31,26 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
 from temporalio.api.workflow.v1 import WorkflowExecutionInfo
 from temporalio.api.workflowservice.v1 import (
+    DescribeWorkflowExecutionRequest,
+    DescribeWorkflowExecutionResponse,
     GetSystemInfoRequest,
     ListWorkflowExecutionsRequest,
     ListWorkflowExecutionsResponse,
 )
-from temporalio.client import Client, WorkflowExecutionDescription, WorkflowHandle, WorkflowHistoryEventFilterType
+from temporalio.client import Client, WorkflowHandle, WorkflowHistoryEventFilterType
 from temporalio.converter import decode_typed_search_attributes
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from backends.page_tokens import PageTokens, page_token_key
 from backends.run_view import (
-    RUNNING,
     HistoryView,
     RunScope,
     decode_memo,
+    is_open,
     pending_activity,
     status_name,
     summary,
@@ -101,18 +104,13 @@ class _KnownRun:
 
 
 def _final_status(info: WorkflowExecutionInfo) -> str | None:
-    """The run's closed status by name; None while it runs (or for a value this SDK cannot name:
-    the stream then keeps polling, as for a status that is not final)."""
-    if info.status == RUNNING:
-        return None
-    try:
-        return status_name(info.status)
-    except ValueError:
-        return None
+    """The run's closed status by name (`UNKNOWN` for one the API does not know); None while it is
+    open."""
+    return None if is_open(info) else status_name(info.status)
 
 
 def _closed_at(info: WorkflowExecutionInfo) -> float | None:
-    if info.status == RUNNING:
+    if is_open(info):
         return None
     # Temporal sets close_time on every closed run; should one lack it, count from now.
     return float(info.close_time.ToMicroseconds()) / 1e6 if info.HasField("close_time") else time.time()
@@ -227,7 +225,7 @@ class TemporalRunsBackend:
         if before is not None and before.closed and before.workflow_id == workflow_id:
             known = before  # a close is final (a listing may still show the run open for a moment)
         else:
-            closed = info.status != RUNNING
+            closed = not is_open(info)
             known = _KnownRun(workflow_id, scope, closed, _closed_at(info), self._clock(), _final_status(info))
         self._known[run_id] = known
         self._known.move_to_end(run_id)
@@ -259,26 +257,39 @@ class TemporalRunsBackend:
         if not scope.visible_to(principal.project_id, principal.ref, principal.superadmin):
             raise _not_found(run_id)
 
+    async def _describe_raw(self, workflow_id: str, run_id: str) -> DescribeWorkflowExecutionResponse:
+        """Temporal's own answer to a describe. Not the SDK's `handle.describe()`: its
+        `WorkflowExecutionDescription` cannot be built for a status the SDK's client enum lacks
+        (temporalio 1.35 raises ValueError for a PAUSED run), and this API shows every status."""
+        return await self._client.workflow_service.describe_workflow_execution(
+            DescribeWorkflowExecutionRequest(
+                namespace=self._client.namespace,
+                execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
+            ),
+            retry=True,
+            timeout=self._rpc_timeout,
+        )
+
     async def _describe(
         self, principal: Principal, workflow_id: str, run_id: str
-    ) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionDescription]:
+    ) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionInfo]:
         """Describe exactly this run and check the caller may see it (call inside `_temporal`)."""
-        handle, description, _ = await self._describe_scoped(principal, workflow_id, run_id)
-        return handle, description
+        handle, described, _ = await self._describe_scoped(principal, workflow_id, run_id)
+        return handle, described.workflow_execution_info
 
     async def _describe_scoped(
         self, principal: Principal, workflow_id: str, run_id: str
-    ) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionDescription, RunScope]:
-        """`_describe`, and the run's scope as read from its search attributes."""
+    ) -> tuple[WorkflowHandle[Any, Any], DescribeWorkflowExecutionResponse, RunScope]:
+        """`_describe`, Temporal's whole answer, and the run's scope as read from its search attributes."""
         handle = self._client.get_workflow_handle(workflow_id, run_id=run_id)
-        description = await handle.describe(rpc_timeout=self._rpc_timeout)
-        info = description.raw_description.workflow_execution_info
+        described = await self._describe_raw(workflow_id, run_id)
+        info = described.workflow_execution_info
         if info.execution.run_id != run_id or info.execution.workflow_id != workflow_id:
             raise _not_found(run_id)
-        scope = RunScope.of(description.typed_search_attributes)
+        scope = RunScope.of(decode_typed_search_attributes(info.search_attributes))
         self._remember(run_id, workflow_id, scope, info)
         self._check_scope(principal, scope, run_id)
-        return handle, description, scope
+        return handle, described, scope
 
     # -- RunsBackend -------------------------------------------------------------------------
 
@@ -286,20 +297,19 @@ class TemporalRunsBackend:
         converter = self._client.data_converter
         view = HistoryView(converter, max_bytes=self._max_history_bytes)
         async with self._temporal("describe run", run_id=run_id):
-            handle, description, scope = await self._describe_scoped(principal, workflow_id, run_id)
-            info = description.raw_description.workflow_execution_info
+            handle, raw, scope = await self._describe_scoped(principal, workflow_id, run_id)
+            info = raw.workflow_execution_info
             async for event in handle.fetch_history_events(page_size=HISTORY_PAGE_SIZE, rpc_timeout=self._rpc_timeout):
                 if not await view.add(event):
                     break  # no further page is fetched
-            if view.truncated and info.status != RUNNING:
+            if view.truncated and not is_open(info):
                 # The result or failure is in the close event, which was left out: read it alone.
                 async for event in handle.fetch_history_events(
                     event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT, rpc_timeout=self._rpc_timeout
                 ):
                     await view.read_close_event(event)
-        raw = description.raw_description
         memo = await decode_memo(converter, info.memo.fields)
-        base = summary(info, description.typed_search_attributes, memo, scope=scope)
+        base = summary(info, decode_typed_search_attributes(info.search_attributes), memo, scope=scope)
         run: dict[str, JSON] = {key: base[key] for key in SEED_SUMMARY_FIELDS}  # the seed's order first
         run.update(
             input=view.input,
@@ -368,8 +378,8 @@ class TemporalRunsBackend:
         if action not in ("cancel", "terminate"):
             raise InvalidInput("action must be cancel or terminate.")
         async with self._temporal(f"{action} run", run_id=run_id):
-            handle, description = await self._describe(principal, workflow_id, run_id)
-            self._ensure_open(description, run_id)
+            handle, info = await self._describe(principal, workflow_id, run_id)
+            self._ensure_open(info, run_id)
             try:
                 if action == "cancel":
                     await handle.cancel(reason=reason or "", rpc_timeout=self._rpc_timeout)
@@ -383,8 +393,8 @@ class TemporalRunsBackend:
         self, principal: Principal, workflow_id: str, run_id: str, signal_name: str, payload: dict[str, JSON]
     ) -> None:
         async with self._temporal("signal run", run_id=run_id):
-            handle, description = await self._describe(principal, workflow_id, run_id)
-            self._ensure_open(description, run_id)
+            handle, info = await self._describe(principal, workflow_id, run_id)
+            self._ensure_open(info, run_id)
             try:
                 await handle.signal(signal_name, payload, rpc_timeout=self._rpc_timeout)
             except RPCError as err:
@@ -392,10 +402,9 @@ class TemporalRunsBackend:
                 raise
 
     @staticmethod
-    def _ensure_open(description: WorkflowExecutionDescription, run_id: str) -> None:
-        status = description.raw_description.workflow_execution_info.status
-        if status != RUNNING:
-            raise Conflict(f"Workflow run {run_id} is already closed ({status_name(status)}).")
+    def _ensure_open(info: WorkflowExecutionInfo, run_id: str) -> None:
+        if not is_open(info):
+            raise Conflict(f"Workflow run {run_id} is already closed ({status_name(info.status)}).")
 
     async def _raise_if_closed_meanwhile(self, err: RPCError, handle: WorkflowHandle[Any, Any], run_id: str) -> None:
         """Temporal answers NOT_FOUND ("workflow execution already completed") when the run
@@ -403,11 +412,9 @@ class TemporalRunsBackend:
         if err.status != RPCStatusCode.NOT_FOUND:
             return
         with contextlib.suppress(RPCError):
-            status = (
-                await handle.describe(rpc_timeout=self._rpc_timeout)
-            ).raw_description.workflow_execution_info.status
-            if status != RUNNING:
-                raise Conflict(f"Workflow run {run_id} is already closed ({status_name(status)}).") from err
+            info = (await self._describe_raw(handle.id, run_id)).workflow_execution_info
+            if not is_open(info):
+                raise Conflict(f"Workflow run {run_id} is already closed ({status_name(info.status)}).") from err
 
     async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
         known = self._known.get(run_id)
@@ -482,14 +489,12 @@ class TemporalRunsBackend:
         known = self._known.get(run_id)
         if known is not None and known.closed and known.workflow_id == workflow_id:
             return known.final_status  # a close is final: no call, however many streams ask
-        status = await self._described_status(workflow_id, run_id)
-        return None if status == "RUNNING" else status
+        return await self._described_status(workflow_id, run_id)
 
     async def _described_status(self, workflow_id: str, run_id: str) -> str | None:
-        """The run's status as Temporal describes it now ("RUNNING", a closed status, or None for
-        one this SDK cannot name). Every open stream of a run asks on each poll: concurrent askers
-        of one run share one describe instead of sending Temporal a burst (1000 streams = 1 call,
-        not 1000)."""
+        """The run's closed status as Temporal describes it now, or None while it is open. Every
+        open stream of a run asks on each poll: concurrent askers of one run share one describe
+        instead of sending Temporal a burst (1000 streams = 1 call, not 1000)."""
         key = (workflow_id, run_id)
         check = self._status_checks.get(key)
         if check is None:
@@ -500,11 +505,9 @@ class TemporalRunsBackend:
 
     async def _describe_status(self, workflow_id: str, run_id: str) -> str | None:
         async with self._temporal("describe run", run_id=run_id):
-            handle = self._client.get_workflow_handle(workflow_id, run_id=run_id)
-            description = await handle.describe(rpc_timeout=self._rpc_timeout)
-        info = description.raw_description.workflow_execution_info
-        self._remember(run_id, workflow_id, RunScope.of(description.typed_search_attributes), info)
-        return "RUNNING" if info.status == RUNNING else _final_status(info)
+            info = (await self._describe_raw(workflow_id, run_id)).workflow_execution_info
+        self._remember(run_id, workflow_id, RunScope.of(decode_typed_search_attributes(info.search_attributes)), info)
+        return _final_status(info)
 
     async def ping(self) -> None:
         try:

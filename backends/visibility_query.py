@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta, timezone
 
 from core.errors import Forbidden, InvalidInput
 from core.protocols import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MIN_PAGE_SIZE, RunFilters
@@ -43,6 +43,9 @@ _UNCARRIABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 SCOPING_ATTRIBUTES = frozenset({"ProjectId", "AccountId", "TenantId", "Visibility", "InitiatedBy", "IsConversation"})
 _SCOPING_LOWER = frozenset(name.lower() for name in SCOPING_ATTRIBUTES)
 
+# What listings show as `initiated_by` for a run whose starter was not recorded.
+UNKNOWN_INITIATOR = "unknown"
+
 # The list `status` input (case-insensitive) -> Temporal's ExecutionStatus value.
 STATUS_VALUES: dict[str, str] = {
     "running": "Running",
@@ -55,6 +58,7 @@ STATUS_VALUES: dict[str, str] = {
     "continuedasnew": "ContinuedAsNew",
     "timed_out": "TimedOut",
     "timedout": "TimedOut",
+    "paused": "Paused",
 }
 
 # Escapes understood by Temporal's query tokenizer (MySQL's string-literal escapes).
@@ -116,35 +120,59 @@ def _text(name: str, value: object, limit: int = MAX_VALUE_LENGTH) -> str | None
     return value
 
 
-_DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+# The one shape `start` and `end` take, as the document's pattern states it (a test holds the two
+# equal): a date, or a date-time with seconds, an optional fraction of up to 9 digits and an
+# optional offset (`Z` or +hh:mm / -hh:mm). RFC 3339 lets `T` and `Z` be lower case.
+TIME_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})?)?$"
+)
+_TIME = re.compile(
+    r"(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})"
+    r"(?:[Tt](?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})(?:\.(?P<fraction>[0-9]{1,9}))?"
+    r"(?P<offset>[Zz]|(?P<sign>[+-])(?P<offset_hours>[0-9]{2}):(?P<offset_minutes>[0-9]{2}))?)?"
+)
 
 
 def parse_time(name: str, value: str, *, end_of_day: bool = False) -> datetime:
-    """An ISO 8601 date or date-time as an aware UTC datetime.
+    """A date or date-time of the documented shape (`TIME_PATTERN`) as an aware UTC datetime.
 
     A date alone means the start of that day (UTC), or its last microsecond when `end_of_day`
     (so `end: "2024-05-01"` includes runs started during May 1st). A date-time without an offset
-    is taken as UTC."""
-    raw = value.strip()
+    is read as UTC; a fraction beyond microseconds is cut (Temporal keeps no more)."""
+    match = _TIME.fullmatch(value)
     try:
-        if _DATE_ONLY.fullmatch(raw):
-            day = date.fromisoformat(raw)
+        if match is None:
+            raise ValueError("not of the documented shape")
+        day = date.fromisoformat(match["date"])
+        if match["hour"] is None:
             return datetime.combine(day, time.max if end_of_day else time.min, tzinfo=UTC)
-        if "T" not in raw and " " not in raw:
-            raise ValueError("not a date-time")
-        parsed = datetime.fromisoformat(raw)
-    except ValueError:
+        zone = UTC
+        if match["sign"] is not None:
+            if int(match["offset_minutes"]) > 59:
+                raise ValueError("offset minutes beyond 59")
+            offset = timedelta(hours=int(match["offset_hours"]), minutes=int(match["offset_minutes"]))
+            zone = timezone(-offset if match["sign"] == "-" else offset)  # ValueError from 24:00 on
+        moment = datetime.combine(
+            day,
+            time(
+                int(match["hour"]),
+                int(match["minute"]),
+                int(match["second"]),
+                int((match["fraction"] or "0")[:6].ljust(6, "0")),
+            ),
+            tzinfo=zone,
+        ).astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: an offset that moves it out of years 1-9999
         raise InvalidInput(
-            f"{name} must be an ISO 8601 date or date-time, e.g. 2024-05-01 or 2024-05-01T12:00:00Z.",
+            f"{name} must be a date (2024-05-01) or a date-time (2024-05-01T12:00:00Z; without an offset, UTC).",
             details=f"got {value!r}",
         ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    return moment
 
 
 def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """`moment` in UTC as RFC 3339 with microseconds (`isoformat` writes every year with 4 digits)."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def status_value(value: str) -> str:
@@ -153,7 +181,8 @@ def status_value(value: str) -> str:
         return STATUS_VALUES[key]
     except KeyError:
         raise InvalidInput(
-            "status must be one of: running, completed, failed, canceled, terminated, continued_as_new, timed_out.",
+            "status must be one of: running, completed, failed, canceled, terminated, continued_as_new, timed_out,"
+            " paused.",
             details=f"got {value!r}",
         ) from None
 
@@ -170,6 +199,16 @@ def visibility_clause(principal_ref: str) -> str:
     """Private runs are seen only by whoever started them (runs without the attribute are project
     runs, the documented default)."""
     return f"(Visibility IS NULL OR Visibility != 'private' OR InitiatedBy = {quote(principal_ref)})"
+
+
+def initiated_by_clause(principal_ref: str) -> str:
+    """The `initiated_by` filter. Listings show a run whose attribute is absent or empty as
+    `unknown` (`backends.run_view.RunScope`), so `unknown` matches those runs too, not only the
+    attribute's literal value."""
+    literal = f"InitiatedBy = {quote(principal_ref)}"
+    if principal_ref == UNKNOWN_INITIATOR:
+        return f"(InitiatedBy IS NULL OR InitiatedBy = '' OR {literal})"
+    return literal
 
 
 def scope_clauses(project_id: str, principal_ref: str, *, superadmin: bool, conversations_only: bool) -> list[str]:
@@ -201,11 +240,14 @@ def build_query(
         ("document_id", "DocumentId"),
         ("event_name", "EventName"),
         ("rule_id", "RuleId"),
-        ("initiated_by", "InitiatedBy"),
     ):
         value = _text(name, getattr(filters, name))
         if value is not None:
             clauses.append(f"{attribute} = {quote(check_value(name, value))}")
+
+    initiated_by = _text("initiated_by", filters.initiated_by)
+    if initiated_by is not None:
+        clauses.append(initiated_by_clause(check_value("initiated_by", initiated_by)))
 
     workflow_type = _text("type", filters.type)
     if workflow_type is not None:

@@ -1,6 +1,7 @@
 """`workflow-runs`: the console command (its subcommands and flags are a stable interface).
 
 dev     the embedded stack: Temporal dev server, Redis, sample worker and the API, in the foreground
+mock    the API on in-memory backends seeded from the document's examples (no Temporal, no Redis)
 serve   the API only, configured from the environment
 worker  the sample Temporal worker
 token   mint a development JWT
@@ -21,12 +22,17 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cli import stack
 from core.settings import Settings, SettingsError, create_dev_jwt_secret, dev_jwt_secret_path
 from core.tokens import DEV_PERMISSIONS, mint_token
 from web import logs
+
+if TYPE_CHECKING:
+    from web.app import BackendsFactory
+
+DEV_TOKEN_SECONDS = 7 * 24 * 3600
 
 
 def _no_jwt_secret(settings: Settings) -> str:
@@ -34,12 +40,13 @@ def _no_jwt_secret(settings: Settings) -> str:
     return f"no JWT_SECRET set and no {path}: run `workflow-runs dev` first or set JWT_SECRET"
 
 
-def serve(settings: Settings, *, port: int) -> None:
+def serve(settings: Settings, *, port: int, backends_factory: BackendsFactory | None = None) -> None:
     """Run the API on `port` under uvicorn until SIGTERM / Ctrl-C, then shut down gracefully: stop
     accepting, end open update streams with `event: end` `server_shutdown` (clients resume elsewhere
     with `Last-Event-ID`), let in-flight requests finish (at most `shutdown_timeout_seconds`), close
     the backends (the app's lifespan) and exit. The app is built by uvicorn, in its loop, from these
-    same `settings`: one process, one settings object."""
+    same `settings`: one process, one settings object, and `backends_factory` (the real backends
+    when None)."""
     import uvicorn
 
     from web import transport
@@ -82,7 +89,7 @@ def serve(settings: Settings, *, port: int) -> None:
         send_timeout=settings.sse_send_timeout_seconds,  # a client that stops reading any answer
     )
     config = uvicorn.Config(
-        functools.partial(create_app, settings),
+        functools.partial(create_app, settings, backends_factory),
         factory=True,
         host=settings.host,
         port=port,
@@ -191,7 +198,7 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
         children.append(
             stack.spawn("worker", [sys.executable, "-m", "cli.main", "worker"], data_dir / "logs", worker_env)
         )
-        token = mint_token(secret, user="dev", project="dev-project", ttl_seconds=7 * 24 * 3600)
+        token = mint_token(secret, user="dev", project="dev-project", ttl_seconds=DEV_TOKEN_SECONDS)
         base = f"http://127.0.0.1:{port}/api/v1"
         print(
             f"\nWorkflow Runs API on the embedded stack\n"
@@ -205,6 +212,71 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
         )
         with contextlib.suppress(KeyboardInterrupt):
             serve(settings, port=port)
+
+
+def mock_settings(settings: Settings, port: int) -> Settings:
+    """What `mock` serves with: the dev JWT secret unless JWT_SECRET is set, and responses
+    validated against the document unless VALIDATE_RESPONSES says otherwise (as `dev`)."""
+    chosen = settings.set_in_environment
+    return replace(
+        settings,
+        port=port,
+        jwt_secret=settings.jwt_secret or create_dev_jwt_secret(settings.data_dir),
+        validate_responses=settings.validate_responses if "VALIDATE_RESPONSES" in chosen else True,
+    )
+
+
+def mock_backends_factory() -> BackendsFactory:
+    """The backends of mock mode: in memory, seeded from the bundled document's examples, one set
+    per app (a restart starts again from the examples)."""
+    from backends.memory import mock_backends
+    from web.app import published_document
+
+    async def factory(settings: Settings) -> Any:
+        return mock_backends(published_document(), settings)
+
+    return factory
+
+
+def mock_banner(settings: Settings, port: int) -> str:
+    """What `mock` prints: the URLs, the seeded runs and a dev token that sees them all."""
+    from backends.memory import MOCK_PROJECT, seed
+    from web.app import published_document
+
+    seeded = seed(published_document())
+    kind, _, user = seeded.initiated_by.partition(":")
+    assert settings.jwt_secret is not None  # mock_settings set it
+    token = mint_token(
+        settings.jwt_secret,
+        user=user or kind,
+        kind=kind if user else "user",
+        project=MOCK_PROJECT,
+        ttl_seconds=DEV_TOKEN_SECONDS,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )
+    base = f"http://{settings.host}:{port}/api/v1"
+    runs = "\n".join(
+        f"  {run.status:<17} {run.workflow_id}/{run.run_id}"
+        + (f"  ({len(seeded.updates[run.run_id])} updates)" if run.run_id in seeded.updates else "")
+        for run in seeded.runs
+    )
+    return (
+        f"\nWorkflow Runs API in mock mode (in memory, seeded from the document's examples;"
+        f" no Temporal, no Redis)\n"
+        f"  API         {base}\n  Swagger UI  {base}/ui/\n  document    {base}/openapi.json\n\n"
+        f"Runs of project {MOCK_PROJECT} (workflow_id/run_id):\n{runs}\n\n"
+        f"Dev token ({seeded.initiated_by}, project {MOCK_PROJECT}, 7 days):\n\n  export TOKEN={token}\n"
+        f'  curl -s -X POST {base}/workflows/runs -H "Authorization: Bearer $TOKEN" '
+        "-H 'Content-Type: application/json' -d '{}'\n"
+    )
+
+
+def cmd_mock(args: argparse.Namespace, settings: Settings) -> None:
+    port = args.port or settings.port
+    settings = mock_settings(settings, port)
+    print(mock_banner(settings, port), flush=True)
+    serve(settings, port=port, backends_factory=mock_backends_factory())
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
@@ -282,6 +354,12 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--temporal-port", type=int, default=7233)
     dev.add_argument("--redis-port", type=int, default=6379)
     dev.set_defaults(func=cmd_dev)
+
+    mock = sub.add_parser(
+        "mock", help="run the API on in-memory backends seeded from the document's examples (no Temporal, no Redis)"
+    )
+    mock.add_argument("--port", type=int, help="API port (default $PORT, else 8000)")
+    mock.set_defaults(func=cmd_mock)
 
     srv = sub.add_parser("serve", help="run the API against TEMPORAL_ADDRESS and REDIS_URL")
     srv.add_argument("--port", type=int, help="API port (default $PORT, else 8000)")

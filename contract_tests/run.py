@@ -7,12 +7,18 @@ so the fuzzer reaches the handlers instead of the 404 path, then runs `schemathe
 with a fixed seed and no example database (deterministic in CI). `CONTRACT_EXAMPLES` (default 12)
 raises the number of generated cases per operation for longer local runs.
 
+`--mock` runs the same Schemathesis pass against mock mode instead (`workflow-runs mock`: the same
+app on the in-memory backends, seeded from the document's examples), started on a free port and
+stopped afterwards; it needs neither Temporal nor Redis and takes seconds, so `make test` runs it
+after the live one. Reports go to build/<name>-mock/.
+
 `make fuzz` (`contract_tests.fuzz`) is the same run with another `Profile`: more cases, hostile
 strings, server limits that do not end it early.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -59,6 +65,28 @@ class Target:
     temporal: Settings  # how to reach the Temporal the server uses (address, namespace, TLS)
     jwt_secret: str
     task_queue: str
+    # Whose token Schemathesis calls with: the principal the seeded runs belong to.
+    user: str = "alice"
+    project: str = PROJECT
+    report_suffix: str = ""  # build/<profile name><suffix>/
+
+
+def server_env(profile: Profile, jwt_secret: str, data_dir: Path) -> dict[str, str]:
+    """The settings every server under test gets (the live stack's addresses come on top)."""
+    return {
+        **os.environ,
+        "JWT_SECRET": jwt_secret,
+        "VALIDATE_RESPONSES": "1",
+        "DATA_DIR": str(data_dir),
+        # Schemathesis calls as one caller, as fast as the server answers: under the default
+        # per-caller rate limits it would mostly check 429s (documented on every operation, so not a
+        # failure, but not a test of the operations either). Generous limits, still on.
+        "RATE_LIMIT_TEMPORAL_PER_SECOND": "100000",
+        "RATE_LIMIT_TEMPORAL_BURST": "100000",
+        "RATE_LIMIT_UPDATES_PER_SECOND": "100000",
+        "RATE_LIMIT_UPDATES_BURST": "100000",
+        **profile.server_env,
+    }
 
 
 @contextlib.contextmanager
@@ -72,23 +100,12 @@ def embedded_target(profile: Profile) -> Iterator[Target]:
         task_queue="contract-samples",
     )
     env = {
-        **os.environ,
+        **server_env(profile, target.jwt_secret, data_dir),
         "PORT": str(api_port),
         "TEMPORAL_ADDRESS": target.temporal.temporal_address,
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "JWT_SECRET": target.jwt_secret,
         "API_URL": target.base_url,
         "TEMPORAL_TASK_QUEUE": target.task_queue,
-        "VALIDATE_RESPONSES": "1",
-        "DATA_DIR": str(data_dir),
-        # Schemathesis calls as one caller, as fast as the server answers: under the default
-        # per-caller rate limits it would mostly check 429s (documented on every operation, so not a
-        # failure, but not a test of the operations either). Generous limits, still on.
-        "RATE_LIMIT_TEMPORAL_PER_SECOND": "100000",
-        "RATE_LIMIT_TEMPORAL_BURST": "100000",
-        "RATE_LIMIT_UPDATES_PER_SECOND": "100000",
-        "RATE_LIMIT_UPDATES_BURST": "100000",
-        **profile.server_env,
     }
     cli = [sys.executable, "-m", "cli.main"]
     children: list[stack.Child] = []
@@ -100,6 +117,50 @@ def embedded_target(profile: Profile) -> Iterator[Target]:
         stack.wait_for_port("127.0.0.1", api_port, 60, children[2].proc)
         print(f"{profile.name}: embedded stack in {data_dir} (logs in {data_dir / 'logs'})", flush=True)
         yield target
+
+
+@contextlib.contextmanager
+def mock_target(profile: Profile) -> Iterator[tuple[Target, dict[str, tuple[str, str]]]]:
+    """`workflow-runs mock` on a free port, and its seeded runs: the document's completed example
+    run and its running conversation (whose initiator's token sees both)."""
+    from backends.memory import MOCK_PROJECT
+    from backends.memory import seed as seed_examples
+    from web.app import published_document
+
+    seeded = seed_examples(published_document())
+    completed = next(r for r in seeded.runs if r.status == "COMPLETED" and not r.details.get("interactive"))
+    running = next(r for r in seeded.runs if r.status == "RUNNING" and r.details.get("interactive"))
+    kind, _, user = seeded.initiated_by.partition(":")
+    data_dir = Path(tempfile.mkdtemp(prefix=f"{profile.name}-mock-"))
+    api_port = stack.free_port()
+    target = Target(
+        base_url=f"http://127.0.0.1:{api_port}/api/v1",
+        temporal=Settings(),
+        jwt_secret=secrets.token_urlsafe(48),
+        task_queue="",
+        user=user or kind,
+        project=MOCK_PROJECT,
+        report_suffix="-mock",
+    )
+    # Nothing listens at these addresses: mock mode must never need them.
+    env = {
+        **server_env(profile, target.jwt_secret, data_dir),
+        "PORT": str(api_port),
+        "TEMPORAL_ADDRESS": "127.0.0.1:1",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    children: list[stack.Child] = []
+    with stack.running(children):
+        children.append(stack.spawn("api-mock", [sys.executable, "-m", "cli.main", "mock"], data_dir / "logs", env))
+        stack.wait_for_port("127.0.0.1", api_port, 60, children[0].proc)
+        print(f"{profile.name}: mock mode in {data_dir} (logs in {data_dir / 'logs'})", flush=True)
+        yield (
+            target,
+            {
+                "completed": (completed.workflow_id, completed.run_id),
+                "conversation": (running.workflow_id, running.run_id),
+            },
+        )
 
 
 def seed(target: Target) -> dict[str, tuple[str, str]]:
@@ -159,14 +220,14 @@ def write_config(runs: dict[str, tuple[str, str]], path: Path, profile: Profile)
 
 
 def run_schemathesis(profile: Profile, target: Target, runs: dict[str, tuple[str, str]]) -> int:
-    report_dir = ROOT / "build" / profile.name
+    report_dir = ROOT / "build" / f"{profile.name}{target.report_suffix}"
     report_dir.mkdir(parents=True, exist_ok=True)
     config = report_dir / "schemathesis.toml"
     write_config(runs, config, profile)
     env = {
         **os.environ,
         **profile.schemathesis_env,
-        "API_TOKEN": mint_token(target.jwt_secret, user="alice", project=PROJECT),
+        "API_TOKEN": mint_token(target.jwt_secret, user=target.user, project=target.project),
     }
     argv = [
         str(Path(sys.executable).parent / "schemathesis"),
@@ -182,8 +243,14 @@ def run_schemathesis(profile: Profile, target: Target, runs: dict[str, tuple[str
     return subprocess.run(argv, env=env, cwd=ROOT, check=False).returncode
 
 
-def main(profile: Profile | None = None) -> int:
+def main(profile: Profile | None = None, *, mock: bool = False) -> int:
     profile = profile or contract_profile()
+    if mock:
+        started = time.monotonic()
+        with mock_target(profile) as (target, runs):
+            status = run_schemathesis(profile, target, runs)
+        print(f"{profile.name}: mock mode done in {time.monotonic() - started:.1f} s", flush=True)
+        return status
     base_url = os.environ.get("BASE_URL")
     if base_url:
         # The server's own settings, read as it reads them (Temporal profile and TLS included).
@@ -201,5 +268,11 @@ def main(profile: Profile | None = None) -> int:
         return run_schemathesis(profile, target, seed(target))
 
 
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m contract_tests.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--mock", action="store_true", help="against mock mode (in memory) instead of the live stack")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(mock=arguments().mock))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -110,6 +111,10 @@ class Settings:
     # "Run not found" answers are remembered this long, so repeated unknown run ids cost Temporal
     # nothing; kept short because a just-started run may not be visible yet.
     not_found_cache_seconds: float = 2
+    # Origins whose pages may call the API from a browser (CORS); empty: no CORS at all, and no
+    # middleware for it. ("*",) lets every origin: safe here, as the API reads no cookie and every
+    # call needs its bearer token (web/app.py, `cors_middleware`).
+    cors_origins: tuple[str, ...] = ()
     # The variables `from_env` found set (not empty): what the operator chose, as opposed to a default.
     set_in_environment: frozenset[str] = frozenset()
 
@@ -169,6 +174,7 @@ class Settings:
             rate_limit_updates_per_second=env.rate("RATE_LIMIT_UPDATES_PER_SECOND", cls.rate_limit_updates_per_second),
             rate_limit_updates_burst=env.count("RATE_LIMIT_UPDATES_BURST", cls.rate_limit_updates_burst),
             not_found_cache_seconds=env.rate("NOT_FOUND_CACHE_SECONDS", cls.not_found_cache_seconds),
+            cors_origins=env.origins("CORS_ORIGINS"),
             set_in_environment=frozenset(env.found),
         )
 
@@ -227,11 +233,48 @@ class _Env:
             raise SettingsError(f"{name} must be 1 or 0 (true or false), not {raw!r}")
         return raw.lower() in _TRUE
 
+    def origins(self, name: str) -> tuple[str, ...]:
+        """`*` alone, or a comma-separated list of origins, each exactly as a browser sends it in
+        `Origin` (lower case, no path, no default port): anything else would never match, silently."""
+        raw = self.optional(name)
+        if raw is None:
+            return ()
+        entries = tuple(entry.strip() for entry in raw.split(","))
+        if entries == ("*",):
+            return entries
+        if "*" in entries:
+            raise SettingsError(f"{name} must be * alone (it allows every origin) or a list of origins, not {raw!r}")
+        for entry in entries:
+            if not _is_origin(entry):
+                raise SettingsError(
+                    f"{name} must be * or comma-separated origins such as https://app.example.com "
+                    f"(scheme://host[:port], lower case, no path, no default port), not {entry!r}"
+                )
+        return tuple(dict.fromkeys(entries))
+
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default)
         if value not in choices:
             raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
         return value
+
+
+# An origin as browsers serialize it (RFC 6454 section 6.2): http or https, a lower-case host name
+# (IDNs in their ASCII form), an IPv4 address or a bracketed IPv6 one, and a port other than the
+# scheme's default. `null` is refused: any sandboxed page or local file sends it.
+_ORIGIN = re.compile(
+    r"(?P<scheme>https?)://(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])"
+    r"(?::(?P<port>[1-9][0-9]{0,4}))?"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _is_origin(value: str) -> bool:
+    match = _ORIGIN.fullmatch(value)
+    if match is None:
+        return False
+    port = match["port"]
+    return port is None or (int(port) <= 65535 and int(port) != _DEFAULT_PORTS[match["scheme"]])
 
 
 def temporal_environ(environ: Mapping[str, str]) -> dict[str, str]:

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-from datetime import date
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 
 class ActionRequest(BaseModel):
@@ -37,7 +36,7 @@ class ActionResult(BaseModel):
 
 class Error(BaseModel):
     """
-    The one error body of this API, returned with every 4xx and 5xx status (`application/json`). Branch on `status` and, when present, on `errorCode`; `message` and `details` are for humans and may change wording.
+    The one error body of this API, returned with every 4xx and 5xx status (`application/json`). Branch on `status` and `errorCode`; `message` and `details` are for humans and may change wording.
     """
 
     error: Annotated[str, Field(examples=["Not Found"], min_length=1)]
@@ -56,9 +55,9 @@ class Error(BaseModel):
     """
     Optional extra detail for humans about bad input, for example the JSON path of the invalid field. Never a stack trace, never a backend's own text; a 5xx carries none (its `message` ends with the request id, which the server log has the cause under).
     """
-    errorCode: Annotated[str | None, Field(examples=["not_found"])] = None
+    errorCode: Annotated[str, Field(examples=["not_found"])]
     """
-    Machine-readable code to branch on, stable across wording changes: `invalid_request` (400: malformed body, parameter, filter, query or page token), `unauthenticated` (401: missing, invalid or expired token), `forbidden` (403: the token lacks the permission, or has no project), `not_found` (404: unknown run, a run of another project, or no such route), `method_not_allowed` (405), `request_timeout` (408: the request's head or body did not arrive in time; the connection is closed), `run_closed` (409: action or signal on a closed run, or an update posted too long after the run closed), `payload_too_large` (413), `unsupported_media_type` (415), `too_many_requests` (429: a stream cap or the caller's rate limit; retry after `Retry-After`), `request_header_fields_too_large` (431: the request head is over its cap; the connection is closed), `internal_error` (500: a bug), `backend_unavailable` (503: Temporal or Redis did not answer; retry after `Retry-After`), `too_many_connections` (503: the process holds its maximum of open connections), `too_many_pipelined_requests` (503: more requests were pipelined on one connection than the server queues; the connection is closed), `not_implemented` (501: a transfer coding other than `chunked`).
+    Machine-readable code to branch on, stable across wording changes: `invalid_request` (400: malformed body, parameter, filter, query or page token), `unauthenticated` (401: missing, invalid or expired token), `forbidden` (403: the token lacks the permission, or has no project), `not_found` (404: unknown run, a run of another project, or no such route), `method_not_allowed` (405), `request_timeout` (408: the request's head or body did not arrive in time; the connection is closed), `run_closed` (409: action or signal on a closed run, or an update posted too long after the run closed), `payload_too_large` (413), `unsupported_media_type` (415), `too_many_requests` (429: a stream cap or the caller's rate limit; retry after `Retry-After`), `request_header_fields_too_large` (431: the request head is over its cap; the connection is closed), `internal_error` (500: a bug), `backend_unavailable` (503: Temporal or Redis did not answer; retry after `Retry-After`), `too_many_connections` (503: the process holds its maximum of open connections), `too_many_pipelined_requests` (503: more requests were pipelined on one connection than the server queues; the connection is closed), `not_implemented` (501: a transfer coding other than `chunked`), and `error` for any other status.
     """
 
 
@@ -136,13 +135,27 @@ class ListRunsRequest(BaseModel):
     """
     Only runs started by this workflow rule.
     """
-    start: Annotated[AwareDatetime | date | None, Field(examples=["2023-03-15T00:00:00Z"])] = None
+    start: Annotated[
+        str | None,
+        Field(
+            examples=["2023-03-15T00:00:00Z"],
+            max_length=35,
+            pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})?)?$",
+        ),
+    ] = None
     """
-    Only runs whose start time is greater than or equal to this instant: an ISO 8601 date-time (`2023-03-15T13:20:00Z`) or date (`2023-03-15`, meaning its 00:00:00 UTC).
+    Only runs whose start time is greater than or equal to this instant. One of: a date (`2023-03-15`, meaning its 00:00:00 UTC); a date-time with a `Z` or a `+hh:mm` / `-hh:mm` offset (`2023-03-15T13:20:00Z`, `2023-03-15T15:20:00+02:00`); or a date-time without an offset (`2023-03-15T13:20:00`), read as UTC. Seconds are required and may have a fraction of up to 9 digits (kept to the microsecond); `T` and `Z` may be lower case. A value of this shape that is no real date or time (`2023-02-30`, `25:00:00`, a leap second `:60`, an offset beyond `23:59`, or one that moves the instant out of the years 1 to 9999) is refused with 400, like any other shape.
     """
-    end: Annotated[AwareDatetime | date | None, Field(examples=["2023-03-16"])] = None
+    end: Annotated[
+        str | None,
+        Field(
+            examples=["2023-03-16"],
+            max_length=35,
+            pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})?)?$",
+        ),
+    ] = None
     """
-    Only runs whose start time is less than or equal to this instant: an ISO 8601 date-time or date (a date means the end of that day, 23:59:59.999 UTC).
+    Only runs whose start time is less than or equal to this instant, in the same forms as `start`: a date means the end of that day (23:59:59.999999 UTC), a date-time without an offset is read as UTC. A `start` later than `end` is refused with 400.
     """
     search_term: Annotated[
         str | None, Field(examples=["Ingestion"], max_length=256, min_length=1, pattern="^[^\\x00-\\x1F\\x7F-\\x9F]*$")
@@ -154,26 +167,27 @@ class ListRunsRequest(BaseModel):
         str | None,
         Field(
             examples=["running"],
-            pattern="^(?:[Rr][Uu][Nn][Nn][Ii][Nn][Gg]|[Cc][Oo][Mm][Pp][Ll][Ee][Tt][Ee][Dd]|[Ff][Aa][Ii][Ll][Ee][Dd]|[Cc][Aa][Nn][Cc][Ee][Ll][Ee][Dd]|[Cc][Aa][Nn][Cc][Ee][Ll][Ll][Ee][Dd]|[Tt][Ee][Rr][Mm][Ii][Nn][Aa][Tt][Ee][Dd]|[Cc][Oo][Nn][Tt][Ii][Nn][Uu][Ee][Dd]_[Aa][Ss]_[Nn][Ee][Ww]|[Cc][Oo][Nn][Tt][Ii][Nn][Uu][Ee][Dd][Aa][Ss][Nn][Ee][Ww]|[Tt][Ii][Mm][Ee][Dd]_[Oo][Uu][Tt]|[Tt][Ii][Mm][Ee][Dd][Oo][Uu][Tt])$",
+            pattern="^(?:[Rr][Uu][Nn][Nn][Ii][Nn][Gg]|[Cc][Oo][Mm][Pp][Ll][Ee][Tt][Ee][Dd]|[Ff][Aa][Ii][Ll][Ee][Dd]|[Cc][Aa][Nn][Cc][Ee][Ll][Ee][Dd]|[Cc][Aa][Nn][Cc][Ee][Ll][Ll][Ee][Dd]|[Tt][Ee][Rr][Mm][Ii][Nn][Aa][Tt][Ee][Dd]|[Cc][Oo][Nn][Tt][Ii][Nn][Uu][Ee][Dd]_[Aa][Ss]_[Nn][Ee][Ww]|[Cc][Oo][Nn][Tt][Ii][Nn][Uu][Ee][Dd][Aa][Ss][Nn][Ee][Ww]|[Tt][Ii][Mm][Ee][Dd]_[Oo][Uu][Tt]|[Tt][Ii][Mm][Ee][Dd][Oo][Uu][Tt]|[Pp][Aa][Uu][Ss][Ee][Dd])$",
         ),
     ] = None
     """
     Only runs in this status. Case-insensitive (`completed`, `Completed` and `COMPLETED` are the same); any other value is refused with 400.
 
-    - `running`: open runs (`RUNNING`).
+    - `running`: open runs that are executing (`RUNNING`; paused ones are `paused`).
     - `completed`: runs that returned (`COMPLETED`).
     - `failed`: runs that failed (`FAILED`).
     - `canceled` or `cancelled`: runs that ended after a cancel request (`CANCELED`).
     - `terminated`: runs that were terminated (`TERMINATED`).
     - `continued_as_new` or `continuedasnew`: runs closed by continue-as-new (`CONTINUED_AS_NEW`).
     - `timed_out` or `timedout`: runs that timed out (`TIMED_OUT`).
+    - `paused`: open runs paused by an operator (`PAUSED`).
 
     """
     initiated_by: Annotated[
         str | None, Field(examples=["user:123"], max_length=256, min_length=1, pattern="^[^\\x00-\\x1F\\x7F-\\x9F]*$")
     ] = None
     """
-    Only runs started by this principal reference, for example `user:123`, `apikey:abc` or `unknown`.
+    Only runs started by this principal reference, for example `user:123` or `apikey:abc`. `unknown` matches the runs listed with `initiated_by: unknown`: those whose starter was not recorded (no `InitiatedBy` search attribute, or an empty one), as well as any recorded as `unknown`.
     """
     type: Annotated[
         str | None,
@@ -205,34 +219,6 @@ class ListRunsRequest(BaseModel):
     ] = None
     """
     The opaque `next_page_token` of a previous answer (unpadded base64url), to fetch the following page. Send the same filters as for the first page. Tokens are signed (HMAC-SHA256) and bound to the filters they were issued for: a token this API did not issue, a changed one or one sent with other filters is refused with 400 (`invalid page token`). Every replica must share `PAGE_TOKEN_SECRET` (or the HS256 `JWT_SECRET`) for a token to work on another.
-    """
-
-
-class NewRunUpdate(BaseModel):
-    """
-    Body of `postWorkflowRunUpdate`: one update message to append to a run's log. Every field is optional (`{}` posts an `UPDATE` update with message `UPDATE`). Size limits, answered with 413 (not 400): `message` at most 65536 bytes in UTF-8, `details` at most 262144 bytes once serialized as JSON, and the whole request body at most 1 MiB. Unknown fields, and JSON nested more than 128 levels deep, are refused with 400.
-    """
-
-    model_config = ConfigDict(
-        extra="forbid",
-    )
-    type: Annotated[
-        str | None, Field(examples=["PROGRESS"], max_length=64, min_length=1, pattern="^[A-Za-z0-9_.:-]+$")
-    ] = "UPDATE"
-    """
-    The kind of update, a free string (see `RunUpdate.type` for the types agent workflows use).
-    """
-    message: Annotated[str | None, Field(examples=["Processing document 1 of 10"])] = None
-    """
-    The message text (at most 65536 bytes in UTF-8, else 413). Defaults to `type`.
-    """
-    details: Any | None = None
-    """
-    Optional structured details: any JSON value, stored as given (at most 262144 bytes once serialized, else 413).
-    """
-    workstream_id: Annotated[str | None, Field(examples=["workstream-123"], max_length=128, min_length=1)] = None
-    """
-    The workstream the update belongs to, for example one branch of an agent's work.
     """
 
 
@@ -292,6 +278,34 @@ class RunUpdate(BaseModel):
     workstream_id: Annotated[str | None, Field(examples=["workstream-123"])] = None
     """
     The workstream the update belongs to, when the poster gave one (agent clients treat updates without it as the `main` workstream).
+    """
+
+
+class RunUpdateInput(BaseModel):
+    """
+    Body of `postWorkflowRunUpdate`: one update message to append to a run's log. Every field is optional (`{}` posts an `UPDATE` update with message `UPDATE`). Size limits, answered with 413 (not 400): `message` at most 65536 bytes in UTF-8, `details` at most 262144 bytes once serialized as JSON, and the whole request body at most 1 MiB. Unknown fields, and JSON nested more than 128 levels deep, are refused with 400.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    type: Annotated[
+        str | None, Field(examples=["PROGRESS"], max_length=64, min_length=1, pattern="^[A-Za-z0-9_.:-]+$")
+    ] = "UPDATE"
+    """
+    The kind of update, a free string (see `RunUpdate.type` for the types agent workflows use).
+    """
+    message: Annotated[str | None, Field(examples=["Processing document 1 of 10"])] = None
+    """
+    The message text (at most 65536 bytes in UTF-8, else 413). Defaults to `type`.
+    """
+    details: Any | None = None
+    """
+    Optional structured details: any JSON value, stored as given (at most 262144 bytes once serialized, else 413).
+    """
+    workstream_id: Annotated[str | None, Field(examples=["workstream-123"], max_length=128, min_length=1)] = None
+    """
+    The workstream the update belongs to, for example one branch of an agent's work.
     """
 
 
@@ -427,23 +441,29 @@ class WorkflowRunStatus(StrEnum):
     """
     The status of a workflow run: Temporal's execution status name, in upper case.
 
-    - `RUNNING`: the run is open and still executing (the only open status).
+    - `RUNNING`: the run is open and executing.
+    - `PAUSED`: the run is open but paused by an operator: its workflow code makes no progress until it is unpaused. Like `RUNNING` it is open: it takes actions, signals and updates, its `closed_at` is `null`, and its stream stays open.
     - `COMPLETED`: the workflow function returned; `result` holds its return value.
     - `FAILED`: the workflow failed (an error it did not handle, or a failed activity it let propagate); `error` holds the failure message.
     - `CANCELED`: the run ended after a cancellation request (`cancel` action) and its cleanup code ran.
     - `TERMINATED`: the run was ended at once by a `terminate` action (or by an operator); no workflow code ran after it.
     - `CONTINUED_AS_NEW`: the run closed by starting a new run of the same workflow id (continue-as-new); the new run has a new run id.
     - `TIMED_OUT`: the run exceeded its workflow execution or run timeout; `error` holds the timeout message.
+    - `UNKNOWN`: a status Temporal reports that this version of the API does not know yet (Temporal adds statuses from time to time). The run counts as closed when Temporal gave it a close time (`closed_at` is then set), as open otherwise.
+
+    Clients must accept values not listed here: a later version of this API may add Temporal's new statuses to this list instead of answering `UNKNOWN` for them.
 
     """
 
     RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELED = "CANCELED"
     TERMINATED = "TERMINATED"
     CONTINUED_AS_NEW = "CONTINUED_AS_NEW"
     TIMED_OUT = "TIMED_OUT"
+    UNKNOWN = "UNKNOWN"
 
 
 class WorkflowRunVisibility(StrEnum):
@@ -482,7 +502,7 @@ class HistoryEvent(BaseModel):
     """
     Temporal's internal task id of the event, as a decimal string.
     """
-    attempt: Annotated[int, Field(examples=[0], ge=0)]
+    attempt: Annotated[int, Field(examples=[0], ge=0, le=2147483647)]
     """
     The attempt number recorded with the event (activity and workflow-task events); `0` when the event type has none.
     """
@@ -525,11 +545,11 @@ class PendingActivity(BaseModel):
     """
     Where the activity is in its lifecycle.
     """
-    attempt: Annotated[int, Field(examples=[1], ge=1)]
+    attempt: Annotated[int, Field(examples=[1], ge=1, le=2147483647)]
     """
     The current attempt number, starting at 1.
     """
-    maximumAttempts: Annotated[int, Field(examples=[5], ge=0)]
+    maximumAttempts: Annotated[int, Field(examples=[5], ge=0, le=2147483647)]
     """
     The retry policy's maximum number of attempts; `0` means unlimited.
     """
@@ -564,7 +584,7 @@ class StreamControl(BaseModel):
     """
     status: WorkflowRunStatus | None = None
     """
-    With `run_closed`, the run's final status (never `RUNNING`).
+    With `run_closed`, the run's final status (never an open one: `RUNNING` or `PAUSED`).
     """
 
 
@@ -609,7 +629,7 @@ class WorkflowRunSummary(BaseModel):
 
     status: WorkflowRunStatus
     """
-    The run's current status (`RUNNING` while open, else how it closed).
+    The run's current status (`RUNNING` or `PAUSED` while open, else how it closed).
     """
     started_at: Annotated[int, Field(examples=[1678886400], ge=0)]
     """
@@ -617,7 +637,7 @@ class WorkflowRunSummary(BaseModel):
     """
     closed_at: Annotated[int | None, Field(examples=[1678886460], ge=0)]
     """
-    When the run closed, in seconds since the Unix epoch (UTC). Always present: `null` while the run is `RUNNING`.
+    When the run closed, in seconds since the Unix epoch (UTC). Always present: `null` while the run is open (`RUNNING`, `PAUSED`).
     """
     execution_duration: Annotated[int, Field(examples=[60], ge=0)]
     """
@@ -637,7 +657,7 @@ class WorkflowRunSummary(BaseModel):
     """
     initiated_by: Annotated[str, Field(examples=["user:123"])]
     """
-    The principal that started the run, as a reference `<kind>:<id>` (for example `user:123` or `apikey:abc`), or `unknown` when it was not recorded.
+    The principal that started the run, as a reference `<kind>:<id>` (for example `user:123` or `apikey:abc`), or `unknown` when it was not recorded (the `initiated_by` filter `unknown` finds these runs).
     """
     vertesia_workflow_type: Annotated[str, Field(examples=["StandardContentIngestion"])]
     """

@@ -34,19 +34,15 @@ CLIENTS_PY_PACKAGE ?= workflow_runs_client
 CLIENTS_GO_ENV  := GOTOOLCHAIN=local GOPROXY=off GOFLAGS=-mod=mod
 CLIENTS_GO_MODULE := example.invalid/workflow-runs/client-go
 
-# openapi-generator (Go) options, each for a reason:
-# - enumClassPrefix: StreamControlReason and StreamControlEventType both have the value `truncated`;
-#   without a prefix both become the constant TRUNCATED and the package does not compile.
-# - NewRunUpdate=NewRunUpdateBody: the schema NewRunUpdate collides with the generated constructor
-#   NewRunUpdate() of the schema RunUpdate ("NewRunUpdate redeclared").
-# - integer=int64: the document's integers carry no `format`, which openapi-generator maps to int32;
-#   update timestamps and `since` are epoch milliseconds (~1.8e12) and overflow it
-#   ("cannot unmarshal number 1795909080330 ... of type int32").
+# openapi-generator (Go) options. The document needs no workaround (every integer has a `format`, no
+# schema name is another's `New...` constructor); one option remains, for Go itself:
+# - enumClassPrefix: Go enum constants are package-level names, and two values are rightly shared by
+#   two enums each (`truncated`: StreamControlReason and StreamControlEventType; `PAUSED`:
+#   WorkflowRunStatus and PendingActivityState, as Temporal names them). Without the prefix each pair
+#   becomes one constant (TRUNCATED, PAUSED) and the package does not compile.
 CLIENTS_GO_OPTS := -g go --package-name workflowruns \
   --git-host example.invalid --git-user-id workflow-runs --git-repo-id client-go \
   --additional-properties=enumClassPrefix=true,withGoMod=true \
-  --model-name-mappings NewRunUpdate=NewRunUpdateBody \
-  --type-mappings integer=int64 \
   --global-property apiTests=false,modelTests=false,apiDocs=false,modelDocs=false
 
 .PHONY: clients clients-deps clients-ts clients-python clients-go clients-smoke clients-clean

@@ -10,13 +10,15 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
+from temporalio.api.workflowservice.v1 import PauseWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistoryEventFilterType
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from backends import temporal_runs
 from backends.page_tokens import PageTokens, page_token_key
@@ -25,6 +27,7 @@ from cli import stack
 from core.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from core.principals import Principal
 from core.protocols import RunFilters
+from core.search_attributes import INITIATED_BY, PROJECT_ID, SEARCH_ATTRIBUTES
 from core.settings import Settings
 from generated.models import WorkflowRun
 from handlers.runs import page_answer, serialised
@@ -900,3 +903,89 @@ async def test_closed_status_is_one_shared_describe_and_a_close_is_remembered(
     assert (await runs.get_run(principal(project), workflow_id, run_id))["status"] == "TERMINATED"
     with pytest.raises(NotFound):
         await runs.closed_status(workflow_id, str(uuid.uuid4()))
+
+
+# -- starters that were not recorded, and paused runs ------------------------------------------
+
+NO_WORKER = "no-worker-polls-this-queue"  # runs started here stay open, no workflow code runs
+
+
+async def start_bare(client: Client, project: str, initiated_by: str | None) -> tuple[str, str]:
+    """An open run of `project` with only the search attributes given (no sample workflow)."""
+    pairs: list[SearchAttributePair[Any]] = [SearchAttributePair(PROJECT_ID, project)]
+    if initiated_by is not None:
+        pairs.append(SearchAttributePair(INITIATED_BY, initiated_by))
+    handle = await client.start_workflow(
+        "NotRegisteredAnywhere",
+        id=f"bare-{uuid.uuid4().hex[:10]}",
+        task_queue=NO_WORKER,
+        search_attributes=TypedSearchAttributes(pairs),
+    )
+    assert handle.result_run_id is not None
+    return handle.id, handle.result_run_id
+
+
+async def test_initiated_by_unknown_finds_the_runs_listed_as_unknown(
+    client: Client, backend: TemporalRunsBackend, project: str
+) -> None:
+    started = await asyncio.gather(*(start_bare(client, project, who) for who in (None, "", "unknown", "user:u1")))
+    absent, empty, literal, known = (run_id for _, run_id in started)
+    me = principal(project)
+    await eventually(lambda: _equals(list_ids(backend, me), {absent, empty, literal, known}), "the runs to be listed")
+    shown = {run["run_id"]: run["initiated_by"] for run in (await backend.list_runs(me, RunFilters())).runs}
+    assert shown == {absent: "unknown", empty: "unknown", literal: "unknown", known: "user:u1"}
+    # What a listing shows as `unknown`, the filter `unknown` finds: every one of them, and only them.
+    assert await list_ids(backend, me, initiated_by="unknown") == {absent, empty, literal}
+    assert await list_ids(backend, me, initiated_by="user:u1") == {known}
+    for workflow_id, run_id in started:
+        await backend_terminate(client, workflow_id, run_id)
+
+
+@pytest.fixture(scope="module")
+def pausing_temporal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A dev server of its own with workflow pause enabled (off by default): the shared one would
+    refuse PauseWorkflowExecution."""
+    port, data_dir = stack.free_port(), tmp_path_factory.mktemp("pausing-temporal")
+    argv = [
+        stack.temporal_binary(), "server", "start-dev", "--headless",
+        "--db-filename", str(data_dir / "temporal.sqlite"),
+        "--ip", stack.LOCALHOST, "--port", str(port),
+        "--http-port", str(stack.free_port()), "--metrics-port", str(stack.free_port()),
+        "--dynamic-config-value", "frontend.WorkflowPauseEnabled=true",
+    ]  # fmt: skip
+    for name, kind in SEARCH_ATTRIBUTES.items():
+        argv += ["--search-attribute", f"{name}={kind}"]
+    child = stack.spawn("temporal-pausing", argv, data_dir / "logs")
+    with stack.running([child]):
+        stack.wait_for_port(stack.LOCALHOST, port, DEADLINE, child.proc)
+        yield f"{stack.LOCALHOST}:{port}"
+
+
+async def test_a_paused_run_is_shown_paused_and_stays_open(pausing_temporal: str, project: str) -> None:
+    """temporalio's own `describe()` cannot build a description of a PAUSED run (its client enum
+    lacks the value): the backend reads Temporal's raw answer, and shows the documented status."""
+    client = await Client.connect(pausing_temporal)
+    backend = TemporalRunsBackend(client, timeout_seconds=10)
+    me = principal(project)
+    workflow_id, run_id = await start_bare(client, project, me.ref)
+    await client.workflow_service.pause_workflow_execution(
+        PauseWorkflowExecutionRequest(
+            namespace=client.namespace,
+            workflow_id=workflow_id,
+            run_id=run_id,
+            reason="test",
+            identity="test",
+            request_id=uuid.uuid4().hex,
+        )
+    )
+    details = await backend.get_run(me, workflow_id, run_id)
+    assert (details["status"], details["closed_at"], details["result"]) == ("PAUSED", None, None)
+    assert json.loads(serialised(WorkflowRun, details)) == details  # the document takes it
+    assert await eventually(lambda: list_ids(backend, me, status="paused"), "the pause to be indexed") == {run_id}
+    assert await list_ids(backend, me, status="running") == set()
+    assert not (await backend.find_run(me, run_id, workflow_id)).closed
+    assert await backend.closed_status(workflow_id, run_id) is None  # its streams stay open
+    await backend.signal(me, workflow_id, run_id, "UserInput", {"message": "still open"})  # no 409
+    await backend.apply_action(me, workflow_id, run_id, "terminate", "test over")
+    assert (await backend.get_run(me, workflow_id, run_id))["status"] == "TERMINATED"
+    assert await backend.closed_status(workflow_id, run_id) == "TERMINATED"

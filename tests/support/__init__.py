@@ -1,2 +1,3 @@
-"""Helpers shared by test modules (a test module never imports another): fakes for the unit tests,
-and for the tests on the real stack the processes, run starting, waits and update clients."""
+"""Helpers shared by test modules (a test module never imports another): the in-memory backends
+configured for the unit tests (`fakes`) and mock mode in the test process (`mock`), and for the tests
+on the real stack the processes, run starting, waits and update clients."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from core.tokens import mint_token
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, fake_backends_factory
@@ -18,6 +19,7 @@ APP = create_app(
     fake_backends_factory(FakeRuns(status="COMPLETED")),
 )
 schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", APP)
+LISTINGS = frozenset({"listWorkflowRuns", "listConversations"})
 
 
 @schema.auth()
@@ -37,4 +39,10 @@ def test_operation_conforms(case: Any) -> None:
         case.path_parameters["workflowId"] = WORKFLOW_ID
     if "runId" in (case.path_parameters or {}):
         case.path_parameters["runId"] = RUN_ID
-    case.call_and_validate()
+    if case.operation.definition.raw.get("operationId") in LISTINGS:
+        # As in contract_tests/schemathesis.toml: a schema-valid `next_page_token` this server did
+        # not issue, a `query` JSON Schema cannot describe, or `start` after `end` rightly answers
+        # 400 (documented), and the memory backend checks them as the real one does.
+        case.call_and_validate(excluded_checks=[positive_data_acceptance])
+    else:
+        case.call_and_validate()

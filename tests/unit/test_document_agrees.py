@@ -10,7 +10,8 @@ from backends import visibility_query
 from backends.redis_updates import parse_event_id
 from core.errors import InvalidInput
 from core.protocols import RunFilters
-from web.app import resolved_document
+from tests.support.fakes import FakeRuns, FakeUpdates, app_settings, bearer, fake_backends_factory
+from web.app import create_app, resolved_document
 
 STREAM = "/workflows/runs/{workflowId}/{runId}/stream"
 LARGEST = "18446744073709551615"  # a Redis stream id part is an unsigned 64-bit integer
@@ -79,3 +80,55 @@ def test_a_start_after_its_end_is_a_documented_400(path: str) -> None:
         visibility_query.build_query(
             RunFilters(start="2024-05-02", end="2024-05-01"), project_id="p", principal_ref="user:u"
         )
+
+
+@pytest.mark.parametrize("name", ["start", "end"])
+def test_start_and_end_are_one_string_whose_pattern_is_the_parser_s(name: str) -> None:
+    schema = list_filter(name)
+    assert schema["type"] == "string" and "anyOf" not in schema and "format" not in schema
+    assert schema["pattern"] == visibility_query.TIME_PATTERN
+    assert len("2023-03-15T13:20:00.123456789+02:00") == int(schema["maxLength"])
+    assert "read as UTC" in schema["description"]
+
+
+ACCEPTED_TIMES = [
+    "2024-05-01",
+    "2024-05-01T08:00:00Z",
+    "2024-05-01T08:00:00+02:00",
+    "2024-05-01T08:00:00",  # no offset: UTC
+    "2024-05-01t08:00:00.123456789z",
+]
+REFUSED_TIMES = ["2024-05-01T08:00", "2024-05-01 08:00:00", "20240501", "2024-05-01T08:00:00+0200", "tomorrow"]
+
+
+@pytest.mark.parametrize("fast_lane", [True, False], ids=["fast-lane", "connexion"])
+def test_the_server_takes_exactly_the_documented_times(fast_lane: bool) -> None:
+    """The document's validation (HTTP) and the parser (backend) accept the same values."""
+    secret = "document-agrees-unit-test-secret-" + "x" * 40
+    app = create_app(app_settings(secret, fast_lane=fast_lane), fake_backends_factory(FakeRuns(), FakeUpdates()))
+    with app.test_client() as client:
+        for value in ACCEPTED_TIMES:
+            visibility_query.parse_time("start", value)
+            answer = client.post("/api/v1/workflows/runs", json={"start": value, "end": value}, headers=bearer(secret))
+            assert answer.status_code == 200, (value, answer.text)
+        for value in REFUSED_TIMES:
+            with pytest.raises(InvalidInput):
+                visibility_query.parse_time("start", value)
+            answer = client.post("/api/v1/workflows/runs", json={"start": value}, headers=bearer(secret))
+            assert answer.status_code == 400, value
+            assert "start" in answer.json()["message"]
+
+
+def test_every_status_filter_the_server_reads_is_documented_and_no_other() -> None:
+    schema = list_filter("status")
+    for value in visibility_query.STATUS_VALUES:
+        assert re.fullmatch(schema["pattern"].strip("^$"), value), value
+        assert f"`{value}`" in schema["description"], value
+    assert schema["pattern"].count("|") + 1 == len(visibility_query.STATUS_VALUES)
+
+
+def test_initiated_by_unknown_is_documented_as_matching_the_runs_listed_so() -> None:
+    described = list_filter("initiated_by")["description"]
+    assert "`unknown` matches the runs listed with `initiated_by: unknown`" in described
+    built = visibility_query.build_query(RunFilters(initiated_by="unknown"), project_id="p", principal_ref="user:u")
+    assert built.endswith("(InitiatedBy IS NULL OR InitiatedBy = '' OR InitiatedBy = 'unknown')")

@@ -302,7 +302,7 @@ async def test_every_way_a_stream_ends_releases_its_place(driver: Driver, update
 
 
 async def test_a_closed_run_stream_ends_and_releases(updates: StreamingUpdates) -> None:
-    updates.stored.append(b'{"timestamp":1678886400000,"type":"UPDATE","message":"m"}')
+    updates.store(RUN_ID, b',"type":"UPDATE","message":"m"}', at_ms=1678886400000)
     app = create_app(settings(), fake_backends_factory(FakeRuns(status="COMPLETED"), updates))
     async with Driver(app) as driver:
         streams = [await driver.stream() for _ in range(5)]  # more than the limit, one after another
@@ -363,7 +363,7 @@ async def test_a_stream_ends_with_token_expired_when_its_token_does_and_gives_it
 async def test_shutdown_ends_open_streams_with_a_final_event_and_refuses_new_ones(
     driver: Driver, updates: StreamingUpdates
 ) -> None:
-    updates.stored.append(b'{"timestamp":1678886400000,"type":"UPDATE","message":"m"}')
+    updates.store(RUN_ID, b',"type":"UPDATE","message":"m"}', at_ms=1678886400000)
     streams = [await driver.stream(), await driver.stream(user="u2")]
     for exchange in streams:
         await exchange.until_body_contains(b"id: 1678886400000-0")  # idle, waiting for the next one

@@ -20,7 +20,7 @@ from core.settings import Settings
 from core.tokens import mint_token
 from handlers.deps import Deps
 from handlers.rate_limits import RateLimits, TokenBuckets
-from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
+from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory, the_run
 from web.app import create_app
 
 SECRET = "rate-limit-unit-test-secret-" + "x" * 40
@@ -71,6 +71,7 @@ class CountingRuns(FakeRuns):
     async def apply_action(self, *args: Any) -> None:
         self.calls += 1
         await super().apply_action(*args)
+        self.add(the_run(status="RUNNING"))  # open again: the buckets alone decide the next answer
 
     async def signal(self, *args: Any) -> None:
         self.calls += 1

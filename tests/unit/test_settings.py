@@ -54,6 +54,7 @@ EVERY_VARIABLE = {
     "RATE_LIMIT_UPDATES_PER_SECOND": "0",
     "RATE_LIMIT_UPDATES_BURST": "1",
     "NOT_FOUND_CACHE_SECONDS": "0",
+    "CORS_ORIGINS": "https://console.example.com",
 }
 
 
@@ -103,6 +104,14 @@ def test_api_url_follows_the_port_unless_set(env: dict[str, str]) -> None:
         ("RATE_LIMIT_UPDATES_PER_SECOND", "inf", "RATE_LIMIT_UPDATES_PER_SECOND must be a number, 0 or more"),
         ("FAST_LANE", "yes", r"FAST_LANE must be 1 or 0 \(true or false\), not 'yes'"),
         ("REDIS_APPENDFSYNC", "sometimes", "REDIS_APPENDFSYNC must be one of always, everysec, no, not 'sometimes'"),
+        # An origin as browsers send it, or it would never match: no path or slash, lower case, no default port.
+        ("CORS_ORIGINS", "https://app.example.com/", "CORS_ORIGINS must be .* not 'https://app.example.com/'"),
+        ("CORS_ORIGINS", "https://App.example.com", "CORS_ORIGINS must be .* not 'https://App.example.com'"),
+        ("CORS_ORIGINS", "https://a.example.com:443", "CORS_ORIGINS must be .* not 'https://a.example.com:443'"),
+        ("CORS_ORIGINS", "app.example.com", "CORS_ORIGINS must be .* not 'app.example.com'"),
+        ("CORS_ORIGINS", "null", "CORS_ORIGINS must be .* not 'null'"),
+        ("CORS_ORIGINS", "https://a.example.com,,https://b.example.com", "CORS_ORIGINS must be .* not ''"),
+        ("CORS_ORIGINS", "*, https://a.example.com", r"CORS_ORIGINS must be \* alone"),
     ],
 )
 def test_an_invalid_value_is_refused_naming_its_variable(
@@ -139,3 +148,12 @@ def test_the_variables_set_are_known_apart_from_defaults(env: dict[str, str]) ->
     """`dev` starts its own Redis unless REDIS_URL names one, even one equal to the default."""
     chosen = Settings.from_env({**env, "REDIS_URL": Settings.redis_url, "API_URL": ""}).set_in_environment
     assert "REDIS_URL" in chosen and "API_URL" not in chosen
+
+
+def test_cors_origins_are_a_list_of_origins_or_star(env: dict[str, str]) -> None:
+    assert Settings.from_env(env).cors_origins == ()
+    listed = Settings.from_env(
+        {**env, "CORS_ORIGINS": "https://a.example.com, http://localhost:5173,http://[::1]:8080"}
+    )
+    assert listed.cors_origins == ("https://a.example.com", "http://localhost:5173", "http://[::1]:8080")
+    assert Settings.from_env({**env, "CORS_ORIGINS": " * "}).cors_origins == ("*",)

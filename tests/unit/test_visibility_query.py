@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from backends.visibility_query import (
     MAX_QUERY_LENGTH,
     MAX_VALUE_LENGTH,
+    TIME_PATTERN,
     build_query,
     confine_custom_query,
     page_size_of,
@@ -92,6 +95,9 @@ def test_conversations_scope() -> None:
         ({"event_name": "create"}, "EventName = 'create'"),
         ({"rule_id": "r1"}, "RuleId = 'r1'"),
         ({"initiated_by": "user:123"}, "InitiatedBy = 'user:123'"),
+        # Listings show a run without the attribute as `unknown`: the filter finds those runs too.
+        ({"initiated_by": "unknown"}, "(InitiatedBy IS NULL OR InitiatedBy = '' OR InitiatedBy = 'unknown')"),
+        ({"status": "PAUSED"}, "ExecutionStatus = 'Paused'"),
         (
             {"type": "StandardContentIngestion"},
             "(WorkflowType = 'StandardContentIngestion' OR VertesiaWorkflowType = 'StandardContentIngestion')",
@@ -134,6 +140,7 @@ def test_blank_values_are_ignored() -> None:
         ("ContinuedAsNew", "ContinuedAsNew"),
         ("timed_out", "TimedOut"),
         ("TIMEDOUT", "TimedOut"),
+        ("paused", "Paused"),
     ],
 )
 def test_status_is_case_insensitive(status: str, value: str) -> None:
@@ -147,7 +154,28 @@ def test_unknown_status_is_refused(status: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["yesterday", "2024-13-01", "2024-02-30", "01/05/2024", "2024-05-01T25:00:00Z", "1714521600"]
+    "value",
+    [
+        "yesterday",
+        "2024-13-01",
+        "2024-02-30",
+        "01/05/2024",
+        "2024-05-01T25:00:00Z",
+        "1714521600",
+        # Outside the documented shape, though Python's ISO parser would take them:
+        "2024-05-01T12:00",
+        "2024-05-01 12:00:00",
+        "20240501",
+        " 2024-05-01",
+        "2024-05-01T12:00:00+0200",
+        "2024-05-01T12:00:00.1234567890Z",
+        # Of the shape but no real instant:
+        "2024-05-01T23:59:60Z",
+        "2024-05-01T12:00:00+24:00",
+        "2024-05-01T12:00:00+05:60",
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:00:00-01:00",
+    ],
 )
 def test_bad_dates_are_refused(value: str) -> None:
     with pytest.raises(InvalidInput):
@@ -169,6 +197,36 @@ def test_same_day_start_and_end_cover_the_whole_day() -> None:
 
 def test_naive_date_time_is_utc() -> None:
     assert rfc3339(parse_time("start", "2024-05-01T08:00:00")) == "2024-05-01T08:00:00.000000Z"
+
+
+@pytest.mark.parametrize(
+    ("value", "instant"),
+    [
+        ("2024-05-01t08:00:00z", "2024-05-01T08:00:00.000000Z"),
+        ("2024-05-01T08:00:00.5", "2024-05-01T08:00:00.500000Z"),
+        ("2024-05-01T08:00:00.123456789-01:30", "2024-05-01T09:30:00.123456Z"),
+        ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000000Z"),
+    ],
+)
+def test_every_documented_form_is_read(value: str, instant: str) -> None:
+    assert rfc3339(parse_time("start", value)) == instant
+
+
+@given(st.from_regex(TIME_PATTERN))
+def test_a_value_of_the_documented_shape_is_read_or_refused_as_invalid_input(value: str) -> None:
+    """The pattern cannot rule out `2024-02-30`: such a value is a 400, never another failure."""
+    try:
+        moment = parse_time("start", value)
+    except InvalidInput:
+        return
+    assert moment.tzinfo is not None
+
+
+@given(st.text(alphabet="0123456789-:T+Z.tz ", max_size=40))
+def test_the_parser_reads_nothing_the_documented_pattern_refuses(value: str) -> None:
+    if re.fullmatch(TIME_PATTERN.removeprefix("^").removesuffix("$"), value) is None:
+        with pytest.raises(InvalidInput):
+            parse_time("start", value)
 
 
 @pytest.mark.parametrize("size", [0, -1, MAX_PAGE_SIZE + 1, True, "10"])

@@ -136,7 +136,7 @@ func (s *smoke) listRuns(runID string) {
 	var count int
 	waitFor("the run in listWorkflowRuns", func() bool {
 		page, resp, err := s.api.RunsAPI.ListWorkflowRuns(s.ctx).
-			ListRunsRequest(workflowruns.ListRunsRequest{PageSize: workflowruns.PtrInt64(200)}).Execute()
+			ListRunsRequest(workflowruns.ListRunsRequest{PageSize: workflowruns.PtrInt32(200)}).Execute()
 		if err != nil {
 			fail(apiError("listWorkflowRuns", resp, err))
 		}
