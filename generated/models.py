@@ -689,9 +689,10 @@ class RunUpdateEvent(RootModel[RunUpdateMessageEvent | StreamControlEvent]):
     root: RunUpdateMessageEvent | StreamControlEvent
     """
     One Server-Sent Event of `streamWorkflowRunUpdates`, as an SSE parser yields it
-    (`{event, id, data, retry}`). OpenAPI 3.1 gives `text/event-stream` no
-    semantics; this schema describes **each event** of the stream (the meaning
-    OpenAPI 3.2 gives `itemSchema`), not the whole body.
+    (`{event, id, data, retry}`): this schema describes **each event** of the
+    stream, not the whole body. The OpenAPI 3.2 edition of this document puts it
+    under `itemSchema`, the keyword 3.2 defines for that; the 3.1 document, where
+    `text/event-stream` has no defined meaning, puts it under `schema`.
 
     Either an update event (`RunUpdateMessageEvent`: the default `message` event,
     `data` is one JSON `RunUpdate`) or a control event (`StreamControlEvent`:

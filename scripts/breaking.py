@@ -5,9 +5,13 @@ classifies each one; this script decides which of them may pass (docs/decisions/
 
 - the baseline is the newest release, `openapi/releases/<version>.yaml`;
 - a breaking change passes only when `openapi/releases/announced.yaml` lists it as the gate prints it
-  (`<action> <JSON pointer>`, plus `= <value>` for an array element) under a version that CHANGELOG.md
-  has and that is a major bump over the baseline. An entry announces exactly one change: announcing one
-  never lets another through.
+  (`<action> <JSON pointer> = <value>`: the value put in place, or a hash of it; a removal names the
+  removed array element only) under a version that CHANGELOG.md has and that is a major bump over the
+  baseline. An entry announces exactly one change: announcing one never lets another through, not even
+  another value at the same place;
+- the tool's verdict is overridden where it is wrong for answers and generated clients (`_kind`): a
+  replaced `type` or `const`, a removed answer property, a renamed path or path parameter, and the
+  response header changes it leaves unclassified.
 
     python -m scripts.breaking check [--document build/openapi.yaml] [--all]   # make breaking
     python -m scripts.breaking announce --version 2.0.0 [--write]              # make breaking-announce
@@ -17,6 +21,7 @@ classifies each one; this script decides which of them may pass (docs/decisions/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -29,6 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+try:  # libyaml's loader when PyYAML was built with it: the bundle is large
+    from yaml import CSafeLoader as SafeLoader
+except ImportError:  # pragma: no cover - PyYAML without libyaml
+    from yaml import SafeLoader  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT = ROOT / "generated" / "openapi.yaml"
@@ -48,12 +58,24 @@ CHANGELOG_VERSION = re.compile(r"^## \[(\d+\.\d+\.\d+)\]", re.MULTILINE)
 REFERENCED_COMPONENTS = frozenset(
     {"schemas", "responses", "parameters", "examples", "requestBodies", "headers", "links", "callbacks", "pathItems"}
 )
+# A value longer than this is named by a hash of it in a change's key (`sha256:` and 12 hex digits).
+VALUE_SHOWN = 80
+# Keywords that say something about a value without constraining it: a change to one never breaks.
+ANNOTATIONS = frozenset(
+    {"description", "summary", "title", "example", "examples", "externalDocs", "$comment", "default", "deprecated"}
+)
+# Bounds that let more through as they grow, and those that let more through as they shrink.
+UPPER_BOUNDS = frozenset({"maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties", "maxContains"})
+LOWER_BOUNDS = frozenset({"minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties", "minContains"})
+PATH_PARAMETER = re.compile(r"\{([^}]*)\}")
 ANNOUNCED_HEADER = """\
 # Breaking changes announced for the next major version of the API, checked by `make breaking`
-# (scripts/breaking.py). Each entry is one change as the gate prints it, `<action> <JSON pointer>`,
-# under the CHANGELOG.md version that announces it: that version must be a major bump over the last
-# release in openapi/releases/. Written by `make breaking-announce VERSION=x.y.z`; emptied by
-# `make api-release VERSION=x.y.z`, when the changes become part of the released document.
+# (scripts/breaking.py). Each entry is one change as the gate prints it: `<action> <JSON pointer>`
+# and `= <value>`, the value put in place (JSON, or `sha256:` and 12 hex digits of it when it is long)
+# or the array element removed. It sits under the CHANGELOG.md version that announces it: that version
+# must be a major bump over the last release in openapi/releases/. Written by
+# `make breaking-announce VERSION=x.y.z`; emptied by `make api-release VERSION=x.y.z`, when the
+# changes become part of the released document.
 """
 
 
@@ -80,14 +102,14 @@ class Change:
 
     kind: str  # breaking, non-breaking, annotation, unclassified or deprecated
     action: str  # add, remove, replace or rename
-    pointer: str  # RFC 6901, into the baseline document for a removal, the current one for an addition
+    pointer: str  # RFC 6901, into the baseline document for a removal or rename, the current one else
     description: str = ""
-    element: str = ""  # JSON of an array element's value (`"PAUSED"` for `.../enum/7`), else empty
+    value: str = ""  # what `_value` names: the value put in place, a removed array element, or nothing
 
     @property
     def key(self) -> str:
-        """`<action> <pointer>`, and `= <value>` for an array element, whose index says not which one it is."""
-        return f"{self.action} {self.pointer}" + (f" = {self.element}" if self.element else "")
+        """`<action> <pointer> = <value>`: the place and what was put there (or taken away from an array)."""
+        return f"{self.action} {self.pointer}" + (f" = {self.value}" if self.value else "")
 
     @property
     def judged_here(self) -> bool:
@@ -105,7 +127,7 @@ def pointer(path: Iterable[str | int]) -> str:
 
 
 def load(path: Path) -> Any:
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.CSafeLoader)
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=SafeLoader)
 
 
 def diff(before: Path, after: Path) -> list[Change]:
@@ -119,16 +141,24 @@ def diff(before: Path, after: Path) -> list[Change]:
     result = subprocess.run([node, str(DIFF_SCRIPT)], input=payload, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"api-smart-diff failed on {before} -> {after}:\n{result.stderr.strip()}")
-    return [
-        Change(
-            kind=_kind(item["type"], item["action"], item["path"]),
-            action=item["action"],
-            pointer=pointer(item["path"]),
-            description=item["description"],
-            element=_element(item["path"], item.get("value")),
-        )
-        for item in json.loads(result.stdout)
-    ]
+    return [_change(item) for item in json.loads(result.stdout)]
+
+
+def _change(item: dict[str, Any]) -> Change:
+    path: list[str | int] = item["path"]
+    action: str = item["action"]
+    before, after = item.get("before"), item.get("after")
+    kind = _kind(item["type"], action, path, before, after)
+    if action == "rename":
+        # The tool reports a renamed key at its parent (`/paths`): the old key says which one it was.
+        path = [*path, str(before)]
+    return Change(
+        kind=kind,
+        action=action,
+        pointer=pointer(path),
+        description=item["description"],
+        value=_value(action, path, before, after),
+    )
 
 
 def _responses_in_place(document: dict[str, Any]) -> dict[str, Any]:
@@ -153,22 +183,101 @@ def _responses_in_place(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-def _kind(kind: str, action: str, path: Sequence[str | int]) -> str:
-    """The tool's verdict, except for a schema's `type` or `const` replaced by another.
+def _kind(kind: str, action: str, path: Sequence[str | int], before: Any, after: Any) -> str:
+    """The tool's verdict, except where it is wrong for answers or for generated clients.
 
-    api-smart-diff turns its request verdicts around for answers: right for a bound or a list of
-    values, wrong for a value of another kind (`type: integer` becoming `string`) or another constant,
-    which breaks an answer's readers as surely as a request's writers. (Examples and other
-    annotations are never "non-breaking" to the tool, so a `type` key inside an example stays as it is.)
+    - A schema's `type` or `const` replaced: api-smart-diff turns its request verdicts around for
+      answers, right for a bound or a list of values, wrong for a value of another kind (`integer`
+      becoming `string`) or another constant, which breaks an answer's readers as surely as a
+      request's writers.
+    - A property removed from an answer, optional or not: the tool calls an optional one harmless, but
+      generated clients lose the field.
+    - A path renamed with other parameter names (`{runId}` to `{id}`), or a parameter's `name`
+      replaced: the tool matches the paths and calls it harmless, but generated clients' arguments
+      are named after the parameters (and a query or header parameter's name is on the wire).
+    - A response header's change, which the tool leaves unclassified: judged as answers are
+      (`_response_header_kind`); any other unclassified change that is not an annotation is breaking.
+
+    (Examples and other annotations are never "non-breaking" to the tool, so a `type` or `properties`
+    key inside an example stays as it is.)
     """
     parts = list(path[:-1] if path and isinstance(path[-1], int) else path)  # `type: [a, b]`: its element
-    keyword = len(parts) >= 2 and parts[-1] in {"type", "const"} and parts[-2] != "properties"
-    return BREAKING if kind == "non-breaking" and action == "replace" and keyword else kind
+    in_answer = len(path) > 4 and path[0] == "paths" and path[3] == "responses"
+    if kind == "non-breaking":
+        keyword = len(parts) >= 2 and parts[-1] in {"type", "const"} and parts[-2] != "properties"
+        property_removed = in_answer and action == "remove" and len(path) >= 2 and path[-2] == "properties"
+        parameter = len(path) >= 3 and path[0] == "paths" and path[-3] == "parameters" and path[-1] == "name"
+        if (action == "replace" and (keyword or parameter)) or property_removed:
+            return BREAKING
+        if action == "rename" and path == ["paths"] and _path_parameters(before) != _path_parameters(after):
+            return BREAKING
+    if kind != "unclassified":
+        return kind
+    if in_answer and len(path) > 6 and path[5] == "headers":
+        return _response_header_kind(action, list(path[7:]), before, after)
+    return "annotation" if _annotation(path) else BREAKING
 
 
-def _element(path: Sequence[str | int], value: Any) -> str:
-    scalar = value is None or isinstance(value, str | int | float | bool)
-    return json.dumps(value, ensure_ascii=False) if path and isinstance(path[-1], int) and scalar else ""
+def _path_parameters(template: Any) -> list[str]:
+    return PATH_PARAMETER.findall(str(template))
+
+
+def _annotation(path: Sequence[str | int]) -> bool:
+    """Whether `path` is in an annotation keyword (a property of that name is not one) or an extension."""
+    return any(
+        isinstance(part, str)
+        and (part in ANNOTATIONS or part.startswith("x-"))
+        and (index == 0 or path[index - 1] != "properties")
+        for index, part in enumerate(path)
+    )
+
+
+def _response_header_kind(action: str, rest: list[str | int], before: Any, after: Any) -> str:
+    """A change in an answer's header (`rest`: the path below the header), by the rules for answer bodies."""
+    if _annotation(rest):
+        return "annotation"
+    return BREAKING if _answer_widened(action, rest, before, after) else "non-breaking"
+
+
+def _answer_widened(action: str, rest: list[str | int], before: Any, after: Any) -> bool:
+    """Whether an answer may now hold what its readers were not promised.
+
+    An answer may promise more and not less: a header or constraint added is harmless; one removed or
+    replaced breaks its readers, and so does a value added to an `enum`, a bound moved outwards, or
+    `required` dropped.
+    """
+    if rest == ["required"]:
+        return after is not True
+    element = bool(rest) and isinstance(rest[-1], int)
+    keyword = rest[-2] if element and len(rest) >= 2 else (rest[-1] if rest else "")
+    if element and keyword == "enum":
+        return action == "add"
+    numbers = isinstance(before, int | float) and isinstance(after, int | float)
+    if action == "replace" and numbers and keyword in UPPER_BOUNDS | LOWER_BOUNDS:
+        return bool(after > before) == (keyword in UPPER_BOUNDS)
+    return action != "add"
+
+
+def _value(action: str, path: Sequence[str | int], before: Any, after: Any) -> str:
+    """What a change's key names besides its place.
+
+    For an addition, replacement or rename, the value put in place: an entry for one value must not
+    announce another at the same place. For a removal, the removed element of an array, whose index
+    alone does not say which one it was; any other removal is named by its place in the baseline.
+    """
+    if action == "remove":
+        scalar = before is None or isinstance(before, str | int | float | bool)
+        return _shown_value(before) if path and isinstance(path[-1], int) and scalar else ""
+    return _shown_value(after)
+
+
+def _shown_value(value: Any) -> str:
+    # default=str: YAML timestamps in examples travel as the text they were written as.
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    if len(text) <= VALUE_SHOWN and not isinstance(value, dict | list):
+        return text
+    canonical = json.dumps(value, ensure_ascii=True, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def released(releases: Path = RELEASES) -> dict[Version, Path]:
@@ -182,7 +291,7 @@ def read_changelog(path: Path = CHANGELOG) -> list[Version]:
 
 
 def read_announced(path: Path = ANNOUNCED) -> dict[str, Version]:
-    """Announced change keys (`<action> <pointer>`) and the version announcing each."""
+    """Announced change keys (`<action> <pointer> = <value>`) and the version announcing each."""
     if not path.exists():
         return {}
     entries = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

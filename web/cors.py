@@ -38,8 +38,9 @@ class Cors(CORSMiddleware):
         refused = bytes(response.body).decode("latin-1").removeprefix("Disallowed CORS ")
         message = (
             f"Cross-origin request refused ({refused} not allowed): this API allows the methods "
-            f"{', '.join(CORS_METHODS)} and the headers {', '.join(CORS_REQUEST_HEADERS)}, "
-            "from the origins it is configured for."
+            f"{', '.join(CORS_METHODS)} and the headers {', '.join(CORS_REQUEST_HEADERS)} (besides "
+            "the CORS-safelisted Accept, Accept-Language and Content-Language), from the origins it "
+            "is configured for."
         )
         headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
         return Response(errors.error_body(400, message), 400, headers=headers, media_type="application/json")

@@ -29,9 +29,14 @@ def mock_backends(
     document: Mapping[str, Any], settings: Settings, *, project: str = MOCK_PROJECT
 ) -> tuple[MemoryRuns, MemoryUpdates]:
     """Mock mode's backends: the runs and updates of `document`'s examples (`backends.memory.seed`),
-    with the settings' page-token key and bytes bound per run."""
+    with the settings' page-token key, not-found cache time and bytes bound per run, as the real
+    backends take them."""
     start = seed(document, project=project)
-    runs = MemoryRuns(start.runs, page_tokens=PageTokens(page_token_key(settings)))
+    runs = MemoryRuns(
+        start.runs,
+        page_tokens=PageTokens(page_token_key(settings)),
+        not_found_seconds=settings.not_found_cache_seconds,
+    )
     updates = MemoryUpdates(max_bytes=settings.max_update_bytes_per_run)
     for run_id, messages in start.updates.items():
         for message in messages:

@@ -12,7 +12,19 @@ takes live entries, dropping ids at or before the last one returned: no gap, no 
 Redis. A subscriber that falls more than `queue_size` entries behind is dropped (its stream ends;
 the client resumes by id), as the hub drops one.
 
-Nothing here is shared between processes, nothing survives a restart, and nothing expires.
+What grows is bounded as with Redis (the bounds are `backends.redis_updates`'s and
+`backends.update_hub`'s, imported):
+
+- a run's log: `MAX_UPDATES_PER_RUN` (1000) entries and MAX_UPDATE_BYTES_PER_RUN bytes, and it
+  is emptied `ttl_seconds` (`TTL_SECONDS`, 90 days) after its last post, as Redis expires the
+  run's keys;
+- the logs: one per run asked about, and only runs that exist are (the handlers look the run up,
+  `find_run`, before any update operation); no request creates a run;
+- a stream: `queue_size` (1000, the hub's default) live entries, or `max_bytes` bytes of them
+  (the bound the hub is given), unread, then it is dropped, as the hub's `Subscription`; the
+  number of streams is the handlers' stream limits'.
+
+Nothing here is shared between processes, and nothing survives a restart.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from backends.redis_updates import MAX_UPDATES_PER_RUN, encode_update, parse_event_id
+from backends.redis_updates import MAX_UPDATES_PER_RUN, TTL_SECONDS, encode_update, parse_event_id
 from backends.update_hub import MAX_SEQ, StreamId, format_id
 from core.protocols import UpdateEvent
 
@@ -41,6 +53,16 @@ class RunLog:
         self.stored_bytes = 0
         self.trimmed: StreamId | None = None  # the newest id ever dropped
         self.subscribers: set[MemoryUpdateStream] = set()
+        self.expires_ms: int | None = None  # when what is stored expires (set by each post)
+
+    def expire(self, now_ms: int) -> None:
+        """Empty the log once its time has passed, as Redis drops the run's keys (streams open on
+        it stay subscribed, as a Redis reader outlives the key it waits on)."""
+        if self.expires_ms is not None and now_ms >= self.expires_ms:
+            self.entries.clear()
+            self.stored_bytes = 0
+            self.trimmed = None
+            self.expires_ms = None
 
     def after(self, cursor: StreamId | None) -> list[tuple[StreamId, bytes]]:
         return [entry for entry in self.entries if cursor is None or entry[0] > cursor]
@@ -55,23 +77,33 @@ class MemoryUpdates:
         max_updates: int = MAX_UPDATES_PER_RUN,
         max_bytes: int = DEFAULT_MAX_BYTES,
         queue_size: int = QUEUE_SIZE,
+        ttl_seconds: int = TTL_SECONDS,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._logs: dict[str, RunLog] = {}
         self._max_updates = max_updates
         self._max_bytes = max_bytes
         self._queue_size = queue_size
+        self._ttl_ms = ttl_seconds * 1000
         self._clock_ms = clock_ms
 
     def log(self, run_id: str) -> RunLog:
         log = self._logs.get(run_id)
         if log is None:
             log = self._logs[run_id] = RunLog()
+        log.expire(self._clock_ms())
+        return log
+
+    def _stored(self, run_id: str) -> RunLog | None:
+        """The run's log as it stands now (expired entries gone), or None when it has none."""
+        log = self._logs.get(run_id)
+        if log is not None:
+            log.expire(self._clock_ms())
         return log
 
     def stored_updates(self, run_id: str) -> list[bytes]:
         """The JSON of every update stored for the run, oldest first."""
-        log = self._logs.get(run_id)
+        log = self._stored(run_id)
         return [] if log is None else [data for _, data in log.entries]
 
     def store(self, run_id: str, data: bytes, *, at_ms: int | None = None) -> str:
@@ -85,6 +117,7 @@ class MemoryUpdates:
         entry = b'{"timestamp":%d' % ms + data
         log.entries.append((entry_id, entry))
         log.stored_bytes += len(entry)
+        log.expires_ms = self._clock_ms() + self._ttl_ms  # each post renews the run's keys' TTL
         while len(log.entries) > 1 and (len(log.entries) > self._max_updates or log.stored_bytes > self._max_bytes):
             dropped_id, dropped = log.entries.popleft()
             log.stored_bytes -= len(dropped)
@@ -99,7 +132,7 @@ class MemoryUpdates:
         return self.store(run_id, encode_update(run_id, update))
 
     async def read_since(self, run_id: str, since_ms: int) -> bytes:
-        log = self._logs.get(run_id)
+        log = self._stored(run_id)
         if log is None:
             return b"[]"
         return b"[" + b",".join(data for (ms, _), data in log.entries if ms > since_ms) + b"]"
@@ -115,7 +148,7 @@ class MemoryUpdates:
         log = self.log(run_id)
         if cursor is None and skip_history:
             cursor = log.entries[-1][0] if log.entries else (0, 0)
-        return MemoryUpdateStream(log, cursor, queue_size=self._queue_size)
+        return MemoryUpdateStream(log, cursor, queue_size=self._queue_size, queue_bytes=self._max_bytes)
 
     async def ping(self) -> None:
         return None
@@ -129,12 +162,16 @@ class MemoryUpdates:
 class MemoryUpdateStream:
     """One open stream of a run's updates (`core.protocols.UpdateStream`)."""
 
-    def __init__(self, log: RunLog, cursor: StreamId | None, *, queue_size: int) -> None:
+    def __init__(
+        self, log: RunLog, cursor: StreamId | None, *, queue_size: int, queue_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
         self._log = log
         self._cursor = cursor  # the last id returned (or skipped past); None: from the oldest
         self._pending: deque[UpdateEvent] = deque()
         self._live: deque[tuple[StreamId, bytes]] = deque()
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._live_bytes = 0  # of the live entries' data
         self._waiter: asyncio.Future[None] | None = None
         self._draining = False
         self._ended = False
@@ -153,15 +190,17 @@ class MemoryUpdateStream:
 
     def deliver(self, entry_id: StreamId, data: bytes) -> None:
         """A live entry of the run (called by the backend as it stores one)."""
-        if len(self._live) >= self._queue_size:
+        if len(self._live) >= self._queue_size or (self._live and self._live_bytes + len(data) > self._queue_bytes):
             self.drop()  # too far behind: the client resumes by id, as when the hub drops it
             return
         self._live.append((entry_id, data))
+        self._live_bytes += len(data)
         self._wake()
 
     def drop(self) -> None:
         self._log.subscribers.discard(self)
         self._live.clear()
+        self._live_bytes = 0
         self._ended = True
         self._wake()
 
@@ -177,6 +216,7 @@ class MemoryUpdateStream:
                 return self._pending.popleft()
             while self._live:
                 entry_id, data = self._live.popleft()
+                self._live_bytes -= len(data)
                 if self._cursor is not None and entry_id <= self._cursor:
                     continue  # already returned from the stored ones
                 self._cursor = entry_id
@@ -198,6 +238,7 @@ class MemoryUpdateStream:
         self._draining = True
         self._log.subscribers.discard(self)
         self._live.clear()
+        self._live_bytes = 0
         self._load_stored()  # what is stored after the last id returned, then the end
         self._ended = True
         self._wake()
@@ -206,6 +247,7 @@ class MemoryUpdateStream:
         self._log.subscribers.discard(self)
         self._pending.clear()
         self._live.clear()
+        self._live_bytes = 0
         self._ended = True
 
 

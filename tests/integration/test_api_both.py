@@ -241,3 +241,59 @@ def test_ready_when_both_backends_answer(target: Target) -> None:
     ready = httpx.get(target.base_url.removesuffix("/api/v1") + "/health/ready", timeout=30)
     assert ready.status_code == 200
     assert ready.json() == {"status": "ok", "checks": {"temporal": "ok", "redis": "ok"}}
+
+
+# The words both backends answer a query Temporal refuses with (`backends.temporal_runs`).
+REFUSED = (
+    "Temporal refused this listing's filters: check `query` (an unknown search attribute,"
+    " or a value of the wrong type for its attribute)."
+)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "ExecutionStatus = 'Bogus'",
+        "ExecutionStatus = 9",
+        "CloseTime > 'x'",
+        "StartTime STARTS_WITH '2024'",
+        "WorkflowType = 5",
+        "ExecutionDuration > 'abc'",
+        "ExecutionDuration > 5.5",
+        "NoSuchAttribute = 'x'",
+    ],
+)
+def test_a_query_temporal_refuses_is_a_400_even_where_no_run_is_visible(target: Target, query: str) -> None:
+    with client(target, project=f"p-empty-{secrets.token_hex(4)}") as http:
+        refused = http.post("/workflows/runs", json={"query": query})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["message"] == REFUSED
+
+
+def test_typed_query_literals_match_the_same_runs(target: Target) -> None:
+    document_id = f"doc-typed-{secrets.token_hex(4)}"
+    _, closed = target.ingestion(document_id)
+    running_workflow, running = target.conversation()
+    with client(target) as http:
+
+        def listed(query: str, **filters: str) -> list[str]:
+            answer = http.post("/workflows/runs", json={"query": query, **filters})
+            assert answer.status_code == 200, answer.text
+            return [run["run_id"] for run in answer.json()["runs"]]
+
+        def closed_run(query: str) -> list[str]:
+            return listed(query, document_id=document_id)
+
+        # Each first asked until the visibility store shows the run as asked.
+        assert wait_for(lambda: closed_run("ExecutionStatus = 2 AND CloseTime > 5")) == [closed]
+        assert closed_run("ExecutionStatus = 5") == []
+        assert closed_run("ExecutionDuration > 0 AND ExecutionDuration < '1000d'") == [closed]
+        assert closed_run("ExecutionDuration > '1000d'") == []
+        assert closed_run("NOT (CloseTime < '2000-01-01T00:00:00Z')") == [closed]
+
+        def running_run(query: str) -> list[str]:
+            return listed(f"WorkflowId = '{running_workflow}' AND {query}")
+
+        assert wait_for(lambda: running_run("ExecutionStatus = 'Running' AND ExecutionDuration IS NULL")) == [running]
+        assert running_run("NOT (CloseTime < '2000-01-01T00:00:00Z')") == []
+        assert running_run("ExecutionDuration >= 0") == []

@@ -27,6 +27,15 @@ CHANGELOG_2_0_0 = "# Changelog\n\n## [Unreleased]\n\n## [2.0.0] - Unreleased\n\n
 V1, V2 = Version(1, 0, 0), Version(2, 0, 0)
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 Mutation = Callable[[dict[str, Any]], None]
+GET_RUN = "/paths/~1workflows~1runs~1{workflowId}~1{runId}/get"
+LIST_RUNS = "/paths/~1workflows~1runs/post"
+LIST_CONVERSATIONS = "/paths/~1workflows~1conversations/post"
+JSON_BODY = "content/application~1json/schema"
+
+try:  # libyaml's dumper when PyYAML has it, as scripts/breaking.py loads
+    from yaml import CSafeDumper as SafeDumper
+except ImportError:  # pragma: no cover - PyYAML without libyaml
+    from yaml import SafeDumper  # type: ignore[assignment]
 
 
 def _remove_summary_property(name: str) -> Mutation:
@@ -62,6 +71,10 @@ def _add_optional_properties_and_an_operation(document: dict[str, Any]) -> None:
         "description": "Labels of the run.",
     }
     schemas["Error"]["properties"]["hint"] = {"type": "string", "description": "What to try next."}
+    # An answer's header may promise more: a bound added to it, another example.
+    retry_after = document["components"]["headers"]["RetryAfter"]
+    retry_after["schema"]["maximum"] = 86400
+    retry_after["example"] = 30
     get_run = copy.deepcopy(document["paths"]["/workflows/runs/{workflowId}/{runId}"]["get"])
     get_run["operationId"] = "getWorkflowRunLabels"
     document["paths"]["/workflows/runs/{workflowId}/{runId}/labels"] = {"get": get_run}
@@ -83,7 +96,7 @@ class Sandbox:
         document = breaking.load(breaking.DOCUMENT)
         for mutate in mutations:
             mutate(document)
-        self.document.write_text(yaml.dump(document, Dumper=yaml.CSafeDumper, sort_keys=False), encoding="utf-8")
+        self.document.write_text(yaml.dump(document, Dumper=SafeDumper, sort_keys=False), encoding="utf-8")
 
     def announce(self, keys: list[str], version: Version = V2) -> None:
         self.announced.write_text(render_announced(dict.fromkeys(keys, version)), encoding="utf-8")
@@ -117,9 +130,7 @@ def removed(tmp_path_factory: pytest.TempPathFactory) -> Sandbox:
 
 def _keys(changes: list[Change], name: str) -> list[str]:
     """The changes that are about property `name`: the property, its keywords, or its entry in `required`."""
-    return [
-        change.key for change in changes if f"/properties/{name}" in change.pointer or change.element == f'"{name}"'
-    ]
+    return [change.key for change in changes if f"/properties/{name}" in change.pointer or change.value == f'"{name}"']
 
 
 def test_the_current_document_passes_with_the_repository_allow_list() -> None:
@@ -156,7 +167,9 @@ def test_a_removed_response_property_fails_the_gate_and_is_named(removed: Sandbo
         if method in HTTP_METHODS
     }
     assert {tuple(key.split(" ")[1].split("/")[2:4]) for key in _keys(verdict.unannounced, "message")} == operations
-    assert f"replace {get_run}/allOf/0/properties/started_at/type" in [change.key for change in verdict.unannounced]
+    assert f'replace {get_run}/allOf/0/properties/started_at/type = "string"' in [
+        change.key for change in verdict.unannounced
+    ]
 
 
 def test_announcing_one_breaking_change_does_not_let_another_through(removed: Sandbox) -> None:
@@ -188,10 +201,13 @@ def test_a_non_breaking_addition_passes_with_nothing_announced(tmp_path: Path) -
     assert verdict.ok
     assert verdict.announced == {}
     added = [change for change in verdict.changes if change.action == "add" and change.judged_here]
-    keys = [change.key for change in added]
-    assert "add /paths/~1workflows~1runs~1{workflowId}~1{runId}~1labels/get" in keys
-    assert "add /paths/~1workflows~1runs/post/responses/400/content/application~1json/schema/properties/hint" in keys
+    pointers = [change.pointer for change in added]
+    assert "/paths/~1workflows~1runs~1{workflowId}~1{runId}~1labels/get" in pointers
+    assert f"{LIST_RUNS}/responses/400/{JSON_BODY}/properties/hint" in pointers
+    assert f"{LIST_RUNS}/responses/429/headers/Retry-After/schema/maximum" in pointers
     assert {change.kind for change in added} == {"non-breaking"}
+    example = f"{LIST_RUNS}/responses/429/headers/Retry-After/example"
+    assert [change.kind for change in verdict.changes if change.pointer == example] == ["annotation"]
 
 
 def test_a_release_becomes_the_baseline_and_takes_its_announcements_along(
@@ -246,8 +262,8 @@ def test_an_entry_announces_only_under_a_major_bump_the_changelog_has(
 
 def test_an_array_element_is_announced_by_its_value() -> None:
     enum = "/paths/~1a/get/responses/200/content/x/schema/properties/status/enum/7"
-    paused = Change(kind="breaking", action="add", pointer=enum, element='"PAUSED"')
-    other = Change(kind="breaking", action="add", pointer=enum, element='"ARCHIVED"')
+    paused = Change(kind="breaking", action="add", pointer=enum, value='"PAUSED"')
+    other = Change(kind="breaking", action="add", pointer=enum, value='"ARCHIVED"')
 
     verdict = judge([other], {paused.key: V2}, [V2, V1], [V1])
 
@@ -297,3 +313,105 @@ def test_the_repository_release_1_0_0_is_the_first_bundle() -> None:
     assert min(released) == V1
     assert released[V1] == breaking.RELEASES / "1.0.0.yaml"
     assert breaking.load(released[V1])["openapi"] == "3.1.0"
+
+
+# -- what the tool lets through and the gate does not --------------------------------------------------
+
+
+def _mutated(tmp_path: Path, *mutations: Mutation) -> Path:
+    path = tmp_path / "openapi.yaml"
+    document = breaking.load(breaking.DOCUMENT)
+    for mutate in mutations:
+        mutate(document)
+    path.write_text(yaml.dump(document, Dumper=SafeDumper, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_an_announced_replacement_does_not_announce_another_value_at_the_same_place(tmp_path: Path) -> None:
+    """The repository announces a new `status` filter pattern: not any pattern there."""
+
+    def only_running(document: dict[str, Any]) -> None:
+        document["components"]["schemas"]["ListRunsRequest"]["properties"]["status"]["pattern"] = "^RUNNING$"
+
+    verdict = check(_mutated(tmp_path, only_running))
+
+    status = f"requestBody/{JSON_BODY}/properties/status/pattern"
+    assert not verdict.ok
+    assert [change.key for change in verdict.unannounced] == [
+        f'replace {LIST_RUNS}/{status} = "^RUNNING$"',
+        f'replace {LIST_CONVERSATIONS}/{status} = "^RUNNING$"',
+    ]
+    announced = [key for key in read_announced() if key.startswith(f"replace {LIST_RUNS}/{status} = ")]
+    assert len(announced) == 1  # the announced pattern, by its hash
+    assert announced[0] in verdict.unused
+
+
+def test_a_long_value_is_named_by_its_hash_and_a_short_one_as_it_is() -> None:
+    short = breaking._value("replace", ["paths", "pattern"], "^a$", "^b$")
+    long_ = breaking._value("replace", ["paths", "pattern"], "^a$", "^" + "x" * 100 + "$")
+    other = breaking._value("replace", ["paths", "pattern"], "^a$", "^" + "y" * 100 + "$")
+
+    assert short == '"^b$"'
+    assert long_.startswith("sha256:") and len(long_) == len("sha256:") + 12
+    assert long_ != other
+    assert breaking._value("add", ["paths", "x"], None, {"b": 1, "a": 2}) == breaking._value(
+        "add", ["paths", "x"], None, {"a": 2, "b": 1}
+    )
+
+
+def test_a_response_header_retyped_fails_the_gate(tmp_path: Path) -> None:
+    """The tool leaves response header changes unclassified; the gate judges them as answers."""
+    sandbox = Sandbox(tmp_path)
+
+    def retry_after_as_text(document: dict[str, Any]) -> None:
+        document["components"]["headers"]["RetryAfter"]["schema"] = {"type": "string"}
+
+    sandbox.write_document(retry_after_as_text)
+    verdict = sandbox.check()
+
+    header = f"{LIST_RUNS}/responses/429/headers/Retry-After/schema"
+    keys = [change.key for change in verdict.unannounced]
+    assert not verdict.ok
+    assert f'replace {header}/type = "string"' in keys
+    assert f"remove {header}/minimum" in keys  # a bound dropped: the answer may hold more
+    assert all("/headers/" in key for key in keys)
+    assert "unclassified" not in {change.kind for change in verdict.changes if change.judged_here}
+
+
+def test_an_optional_response_property_removed_fails_the_gate(tmp_path: Path) -> None:
+    sandbox = Sandbox(tmp_path)
+
+    def remove_topic(document: dict[str, Any]) -> None:
+        summary = document["components"]["schemas"]["WorkflowRunSummary"]
+        assert "topic" not in summary["required"]
+        del summary["properties"]["topic"]
+
+    sandbox.write_document(remove_topic)
+    verdict = sandbox.check()
+
+    assert not verdict.ok
+    assert {change.key for change in verdict.unannounced} == {
+        f"remove {GET_RUN}/responses/200/{JSON_BODY}/allOf/0/properties/topic",
+        f"remove {LIST_RUNS}/responses/200/{JSON_BODY}/properties/runs/items/properties/topic",
+        f"remove {LIST_CONVERSATIONS}/responses/200/{JSON_BODY}/properties/runs/items/properties/topic",
+    }
+
+
+def test_a_renamed_path_parameter_fails_the_gate(tmp_path: Path) -> None:
+    """`{runId}` to `{id}`: the same requests on the wire, other argument names in generated clients."""
+    sandbox = Sandbox(tmp_path)
+
+    def rename_run_id(document: dict[str, Any]) -> None:
+        document["paths"] = {path.replace("{runId}", "{id}"): item for path, item in document["paths"].items()}
+        document["components"]["parameters"]["RunId"]["name"] = "id"
+
+    sandbox.write_document(rename_run_id)
+    verdict = sandbox.check()
+
+    keys = [change.key for change in verdict.unannounced]
+    assert not verdict.ok
+    assert f'rename {GET_RUN.removesuffix("/get")} = "/workflows/runs/{{workflowId}}/{{id}}"' in keys
+    assert f'replace {GET_RUN}/parameters/1/name = "id"' in keys
+    renamed = {key.split(" ")[1] for key in keys if key.startswith("rename ")}
+    baseline = breaking.load(sandbox.releases / "1.0.0.yaml")["paths"]
+    assert renamed == {pointer(["paths", path]) for path in baseline if "{runId}" in path}

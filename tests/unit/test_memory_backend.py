@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import uuid
 from typing import Any
 
 import pytest
 
 from backends.memory import MemoryRuns, MemoryUpdates, mock_backends, seed
 from backends.memory.seed import statuses
+from backends.temporal_runs import MISSING_CACHE_SIZE, RUN_CACHE_SIZE
 from core.errors import Conflict, Forbidden, InvalidInput, NotFound
 from core.principals import Principal
 from core.protocols import RunFilters
@@ -287,3 +289,181 @@ async def test_a_stream_too_far_behind_is_dropped() -> None:
     with pytest.raises(StopAsyncIteration):
         while True:
             await stream.next(0.01)
+
+
+# -- what is remembered is bounded as in the real backend ---------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_missing_run_is_forgotten_after_the_not_found_cache_time() -> None:
+    clock = Clock()
+    runs = MemoryRuns(seed(published_document()).runs, not_found_seconds=2.0, cache_clock=clock)
+    missing = str(uuid.uuid4())
+    with pytest.raises(NotFound):
+        await runs.find_run(READER, missing)
+    assert runs.is_known(missing)
+    clock.now += 2.0
+    assert not runs.is_known(missing)
+    with pytest.raises(NotFound):
+        await runs.find_run(READER, str(uuid.uuid4()))  # a later miss drops the expired one
+    assert (missing, None) not in runs.missing and len(runs.missing) == 1
+
+
+async def test_misses_are_bounded_as_the_real_backends_oldest_first() -> None:
+    runs = MemoryRuns(cache_clock=Clock())
+    ids = [str(uuid.uuid4()) for _ in range(MISSING_CACHE_SIZE + 1)]
+    for run_id in ids:
+        with pytest.raises(NotFound):
+            await runs.find_run(READER, run_id)
+    assert len(runs.missing) == MISSING_CACHE_SIZE
+    assert not runs.is_known(ids[0]) and runs.is_known(ids[1]) and runs.is_known(ids[-1])
+
+
+async def test_the_mock_takes_the_not_found_cache_time_from_the_settings() -> None:
+    runs, _ = mock_backends(published_document(), Settings(not_found_cache_seconds=0))
+    missing = str(uuid.uuid4())
+    with pytest.raises(NotFound):
+        await runs.find_run(READER, missing)
+    assert not runs.is_known(missing) and not runs.missing
+
+
+async def test_known_runs_are_bounded_least_recently_used_first() -> None:
+    seeded = seed(published_document()).runs
+    runs = MemoryRuns(seeded, cache_size=2)
+    for run in seeded:
+        await runs.find_run(SUPERADMIN, run.run_id)
+    assert list(runs.known) == [run.run_id for run in seeded[-2:]]
+    assert not runs.is_known(seeded[0].run_id) and runs.is_known(seeded[-1].run_id)
+    assert MemoryRuns()._cache_size == RUN_CACHE_SIZE
+
+
+# -- the query as Temporal's visibility store reads it ------------------------------------------
+
+
+def duration_of(runs: MemoryRuns, status: str) -> int:
+    return int(next(run for run in runs.runs() if run.status == status).details["execution_duration"])
+
+
+async def test_execution_duration_is_compared_in_nanoseconds_and_takes_duration_strings() -> None:
+    runs, _ = backends()
+    seconds = duration_of(runs, "COMPLETED")
+    same = {run.status for run in runs.runs() if run.closed and run.details["execution_duration"] == seconds}
+    for query in (
+        f"ExecutionDuration = {seconds * 1_000_000_000}",
+        f"ExecutionDuration = '{seconds}s'",
+        f"ExecutionDuration = '{seconds * 1000}ms'",
+        f"ExecutionDuration = '00:{seconds // 60:02d}:{seconds % 60:02d}'",
+        f"ExecutionDuration BETWEEN '{seconds - 1}s' AND '1d'",
+    ):
+        assert {run["status"] for run in await every_run(runs, READER, query=query)} == same, query
+    assert await every_run(runs, READER, query=f"ExecutionDuration = {seconds}") == []
+    # As in Temporal, a run has no duration until it closes.
+    open_ones = {run["status"] for run in await every_run(runs, READER, query="ExecutionDuration IS NULL")}
+    assert open_ones == {"RUNNING", "PAUSED"}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "ExecutionStatus = 'Bogus'",
+        "ExecutionStatus = 'running'",
+        "ExecutionStatus = 9",
+        "ExecutionStatus = 5.0",
+        "ExecutionStatus STARTS_WITH 'Run'",
+        "CloseTime > 'x'",
+        "CloseTime > '2024-01-01'",
+        "StartTime STARTS_WITH '2024'",
+        "StartTime STARTS_WITH '2024-01-01T00:00:00Z'",
+        "StartTime = true",
+        "WorkflowType = 5",
+        "RunId IN ('a', 1)",
+        "ExecutionDuration > 'abc'",
+        "ExecutionDuration > '1.5'",
+        "ExecutionDuration > 5.5",
+        "ExecutionDuration STARTS_WITH '1'",
+        "HistoryLength > '5'",
+        "NoSuchAttribute = 'x'",
+    ],
+)
+async def test_a_literal_of_the_wrong_type_is_refused_whatever_the_runs(query: str) -> None:
+    runs, _ = backends()
+    for principal in (READER, OTHER_PROJECT):  # the other project sees no run at all
+        with pytest.raises(InvalidInput, match=r"^Temporal refused this listing's filters"):
+            await runs.list_runs(principal, RunFilters(query=query))
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("ExecutionStatus = 5", {"TERMINATED"}),
+        ("ExecutionStatus IN ('Running', 8)", {"RUNNING", "PAUSED"}),
+        ("ExecutionStatus = 'WORKFLOW_EXECUTION_STATUS_TIMED_OUT'", {"TIMED_OUT"}),
+        ("ExecutionStatus BETWEEN 6 AND 7", {"CONTINUED_AS_NEW", "TIMED_OUT"}),
+        (
+            "CloseTime > 5",
+            {"COMPLETED", "FAILED", "CANCELED", "TERMINATED", "CONTINUED_AS_NEW", "TIMED_OUT", "UNKNOWN"},
+        ),
+        ("NOT (CloseTime < '2000-01-01T00:00:00Z') AND ExecutionStatus < 4", {"COMPLETED", "FAILED"}),
+        ("StartTime >= '2023-03-15T15:20:00+01:00'", {"RUNNING"}),
+        ("StartTime = 1678890000000000000", {"RUNNING"}),
+        ("WorkflowType < 'B' AND ExecutionStatus <= 'Running'", {"RUNNING"}),
+    ],
+)
+async def test_typed_literals_match_as_in_temporal(query: str, expected: set[str]) -> None:
+    runs, _ = backends()
+    assert {run["status"] for run in await every_run(runs, READER, query=query)} == expected
+
+
+async def test_a_history_reaching_temporals_limits_terminates_the_run() -> None:
+    seeded = seed(published_document()).runs
+    run = next(run for run in seeded if run.status == "RUNNING")
+    events = len(run.details["history"])
+    runs = MemoryRuns(seeded, history_limits=(events + 3, 1 << 30))
+    await runs.signal(READER, run.workflow_id, run.run_id, "UserInput", {"message": "one"})
+    assert run.status == "RUNNING"
+    await runs.signal(READER, run.workflow_id, run.run_id, "UserInput", {"message": "two"})
+    details = await runs.get_run(READER, run.workflow_id, run.run_id)
+    assert details["status"] == "TERMINATED" and len(details["history"]) == events + 3
+    assert details["history"][-1]["reason"] == "Workflow history size / count exceeds limit."
+    with pytest.raises(Conflict):
+        await runs.signal(READER, run.workflow_id, run.run_id, "UserInput", {"message": "three"})
+
+    by_size = seed(published_document()).runs
+    run = next(run for run in by_size if run.status == "RUNNING")
+    runs = MemoryRuns(by_size, history_limits=(1 << 30, len(json.dumps(run.details["history"])) + 1000))
+    await runs.signal(READER, run.workflow_id, run.run_id, "UserInput", {"message": "x" * 1000})
+    assert run.status == "TERMINATED"
+
+
+async def test_a_runs_updates_expire_after_the_redis_ttl_since_the_last_post() -> None:
+    now = [1_000]
+    updates = MemoryUpdates(ttl_seconds=10, clock_ms=lambda: now[0])
+    await updates.append("r1", {"message": "old"})
+    now[0] += 9_000
+    await updates.append("r1", {"message": "renews"})
+    now[0] += 9_000
+    assert len(updates.stored_updates("r1")) == 2
+    now[0] += 1_000
+    assert updates.stored_updates("r1") == [] and await updates.read_since("r1", 0) == b"[]"
+    await updates.append("r1", {"message": "new"})
+    assert [json.loads(u)["message"] for u in updates.stored_updates("r1")] == ["new"]
+
+
+async def test_a_stream_holding_more_unread_bytes_than_the_bound_is_dropped() -> None:
+    updates = MemoryUpdates(max_bytes=3_000)
+    stream = await updates.open_stream("r1", after_id=None, since_ms=None, skip_history=True)
+    for _ in range(3):
+        await updates.append("r1", {"message": "x" * 1_200})
+    assert len(updates.stored_updates("r1")) == 2  # the run keeps what fits, as Redis
+    received = []
+    with pytest.raises(StopAsyncIteration):
+        for _ in range(10):
+            received.append(await stream.next(0.01))
+    assert received == []  # dropped, not handed a backlog past the bound

@@ -1,8 +1,9 @@
 // The one call into api-smart-diff (pinned in package.json), for scripts/breaking.py.
 // Reads {"before": document, "after": document} as JSON on stdin and writes the tool's changes as a
-// JSON array of {type, action, path, description, value}. `value` is what was added, removed or put in
-// place; the gate keeps it only for an element of an array (an `enum` value, a `required` name), where
-// the index alone does not say which element changed.
+// JSON array of {type, action, path, description, before, after}: the value at `path` in each
+// document (for a `rename`, the old and the new key). The gate names a change by what it puts in
+// place, so that announcing one value never lets another through, and judges the changes the tool
+// leaves unclassified (response headers) by the old and new values.
 import { apiDiff } from 'api-smart-diff'
 
 let input = ''
@@ -13,6 +14,7 @@ const changes = apiDiff(before, after).map((change) => ({
   action: change.action,
   path: change.path,
   description: change.description ?? '',
-  value: change.action === 'remove' ? change.before : change.after,
+  before: change.before ?? null,
+  after: change.after ?? null,
 }))
 process.stdout.write(JSON.stringify(changes))
