@@ -12,6 +12,14 @@ words go to the log, never into the answer.
 Run details render at most `max_history_bytes` of history: the history is read page by page and
 rendered as it comes, and reading stops at the first event that does not fit.
 
+With a codec server (TEMPORAL_CODEC_ENDPOINT: the runs' workers encode their payloads, e.g. encrypt
+them), every payload shown is decoded by it first, in batches (`backends.codec_client`): one request
+for what a describe holds (memo, pending activities' details and failures), one per page of history,
+one per listing page (its memos); a signal's payload is encoded by it before it is sent. The codec
+server not answering is `BackendUnavailable` (backend `codec`). The client's own data converter stays
+plain: through it, each payload would be a request of its own, and a failure would read as an
+undecodable placeholder rather than a 503. Without a codec server none of this runs.
+
 Update operations look runs up by id (`find_run`) many times: what is learnt is kept (`_known`), and
 so is, for a short while, that a run does not exist (`_missing`), or is not the run of the workflow
 id asked. Streams ask whether their run has closed (`closed_status`): concurrent askers
@@ -26,13 +34,14 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflow.v1 import WorkflowExecutionInfo
 from temporalio.api.workflowservice.v1 import (
     DescribeWorkflowExecutionRequest,
@@ -42,9 +51,16 @@ from temporalio.api.workflowservice.v1 import (
     ListWorkflowExecutionsResponse,
 )
 from temporalio.client import Client, WorkflowHandle, WorkflowHistoryEventFilterType
-from temporalio.converter import decode_typed_search_attributes
+from temporalio.converter import DataConverter, decode_typed_search_attributes
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
+from backends.codec_client import (
+    CodecClient,
+    RemoteCodec,
+    apply_encoded_failure_attributes,
+    decode_in_place,
+    decoded_events,
+)
 from backends.page_tokens import PageTokens, page_token_key
 from backends.run_view import (
     HistoryView,
@@ -136,8 +152,21 @@ class TemporalRunsBackend:
         not_found_seconds: float = 2.0,
         open_status_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        codec: CodecClient | None = None,
     ) -> None:
         self._client = client
+        # The codec server's client (closed by `close`), and a client of the same connection whose
+        # converter encodes through it, for signals.
+        self._codec = codec
+        self._encoding_client = (
+            None
+            if codec is None
+            else Client(
+                client.service_client,
+                namespace=client.namespace,
+                data_converter=DataConverter(payload_codec=RemoteCodec(codec)),
+            )
+        )
         self._rpc_timeout = timedelta(seconds=timeout_seconds)
         # A whole operation may page through a long history: give it a few RPCs' worth of time.
         self._deadline = timeout_seconds * 3
@@ -181,7 +210,24 @@ class TemporalRunsBackend:
             max_history_bytes=settings.max_history_bytes,
             not_found_seconds=settings.not_found_cache_seconds,
             open_status_seconds=settings.post_after_close_seconds,
+            codec=codec_client(settings),
         )
+
+    # -- codec -------------------------------------------------------------------------------
+
+    async def _decoded(self, *messages: Any) -> None:
+        """Decode, in place and in one request, every payload of `messages` (call with a codec)."""
+        assert self._codec is not None
+        await decode_in_place(self._codec, messages)
+        for message in messages:
+            apply_encoded_failure_attributes(message)
+
+    async def _history(self, events: AsyncIterable[HistoryEvent]) -> AsyncIterator[HistoryEvent]:
+        """`events`, decoded by the codec server a page at a time."""
+        assert self._codec is not None
+        async for event in decoded_events(events, self._codec, batch_events=HISTORY_PAGE_SIZE):
+            apply_encoded_failure_attributes(event)
+            yield event
 
     # -- error translation -------------------------------------------------------------------
 
@@ -299,7 +345,14 @@ class TemporalRunsBackend:
         async with self._temporal("describe run", run_id=run_id):
             handle, raw, scope = await self._describe_scoped(principal, workflow_id, run_id)
             info = raw.workflow_execution_info
-            async for event in handle.fetch_history_events(page_size=HISTORY_PAGE_SIZE, rpc_timeout=self._rpc_timeout):
+            if self._codec is not None:
+                await self._decoded(info.memo, *raw.pending_activities)
+            events: AsyncIterable[HistoryEvent] = handle.fetch_history_events(
+                page_size=HISTORY_PAGE_SIZE, rpc_timeout=self._rpc_timeout
+            )
+            if self._codec is not None:
+                events = self._history(events)
+            async for event in events:
                 if not await view.add(event):
                     break  # no further page is fetched
             if view.truncated and not is_open(info):
@@ -307,6 +360,8 @@ class TemporalRunsBackend:
                 async for event in handle.fetch_history_events(
                     event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT, rpc_timeout=self._rpc_timeout
                 ):
+                    if self._codec is not None:
+                        await self._decoded(event)
                     await view.read_close_event(event)
         memo = await decode_memo(converter, info.memo.fields)
         base = summary(info, decode_typed_search_attributes(info.search_attributes), memo, scope=scope)
@@ -349,6 +404,9 @@ class TemporalRunsBackend:
             # Temporal may hand out a token for a page that turns out empty: look one run ahead
             # so that `has_more` is true exactly when another page exists.
             has_more = bool(next_token) and bool((await self._list(query, 1, next_token)).executions)
+        if self._codec is not None:
+            # The page's memos in one request; a page whose runs have no memo asks nothing.
+            await self._decoded(*(info.memo for info in page.executions))
         runs = [await self._summary(info) for info in page.executions]
         return RunPage(
             runs=runs,
@@ -395,6 +453,8 @@ class TemporalRunsBackend:
         async with self._temporal("signal run", run_id=run_id):
             handle, info = await self._describe(principal, workflow_id, run_id)
             self._ensure_open(info, run_id)
+            if self._encoding_client is not None:  # the payload is encoded by the codec server
+                handle = self._encoding_client.get_workflow_handle(workflow_id, run_id=run_id)
             try:
                 await handle.signal(signal_name, payload, rpc_timeout=self._rpc_timeout)
             except RPCError as err:
@@ -452,7 +512,10 @@ class TemporalRunsBackend:
                 page = await self._list(f"RunId = {quote(run_id)}", 1, b"")
                 if not page.executions:
                     raise _not_found(run_id)
-                await self._summary(page.executions[0])
+                info = page.executions[0]
+                # Its scope is all a look-up needs: its memo is not decoded (nor sent to a codec server).
+                scope = RunScope.of(decode_typed_search_attributes(info.search_attributes))
+                self._remember(info.execution.run_id, info.execution.workflow_id, scope, info)
 
     async def _refresh(self, run_id: str, known: _KnownRun) -> _KnownRun:
         """`known` as Temporal describes it now. While Temporal does not answer, what was known
@@ -524,3 +587,18 @@ class TemporalRunsBackend:
         # temporalio clients hold no resources that need an explicit close; forget what we cached.
         self._known.clear()
         self._missing.clear()
+        if self._codec is not None:
+            await self._codec.aclose()
+
+
+def codec_client(settings: Settings) -> CodecClient | None:
+    """The codec server's client the settings name (TEMPORAL_CODEC_ENDPOINT), or None."""
+    if settings.temporal_codec_endpoint is None:
+        return None
+    return CodecClient(
+        settings.temporal_codec_endpoint,
+        settings.temporal_codec_auth,
+        settings.temporal_namespace,
+        timeout_seconds=settings.codec_timeout_seconds,
+        max_response_bytes=settings.codec_max_response_bytes,
+    )

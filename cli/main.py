@@ -6,6 +6,7 @@ serve   the API only, configured from the environment
 worker  the sample Temporal worker
 token   mint a development JWT
 start   start a sample workflow and print {"workflow_id", "run_id"}
+codec-server  the codec server of the samples' encrypted payloads (Temporal's remote codec protocol)
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from cli import stack
-from core.settings import Settings, SettingsError, create_dev_jwt_secret, dev_jwt_secret_path
+from core.settings import (
+    Settings,
+    SettingsError,
+    create_dev_codec_key,
+    create_dev_jwt_secret,
+    dev_codec_key_path,
+    dev_jwt_secret_path,
+)
 from core.tokens import DEV_PERMISSIONS, mint_token
 from web import logs
 
@@ -33,6 +41,9 @@ if TYPE_CHECKING:
     from web.app import BackendsFactory
 
 DEV_TOKEN_SECONDS = 7 * 24 * 3600
+CODEC_PORT = 8081
+# The commands that encrypt or decrypt with CODEC_KEY, and so need one (`dev` creates its own).
+KEY_COMMANDS = ("worker", "start", "codec-server")
 
 
 def _no_jwt_secret(settings: Settings) -> str:
@@ -116,7 +127,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _dev_port_conflict(
-    args: argparse.Namespace, host: str, port: int, *, own_temporal: bool, own_redis: bool
+    args: argparse.Namespace, host: str, port: int, *, own_temporal: bool, own_redis: bool, own_codec: bool = False
 ) -> str | None:
     """The line `dev` exits with when a port it is about to bind is held by another process (the
     first such port), else None. Checked before anything starts: a child that cannot bind would
@@ -125,9 +136,15 @@ def _dev_port_conflict(
     if own_temporal:  # the dev server is headless: its frontend is its only fixed port
         ways = "point TEMPORAL_ADDRESS at that server on purpose, or pick another port with --temporal-port"
         wanted.append((stack.LOCALHOST, args.temporal_port, "Temporal", ways))
+        if args.temporal_ui_port is not None:
+            ways = "stop that process, or pick another port with --temporal-ui-port"
+            wanted.append((stack.LOCALHOST, args.temporal_ui_port, "the Temporal Web UI", ways))
     if own_redis:
         ways = "point REDIS_URL at that server on purpose, or pick another port with --redis-port"
         wanted.append((stack.LOCALHOST, args.redis_port, "Redis", ways))
+    if own_codec:
+        ways = "point TEMPORAL_CODEC_ENDPOINT at that server on purpose, or pick another port with --codec-port"
+        wanted.append((stack.LOCALHOST, args.codec_port, "the codec server", ways))
     wanted.append((host, port, "the API", "stop that process, or pick another port with --port"))
     for bind_host, bind_port, what, ways in wanted:
         if stack.port_in_use(bind_host, bind_port):
@@ -147,10 +164,27 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
     # server to use; without one, dev starts its own.
     own_temporal = settings.temporal_profile.address is None
     own_redis = "REDIS_URL" not in chosen
-    conflict = _dev_port_conflict(args, settings.host, port, own_temporal=own_temporal, own_redis=own_redis)
+    # SAMPLES_ENCRYPT=1: the worker encrypts, and a codec server (dev's own, unless
+    # TEMPORAL_CODEC_ENDPOINT names one) decodes for the API and the Web UI.
+    encrypt = settings.samples_encrypt
+    own_codec = encrypt and "TEMPORAL_CODEC_ENDPOINT" not in chosen
+    conflicts = functools.partial(
+        _dev_port_conflict,
+        args,
+        settings.host,
+        port,
+        own_temporal=own_temporal,
+        own_redis=own_redis,
+        own_codec=own_codec,
+    )
+    conflict = conflicts()
     if conflict is not None:
         _dev_exit(conflict, 2)
     secret = settings.jwt_secret or create_dev_jwt_secret(settings.data_dir)
+    codec_key = (settings.codec_key or create_dev_codec_key(settings.data_dir)) if encrypt else settings.codec_key
+    if encrypt:
+        _check_codec_key(args, codec_key)
+    codec_endpoint = f"http://{stack.LOCALHOST}:{args.codec_port}" if own_codec else settings.temporal_codec_endpoint
     settings = replace(
         settings,
         port=port,
@@ -160,14 +194,25 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
         jwt_secret=secret,
         temporal_address=f"{stack.LOCALHOST}:{args.temporal_port}" if own_temporal else settings.temporal_address,
         redis_url=f"redis://{stack.LOCALHOST}:{args.redis_port}/0" if own_redis else settings.redis_url,
+        codec_key=codec_key,
+        temporal_codec_endpoint=codec_endpoint,
     )
+    ui_port = args.temporal_ui_port if own_temporal else None
     data_dir = Path(settings.data_dir)
     children: list[stack.Child] = []
     # SIGTERM ends the stack like Ctrl-C does: through the `finally` below.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with stack.running(children):
         try:
-            if own_temporal:
+            if own_codec:
+                children.append(stack.start_codec_server(data_dir, _codec_env(settings, ui_port), port=args.codec_port))
+            if own_temporal and ui_port is not None:
+                children.append(
+                    stack.start_temporal(
+                        data_dir, port=args.temporal_port, ui_port=ui_port, ui_codec_endpoint=codec_endpoint
+                    )
+                )
+            elif own_temporal:
                 children.append(stack.start_temporal(data_dir, port=args.temporal_port))
             if own_redis:
                 children.append(
@@ -179,11 +224,7 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
                     )
                 )
         except stack.PortInUse as exc:  # taken since the check above
-            _dev_exit(
-                _dev_port_conflict(args, settings.host, port, own_temporal=own_temporal, own_redis=own_redis)
-                or f"workflow-runs dev: {exc}",
-                2,
-            )
+            _dev_exit(conflicts() or f"workflow-runs dev: {exc}", 2)
         except stack.StartError as exc:  # the child exited at start
             _dev_exit(f"workflow-runs dev: {exc}", 1)
         # The worker builds its settings from its environment: this process's (a child inherits it),
@@ -195,6 +236,9 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
             "API_URL": settings.api_url,
             "JWT_SECRET": secret,
         }
+        if encrypt:
+            assert codec_key is not None  # created above
+            worker_env |= {"SAMPLES_ENCRYPT": "1", "CODEC_KEY": codec_key}
         children.append(
             stack.spawn("worker", [sys.executable, "-m", "cli.main", "worker"], data_dir / "logs", worker_env)
         )
@@ -204,6 +248,7 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
             f"\nWorkflow Runs API on the embedded stack\n"
             f"  API         {base}\n  Swagger UI  {base}/ui/\n  document    {base}/openapi.json\n"
             f"  Temporal    {settings.temporal_address}\n  Redis       {settings.redis_url}\n"
+            f"{_dev_codec_lines(settings, encrypt, ui_port)}"
             f"  logs        {data_dir / 'logs'}\n\n"
             f"Dev token (project dev-project, 7 days):\n\n  export TOKEN={token}\n"
             f'  curl -s -X POST {base}/workflows/runs -H "Authorization: Bearer $TOKEN" '
@@ -212,6 +257,40 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> None:
         )
         with contextlib.suppress(KeyboardInterrupt):
             serve(settings, port=port)
+
+
+def _codec_env(settings: Settings, ui_port: int | None) -> dict[str, str]:
+    """The environment of dev's codec server: this process's, with the key, and the Web UI's origins
+    allowed (when dev starts the UI and CODEC_CORS_ORIGINS does not say otherwise)."""
+    assert settings.codec_key is not None
+    env = {**os.environ, "CODEC_KEY": settings.codec_key}
+    if ui_port is not None and "CODEC_CORS_ORIGINS" not in settings.set_in_environment:
+        env["CODEC_CORS_ORIGINS"] = f"http://{stack.LOCALHOST}:{ui_port},http://localhost:{ui_port}"
+    return env
+
+
+def _dev_codec_lines(settings: Settings, encrypt: bool, ui_port: int | None) -> str:
+    """dev's banner lines on encryption and the Web UI."""
+    lines = ""
+    if ui_port is not None:
+        lines += f"  Web UI      http://{stack.LOCALHOST}:{ui_port}\n"
+    if encrypt:
+        where = "Web UI decodes with it" if ui_port is not None else "Web UI off: --temporal-ui-port turns it on"
+        lines += (
+            f"  codec       {settings.temporal_codec_endpoint} (payloads encrypted; {where})\n"
+            f"  codec key   CODEC_KEY or {dev_codec_key_path(settings.data_dir)}\n"
+        )
+    return lines
+
+
+def _check_codec_key(args: argparse.Namespace, key: str | None) -> None:
+    """Exit 2 (as for any invalid setting) unless `key` is a codec key."""
+    from workloads.codec import CodecKeyError, key_from_setting
+
+    try:
+        key_from_setting(key or "")
+    except CodecKeyError as exc:
+        _dev_exit(f"workflow-runs {args.command}: {exc}", 2)
 
 
 def mock_settings(settings: Settings, port: int) -> Settings:
@@ -304,12 +383,58 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> None:
     )
 
 
+def cmd_codec_server(args: argparse.Namespace, settings: Settings) -> None:
+    """The codec server of the samples' encrypted payloads on HOST and `--port`, for the API
+    (TEMPORAL_CODEC_ENDPOINT), the Web UI and the `temporal` CLI."""
+    import uvicorn
+
+    from web import transport
+    from workloads.codec import key_from_setting
+    from workloads.codec_server import create_codec_app
+
+    logs.configure()
+    app = create_codec_app(
+        key_from_setting(settings.codec_key or ""),  # checked by `main`
+        auth=settings.temporal_codec_auth,
+        cors_origins=list(settings.codec_cors_origins),
+        max_body_bytes=settings.codec_max_body_bytes,
+        key_id=settings.codec_key_id,
+    )
+    # The API's bounded transport (head size and deadlines, connection cap): the codec server may
+    # face the Web UI's users as the API does.
+    limits = transport.Limits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+        max_connections=transport.connection_cap(settings.max_connections, transport.raise_fd_limit()),
+        send_timeout=settings.sse_send_timeout_seconds,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=args.port,
+        http=transport.protocol_class(limits),
+        ws="none",
+        lifespan="off",
+        server_header=False,
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
+        log_config=None,
+    )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        sys.exit(3)
+
+
 def cmd_start(args: argparse.Namespace, settings: Settings) -> None:
     from core import temporal_connection
     from workloads.starter import start_workflow
+    from workloads.worker import sample_data_converter
 
     async def start(given: dict[str, Any] | None) -> tuple[str, str]:
-        client = await temporal_connection.connect(settings)
+        # With SAMPLES_ENCRYPT, the input and memo are encrypted as the worker's payloads are.
+        client = await temporal_connection.connect(settings, data_converter=sample_data_converter(settings))
         return await start_workflow(
             client,
             args.type,
@@ -353,6 +478,13 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, help="API port (default $PORT, else 8000)")
     dev.add_argument("--temporal-port", type=int, default=7233)
     dev.add_argument("--redis-port", type=int, default=6379)
+    dev.add_argument(
+        "--codec-port",
+        type=int,
+        default=CODEC_PORT,
+        help=f"codec server port, with SAMPLES_ENCRYPT=1 (default {CODEC_PORT})",
+    )
+    dev.add_argument("--temporal-ui-port", type=int, help="serve Temporal's Web UI on this port (default: no Web UI)")
     dev.set_defaults(func=cmd_dev)
 
     mock = sub.add_parser(
@@ -386,6 +518,12 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--event-name")
     start.add_argument("--rule-id")
     start.set_defaults(func=cmd_start)
+
+    codec = sub.add_parser(
+        "codec-server", help="serve the codec server of the samples' encrypted payloads (CODEC_KEY) on HOST"
+    )
+    codec.add_argument("--port", type=int, default=CODEC_PORT, help=f"default {CODEC_PORT}")
+    codec.set_defaults(func=cmd_codec_server)
     return root
 
 
@@ -398,6 +536,11 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as exc:
         print(f"workflow-runs {args.command}: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if settings.codec_key is not None or (
+        args.command in KEY_COMMANDS and (settings.samples_encrypt or args.command == "codec-server")
+    ):
+        # CODEC_KEY is checked where it is read (core cannot: workloads.codec owns the key's format).
+        _check_codec_key(args, settings.codec_key)
     args.func(args, settings)
 
 

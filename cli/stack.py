@@ -179,14 +179,32 @@ def spawn(
     return Child(name, proc, log_path)
 
 
-def start_temporal(data_dir: Path, host: str = LOCALHOST, port: int = 7233, timeout: float = 60.0) -> Child:
-    """The Temporal dev server on `host:port`, headless (no UI port); its HTTP and metrics ports are
-    free ones picked now. Raises `PortInUse` if `port` is taken, `StartError` if it exits at start."""
+def start_temporal(
+    data_dir: Path,
+    host: str = LOCALHOST,
+    port: int = 7233,
+    timeout: float = 60.0,
+    *,
+    ui_port: int | None = None,
+    ui_codec_endpoint: str | None = None,
+) -> Child:
+    """The Temporal dev server on `host:port`, headless (no UI port) unless `ui_port` is given (its
+    Web UI then decodes payloads with the codec server at `ui_codec_endpoint`, if any); its HTTP and
+    metrics ports are free ones picked now. Raises `PortInUse` if `port` (or `ui_port`) is taken,
+    `StartError` if it exits at start."""
     if port_in_use(host, port):
         raise PortInUse(host, port, "Temporal")
+    if ui_port is not None and port_in_use(host, ui_port):
+        raise PortInUse(host, ui_port, "the Temporal Web UI")
     data_dir.mkdir(parents=True, exist_ok=True)
+    if ui_port is None:
+        ui = ["--headless"]
+    else:
+        ui = ["--ui-port", str(ui_port)]
+        if ui_codec_endpoint:
+            ui += ["--ui-codec-endpoint", ui_codec_endpoint]
     argv = [
-        temporal_binary(), "server", "start-dev", "--headless",
+        temporal_binary(), "server", "start-dev", *ui,
         "--db-filename", str(data_dir / "temporal.sqlite"),
         "--ip", host, "--port", str(port),
         "--http-port", str(free_port()), "--metrics-port", str(free_port()),
@@ -224,6 +242,18 @@ def start_redis(
         "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction",
     ]  # fmt: skip
     return _started(spawn(f"redis-{port}", argv, data_dir / "logs"), host, port, timeout, "redis-server")
+
+
+def start_codec_server(
+    data_dir: Path, env: dict[str, str], host: str = LOCALHOST, port: int = 8081, timeout: float = 30.0
+) -> Child:
+    """`workflow-runs codec-server` on `host:port`, configured by `env` (its CODEC_KEY above all).
+    Raises `PortInUse` if `port` is taken, `StartError` if it exits at start."""
+    if port_in_use(host, port):
+        raise PortInUse(host, port, "the codec server")
+    argv = [sys.executable, "-m", "cli.main", "codec-server", "--port", str(port)]
+    child = spawn(f"codec-server-{port}", argv, data_dir / "logs", {**env, "HOST": host})
+    return _started(child, host, port, timeout, "the codec server")
 
 
 def _started(child: Child, host: str, port: int, timeout: float, what: str) -> Child:

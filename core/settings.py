@@ -2,17 +2,19 @@
 
 `Settings` holds plain defaults: `Settings(...)` never reads the environment. `Settings.from_env` is
 the one place the environment is read, and it reads every variable, including the Temporal client
-options (through `temporalio.envconfig`: its variable names and its TOML profile file) and the dev
-JWT secret that `workflow-runs dev` keeps under the data directory.
+options (through `temporalio.envconfig`: its variable names and its TOML profile file), and the dev
+JWT secret and codec key that `workflow-runs dev` keeps under the data directory.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
 import re
 import secrets
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ DEPRECATED_TEMPORAL_ALIASES = {
     "TEMPORAL_TLS_CA": "TEMPORAL_TLS_SERVER_CA_CERT",
 }
 _TRUE, _FALSE = ("1", "true"), ("0", "false")  # envconfig's spelling of booleans, used for ours too
+CODEC_KEY_BYTES = 32  # AES-256 (workloads.codec checks the key itself: core does not import it)
 
 
 class SettingsError(ValueError):
@@ -115,6 +118,27 @@ class Settings:
     # middleware for it. ("*",) lets every origin: safe here, as the API reads no cookie and every
     # call needs its bearer token (web/app.py, `cors_middleware`).
     cors_origins: tuple[str, ...] = ()
+
+    # --- Encrypted payloads (workloads/codec.py, workloads/codec_server.py, backends/codec_client.py) ---
+    # The codec server the API decodes runs' payloads with (`{namespace}` is replaced by the
+    # namespace); unset: payloads are shown as Temporal holds them, at no extra cost.
+    temporal_codec_endpoint: str | None = None
+    # The Authorization value sent to that codec server (and required by `workflow-runs codec-server`).
+    temporal_codec_auth: str | None = field(default=None, repr=False)
+    # One call to the codec server, overall; and the largest answer read from it.
+    codec_timeout_seconds: float = 5
+    codec_max_response_bytes: int = 8_388_608
+    # The AES-256 key of the samples' worker, `start` and the codec server, as base64; from_env falls
+    # back to the dev key file (`workflow-runs dev` with SAMPLES_ENCRYPT=1 creates it).
+    codec_key: str | None = field(default=None, repr=False)
+    # The key id written into each encrypted payload; unset: a fingerprint of the key.
+    codec_key_id: str | None = None
+    # The samples' worker and `workflow-runs start` encrypt every payload (needs CODEC_KEY).
+    samples_encrypt: bool = False
+    # Origins of the Web UI pages that may call the codec server from a browser (CORS).
+    codec_cors_origins: tuple[str, ...] = ()
+    # The largest request body the codec server reads (413 beyond).
+    codec_max_body_bytes: int = 8_388_608
     # The variables `from_env` found set (not empty): what the operator chose, as opposed to a default.
     set_in_environment: frozenset[str] = frozenset()
 
@@ -175,6 +199,15 @@ class Settings:
             rate_limit_updates_burst=env.count("RATE_LIMIT_UPDATES_BURST", cls.rate_limit_updates_burst),
             not_found_cache_seconds=env.rate("NOT_FOUND_CACHE_SECONDS", cls.not_found_cache_seconds),
             cors_origins=env.origins("CORS_ORIGINS"),
+            temporal_codec_endpoint=env.codec_endpoint("TEMPORAL_CODEC_ENDPOINT"),
+            temporal_codec_auth=env.optional("TEMPORAL_CODEC_AUTH"),
+            codec_timeout_seconds=env.positive("CODEC_TIMEOUT_SECONDS", cls.codec_timeout_seconds),
+            codec_max_response_bytes=env.count("CODEC_MAX_RESPONSE_BYTES", cls.codec_max_response_bytes),
+            codec_key=env.optional("CODEC_KEY") or read_dev_codec_key(data_dir),
+            codec_key_id=env.optional("CODEC_KEY_ID"),
+            samples_encrypt=env.flag("SAMPLES_ENCRYPT", cls.samples_encrypt),
+            codec_cors_origins=env.origins("CODEC_CORS_ORIGINS"),
+            codec_max_body_bytes=env.count("CODEC_MAX_BODY_BYTES", cls.codec_max_body_bytes),
             set_in_environment=frozenset(env.found),
         )
 
@@ -224,6 +257,30 @@ class _Env:
         if not (math.isfinite(value) and value >= 0):
             raise SettingsError(f"{name} must be a number, 0 or more, not {raw!r}")
         return value
+
+    def positive(self, name: str, default: float) -> float:
+        value = self.rate(name, default)
+        if value <= 0:
+            raise SettingsError(f"{name} must be a number above 0, not {self.environ[name]!r}")
+        return value
+
+    def codec_endpoint(self, name: str) -> str | None:
+        """An http or https URL with a host and nothing after its path, where `{namespace}` may
+        stand for the namespace (as the `temporal` CLI's --codec-endpoint takes it)."""
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        try:
+            url = urllib.parse.urlsplit(raw.replace("{namespace}", "namespace"))
+            url.port  # noqa: B018  # raises ValueError for a port that is not a number
+        except ValueError:
+            url = urllib.parse.urlsplit("")
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise SettingsError(
+                f"{name} must be an http or https URL such as https://codec.example.com or"
+                f" http://127.0.0.1:8081/{{namespace}}, not {raw!r}"
+            )
+        return raw.rstrip("/")
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.optional(name)
@@ -354,3 +411,35 @@ def create_dev_jwt_secret(data_dir: str) -> str:
     if secret is None:
         raise SettingsError(f"{path} is empty: delete it, and `workflow-runs dev` generates a new secret")
     return secret
+
+
+def dev_codec_key_path(data_dir: str) -> Path:
+    """Where `workflow-runs dev` keeps the codec key of the samples' encrypted payloads."""
+    return Path(data_dir) / "codec-key"
+
+
+def read_dev_codec_key(data_dir: str) -> str | None:
+    """The dev codec key of `data_dir`, if there is one."""
+    try:
+        return dev_codec_key_path(data_dir).read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def create_dev_codec_key(data_dir: str) -> str:
+    """The dev codec key (base64 of 32 random bytes), generated into `<data_dir>/codec-key`
+    (readable by its owner only) when there is none yet; kept across runs, so that the runs it
+    encrypted stay readable."""
+    path = dev_codec_key_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # as create_dev_jwt_secret
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(base64.b64encode(secrets.token_bytes(CODEC_KEY_BYTES)).decode("ascii"))
+    key = read_dev_codec_key(data_dir)
+    if key is None:
+        raise SettingsError(f"{path} is empty: delete it, and `workflow-runs dev` generates a new key")
+    return key

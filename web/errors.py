@@ -50,6 +50,7 @@ UNAVAILABLE = {
     "redis": "The update store (Redis) is unavailable; retry later.",
     "redis-full": "The update store is full: the update was not stored; retry later.",
     "jwks": "The keys that verify the token could not be fetched; retry later.",
+    "codec": "The codec server, which decodes the runs' payloads, is unavailable; retry later.",
     "server": "This server is shutting down; reconnect to another one.",
 }
 UNAVAILABLE_DEFAULT = "A service this API depends on is unavailable; retry later."

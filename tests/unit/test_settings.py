@@ -3,13 +3,21 @@ naming the variable, and resolves the dev JWT secret."""
 
 from __future__ import annotations
 
+import base64
 import stat
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from core.settings import Settings, SettingsError, create_dev_jwt_secret, dev_jwt_secret_path
+from core.settings import (
+    Settings,
+    SettingsError,
+    create_dev_codec_key,
+    create_dev_jwt_secret,
+    dev_codec_key_path,
+    dev_jwt_secret_path,
+)
 
 # A value other than the default for every setting (the Temporal ones are tested with envconfig).
 EVERY_VARIABLE = {
@@ -55,6 +63,15 @@ EVERY_VARIABLE = {
     "RATE_LIMIT_UPDATES_BURST": "1",
     "NOT_FOUND_CACHE_SECONDS": "0",
     "CORS_ORIGINS": "https://console.example.com",
+    "TEMPORAL_CODEC_ENDPOINT": "https://codec.internal/{namespace}",
+    "TEMPORAL_CODEC_AUTH": "Bearer codec",
+    "CODEC_TIMEOUT_SECONDS": "0.5",
+    "CODEC_MAX_RESPONSE_BYTES": "1",
+    "CODEC_KEY": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "CODEC_KEY_ID": "k1",
+    "SAMPLES_ENCRYPT": "1",
+    "CODEC_CORS_ORIGINS": "http://localhost:8233",
+    "CODEC_MAX_BODY_BYTES": "1",
 }
 
 
@@ -112,6 +129,20 @@ def test_api_url_follows_the_port_unless_set(env: dict[str, str]) -> None:
         ("CORS_ORIGINS", "null", "CORS_ORIGINS must be .* not 'null'"),
         ("CORS_ORIGINS", "https://a.example.com,,https://b.example.com", "CORS_ORIGINS must be .* not ''"),
         ("CORS_ORIGINS", "*, https://a.example.com", r"CORS_ORIGINS must be \* alone"),
+        ("TEMPORAL_CODEC_ENDPOINT", "codec.internal:8081", "TEMPORAL_CODEC_ENDPOINT must be an http or https URL"),
+        ("TEMPORAL_CODEC_ENDPOINT", "grpc://codec.internal", "TEMPORAL_CODEC_ENDPOINT must be an http or https URL"),
+        ("TEMPORAL_CODEC_ENDPOINT", "http://:8081", "TEMPORAL_CODEC_ENDPOINT must be an http or https URL"),
+        ("TEMPORAL_CODEC_ENDPOINT", "http://h:port", "TEMPORAL_CODEC_ENDPOINT must be an http or https URL"),
+        ("TEMPORAL_CODEC_ENDPOINT", "http://h/?ns=1", "TEMPORAL_CODEC_ENDPOINT must be an http or https URL"),
+        ("CODEC_TIMEOUT_SECONDS", "0", "CODEC_TIMEOUT_SECONDS must be a number above 0, not '0'"),
+        ("CODEC_TIMEOUT_SECONDS", "-1", "CODEC_TIMEOUT_SECONDS must be a number, 0 or more, not '-1'"),
+        ("CODEC_MAX_BODY_BYTES", "8M", "CODEC_MAX_BODY_BYTES must be a whole number, 0 or more, not '8M'"),
+        ("SAMPLES_ENCRYPT", "yes", r"SAMPLES_ENCRYPT must be 1 or 0 \(true or false\), not 'yes'"),
+        (
+            "CODEC_CORS_ORIGINS",
+            "https://ui.example.com/",
+            "CODEC_CORS_ORIGINS must be .* not 'https://ui.example.com/'",
+        ),
     ],
 )
 def test_an_invalid_value_is_refused_naming_its_variable(
@@ -157,3 +188,33 @@ def test_cors_origins_are_a_list_of_origins_or_star(env: dict[str, str]) -> None
     )
     assert listed.cors_origins == ("https://a.example.com", "http://localhost:5173", "http://[::1]:8080")
     assert Settings.from_env({**env, "CORS_ORIGINS": " * "}).cors_origins == ("*",)
+
+
+def test_the_codec_endpoint_keeps_its_namespace_template_and_loses_a_trailing_slash(env: dict[str, str]) -> None:
+    endpoint = "http://127.0.0.1:8081/{namespace}/"
+    assert Settings.from_env({**env, "TEMPORAL_CODEC_ENDPOINT": endpoint}).temporal_codec_endpoint == endpoint[:-1]
+    # Not a Temporal client option: envconfig takes the TEMPORAL_* variables and ignores these two.
+    settings = Settings.from_env({**env, "TEMPORAL_CODEC_ENDPOINT": endpoint, "TEMPORAL_CODEC_AUTH": "Bearer x"})
+    assert settings.temporal_profile == Settings.from_env(env).temporal_profile
+
+
+def test_the_codec_secrets_stay_out_of_the_settings_repr(env: dict[str, str]) -> None:
+    key, auth = "c2VjcmV0LWtleS1ieXRlcy0zMi1sb25nLXh4eHh4eHg=", "Bearer codec-token-value"
+    text = repr(Settings.from_env({**env, "CODEC_KEY": key, "TEMPORAL_CODEC_AUTH": auth}))
+    assert key not in text and auth not in text
+
+
+def test_the_dev_codec_key_file_is_the_key_unless_codec_key_is_set(env: dict[str, str]) -> None:
+    assert Settings.from_env(env).codec_key is None
+    key = create_dev_codec_key(env["DATA_DIR"])
+    assert Settings.from_env(env).codec_key == key
+    assert Settings.from_env({**env, "CODEC_KEY": "explicit"}).codec_key == "explicit"
+
+
+def test_the_dev_codec_key_is_32_random_bytes_created_once_readable_by_its_owner_only(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "data")
+    key = create_dev_codec_key(data_dir)
+    assert len(base64.b64decode(key, validate=True)) == 32
+    assert create_dev_codec_key(data_dir) == key
+    assert stat.S_IMODE(dev_codec_key_path(data_dir).stat().st_mode) == 0o600
+    assert create_dev_codec_key(str(tmp_path / "other")) != key
