@@ -17,7 +17,6 @@ that a whole page of events costs one request; `RemoteCodec` adapts the client t
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
@@ -32,6 +31,7 @@ from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.converter import PayloadCodec
 
+from core.codec_wire import payload_of, payloads_json
 from core.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class CodecClient:
     async def _call(self, operation: str, payloads: Sequence[Payload]) -> list[Payload]:
         if not payloads:
             return []
-        body = _body(payloads)
+        body = payloads_json(payloads)
         try:
             # httpx's timeout bounds each phase (connect, each read...); this bounds the whole call,
             # so a server that answers a byte at a time does not hold the request.
@@ -162,41 +162,9 @@ def _parse(answer: bytes) -> list[Payload]:
     if not isinstance(items, list):
         raise _Unavailable('its answer has no "payloads" list')
     try:
-        return [_payload_of(item) for item in items]
+        return [payload_of(item) for item in items]
     except ValueError:  # binascii.Error is one
         raise _Unavailable("its answer holds a malformed payload") from None
-
-
-def _payload_of(item: Any) -> Payload:
-    if not isinstance(item, dict):
-        raise ValueError
-    metadata = item.get("metadata", {})
-    data = item.get("data", "")
-    if not isinstance(metadata, dict) or not isinstance(data, str):
-        raise ValueError
-    if not all(isinstance(value, str) for value in metadata.values()):
-        raise ValueError
-    return Payload(metadata={name: _unbase64(value) for name, value in metadata.items()}, data=_unbase64(data))
-
-
-def _unbase64(text: str) -> bytes:
-    text = text.replace("-", "+").replace("_", "/")
-    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-
-
-def _base64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _body(payloads: Sequence[Payload]) -> bytes:
-    return orjson.dumps(
-        {
-            "payloads": [
-                {"metadata": {name: _base64(value) for name, value in p.metadata.items()}, "data": _base64(p.data)}
-                for p in payloads
-            ]
-        }
-    )
 
 
 class RemoteCodec(PayloadCodec):

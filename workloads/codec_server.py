@@ -23,7 +23,6 @@ cross-origin credentials" stays off.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,6 +40,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from temporalio.api.common.v1 import Payload
 
+from core.codec_wire import payload_of, payloads_json
 from workloads.codec import EncryptionCodec, is_encrypted
 
 log = logging.getLogger(__name__)
@@ -116,43 +116,11 @@ def parse_payloads(body: bytes) -> list[Payload]:
         items = document.get("payloads", [])
         if not isinstance(items, list):
             raise ValueError
-        return [_payload_of(item) for item in items]
+        return [payload_of(item) for item in items]
     except ValueError:  # orjson.JSONDecodeError and binascii.Error are ValueErrors
         raise _Refused(
             400, 'The body must be JSON: {"payloads": [{"metadata": {name: base64}, "data": base64}, ...]}.'
         ) from None
-
-
-def _payload_of(item: Any) -> Payload:
-    if not isinstance(item, dict):
-        raise ValueError
-    metadata = item.get("metadata", {})
-    data = item.get("data", "")
-    if not isinstance(metadata, dict) or not isinstance(data, str):
-        raise ValueError
-    if not all(isinstance(value, str) for value in metadata.values()):
-        raise ValueError
-    return Payload(metadata={name: _unbase64(value) for name, value in metadata.items()}, data=_unbase64(data))
-
-
-def _unbase64(text: str) -> bytes:
-    text = text.replace("-", "+").replace("_", "/")
-    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-
-
-def _base64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def payloads_body(payloads: Sequence[Payload]) -> bytes:
-    return orjson.dumps(
-        {
-            "payloads": [
-                {"metadata": {name: _base64(value) for name, value in p.metadata.items()}, "data": _base64(p.data)}
-                for p in payloads
-            ]
-        }
-    )
 
 
 def create_codec_app(
@@ -192,7 +160,7 @@ def create_codec_app(
             if media_type and media_type not in JSON_MEDIA_TYPES:
                 raise _Refused(415, "The body must be application/json.")
             payloads = parse_payloads(await read_body(request, max_body_bytes))
-            return Response(payloads_body(await fn(payloads)), media_type="application/json")
+            return Response(payloads_json(await fn(payloads)), media_type="application/json")
         except _Refused as refused:
             return error_response(refused.status, refused.message, refused.headers)
         except Exception:

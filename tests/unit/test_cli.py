@@ -21,9 +21,9 @@ from temporalio.api.common.v1 import Payload
 
 from cli import main as cli
 from cli import stack
+from core.codec_wire import payloads_json
 from core.settings import Settings, create_dev_jwt_secret
 from workloads.codec import EncryptionCodec
-from workloads.codec_server import payloads_body
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +183,7 @@ def test_the_codec_server_serves_the_key_on_host_and_port(codec_env: Path, monke
     async def decoded() -> bytes:
         payload = EncryptionCodec(key).encrypt(Payload(metadata={"encoding": b"json/plain"}, data=b'{"a":1}'))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://codec") as http:
-            answer = await http.post("/decode", content=payloads_body([payload]))
+            answer = await http.post("/decode", content=payloads_json([payload]))
         return base64.b64decode(answer.json()["payloads"][0]["data"])
 
     assert asyncio.run(decoded()) == b'{"a":1}'
