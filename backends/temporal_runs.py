@@ -24,6 +24,14 @@ Update operations look runs up by id (`find_run`) many times: what is learnt is 
 so is, for a short while, that a run does not exist (`_missing`), or is not the run of the workflow
 id asked. Streams ask whether their run has closed (`closed_status`): concurrent askers
 of one run share one describe, and a close, once seen, is answered from memory.
+
+A look-up by run id alone lists `RunId = ...`, and Temporal's listings (its visibility store,
+Elasticsearch in production) show a run a moment after it starts; a describe, which needs the
+workflow id, does not lag. So a post that names no workflow id and finds nothing may be early
+rather than wrong: `await_listed_run` looks again, with backoff, for `visibility_wait_seconds`
+(VISIBILITY_WAIT_SECONDS), past the remembered "not found", with at most
+`max_visibility_waits` (MAX_VISIBILITY_WAITS_PER_PROCESS) such waits at once
+(docs/decisions/0015-visibility-lag.md).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -73,7 +81,7 @@ from backends.run_view import (
 )
 from backends.visibility_query import build_query, page_size_of, quote
 from core import temporal_connection
-from core.errors import BackendUnavailable, Conflict, Forbidden, InvalidInput, NotFound
+from core.errors import BackendUnavailable, Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
 from core.principals import Principal
 from core.protocols import JSON, Action, RunFilters, RunPage, RunRef
 from core.settings import Settings
@@ -85,6 +93,10 @@ MAX_HISTORY_BYTES = 4 * 1024 * 1024
 SEED_SUMMARY_FIELDS = ("status", "started_at", "closed_at", "execution_duration", "run_id", "workflow_id", "type")
 RUN_CACHE_SIZE = 10_000
 MISSING_CACHE_SIZE = 10_000
+# The pauses between look-ups of a run not listed yet: doubling from the first to the longest (a
+# visibility store typically refreshes every second), the last one cut to end with the window.
+VISIBILITY_FIRST_PAUSE = 0.1
+VISIBILITY_LONGEST_PAUSE = 1.0
 # Codes that mean "Temporal is not able to answer now", as opposed to "your request is wrong".
 UNAVAILABLE_CODES = frozenset(
     {
@@ -153,6 +165,9 @@ class TemporalRunsBackend:
         open_status_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         codec: CodecClient | None = None,
+        visibility_wait_seconds: float = 5.0,
+        max_visibility_waits: int = 100,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._client = client
         # The codec server's client (closed by `close`), and a client of the same connection whose
@@ -187,6 +202,12 @@ class TemporalRunsBackend:
         # within its window whatever happened since: the policy holds without a call per post.
         self._open_status_seconds = open_status_seconds
         self._clock = clock
+        # How long a run may take to be listed after it starts (`await_listed_run`), and how many
+        # requests may wait for that at once: each one polls Temporal while it waits.
+        self._visibility_wait_seconds = visibility_wait_seconds
+        self._max_visibility_waits = max_visibility_waits
+        self._visibility_waits = 0
+        self._sleep = sleep
 
     @classmethod
     async def connect(cls, settings: Settings) -> TemporalRunsBackend:
@@ -211,6 +232,8 @@ class TemporalRunsBackend:
             not_found_seconds=settings.not_found_cache_seconds,
             open_status_seconds=settings.post_after_close_seconds,
             codec=codec_client(settings),
+            visibility_wait_seconds=settings.visibility_wait_seconds,
+            max_visibility_waits=settings.max_visibility_waits_per_process,
         )
 
     # -- codec -------------------------------------------------------------------------------
@@ -516,6 +539,46 @@ class TemporalRunsBackend:
                 # Its scope is all a look-up needs: its memo is not decoded (nor sent to a codec server).
                 scope = RunScope.of(decode_typed_search_attributes(info.search_attributes))
                 self._remember(info.execution.run_id, info.execution.workflow_id, scope, info)
+
+    async def await_listed_run(
+        self, principal: Principal, run_id: str, *, before_look_up: Callable[[], None]
+    ) -> RunRef:
+        if run_id not in self._known:  # a run already known exists: no listing lag to wait out
+            if self._visibility_wait_seconds <= 0:
+                raise _not_found(run_id)
+            if self._visibility_waits >= self._max_visibility_waits:
+                raise TooManyRequests(
+                    f"This server is already waiting for {self._visibility_waits} runs to appear in Temporal's"
+                    " listings; retry in 1 s, or name the run's workflow with `workflow_id`.",
+                    retry_after=1,
+                )
+            self._visibility_waits += 1
+            try:
+                await self._wait_until_listed(principal, run_id, before_look_up)
+            finally:
+                self._visibility_waits -= 1
+        # Known now: answered from what was learnt, with the caller's scope checked as always.
+        return await self.find_run(principal, run_id)
+
+    async def _wait_until_listed(self, principal: Principal, run_id: str, before_look_up: Callable[[], None]) -> None:
+        """List the run again, pausing longer each time, until it is listed (it is then known) or
+        the window is over: `NotFound` then, remembered as any other."""
+        deadline = self._clock() + self._visibility_wait_seconds
+        pause = VISIBILITY_FIRST_PAUSE
+        while (left := deadline - self._clock()) > 0:
+            await self._sleep(min(pause, left))
+            pause = min(pause * 2, VISIBILITY_LONGEST_PAUSE)
+            if run_id in self._known:
+                return  # another request found it meanwhile: nothing to ask
+            before_look_up()
+            try:
+                await self._look_up(principal, run_id, None)
+            except NotFound:
+                continue
+            self._missing.pop((run_id, None), None)
+            return
+        self._remember_missing((run_id, None))
+        raise _not_found(run_id)
 
     async def _refresh(self, run_id: str, known: _KnownRun) -> _KnownRun:
         """`known` as Temporal describes it now. While Temporal does not answer, what was known

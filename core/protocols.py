@@ -7,6 +7,7 @@ fakes and production can point the same code at any Temporal cluster and Redis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -77,7 +78,20 @@ class RunsBackend(Protocol):
     ) -> None: ...
 
     async def find_run(self, principal: Principal, run_id: str, workflow_id: str | None = None) -> RunRef:
-        """Resolve a run by run id (and workflow id when known); `NotFound` if not visible."""
+        """Resolve a run by run id (and workflow id when known); `NotFound` if not visible. With a
+        workflow id the run is described (strongly consistent); without one it is looked up in the
+        listings, which may not show a run that started a moment ago (see `await_listed_run`)."""
+        ...
+
+    async def await_listed_run(
+        self, principal: Principal, run_id: str, *, before_look_up: Callable[[], None]
+    ) -> RunRef:
+        """`find_run(principal, run_id)` for a run it just did not find: a run not listed yet (the
+        listings lag behind a start) is looked up again, with backoff, for the backend's visibility
+        window, whatever "not found" was remembered. `before_look_up` is called before each look-up
+        that asks Temporal (the caller's rate limit: whatever it raises ends the wait). `NotFound`
+        once the window is over (at once for a run that exists but is not the caller's, and when
+        nothing lags); `TooManyRequests` when the process already holds as many waits as it may."""
         ...
 
     async def closed_status(self, workflow_id: str, run_id: str) -> str | None:

@@ -114,6 +114,12 @@ class Settings:
     # "Run not found" answers are remembered this long, so repeated unknown run ids cost Temporal
     # nothing; kept short because a just-started run may not be visible yet.
     not_found_cache_seconds: float = 2
+    # Temporal's listings (its visibility store) show a run a moment after it starts. An update
+    # posted without `workflow_id` finds its run by listing, so a run not listed yet is looked up
+    # again, with backoff, for this long before the post is answered 404; 0: answered at once.
+    visibility_wait_seconds: float = 5
+    # Posts waiting so at once per process; beyond, 429 with Retry-After (each one polls Temporal).
+    max_visibility_waits_per_process: int = 100
     # Origins whose pages may call the API from a browser (CORS); empty: no CORS at all, and no
     # middleware for it. ("*",) lets every origin: safe here, as the API reads no cookie and every
     # call needs its bearer token (web/app.py, `cors_middleware`).
@@ -198,6 +204,10 @@ class Settings:
             rate_limit_updates_per_second=env.rate("RATE_LIMIT_UPDATES_PER_SECOND", cls.rate_limit_updates_per_second),
             rate_limit_updates_burst=env.count("RATE_LIMIT_UPDATES_BURST", cls.rate_limit_updates_burst),
             not_found_cache_seconds=env.rate("NOT_FOUND_CACHE_SECONDS", cls.not_found_cache_seconds),
+            visibility_wait_seconds=env.rate("VISIBILITY_WAIT_SECONDS", cls.visibility_wait_seconds),
+            max_visibility_waits_per_process=env.count(
+                "MAX_VISIBILITY_WAITS_PER_PROCESS", cls.max_visibility_waits_per_process
+            ),
             cors_origins=env.origins("CORS_ORIGINS"),
             temporal_codec_endpoint=env.codec_endpoint("TEMPORAL_CODEC_ENDPOINT"),
             temporal_codec_auth=env.optional("TEMPORAL_CODEC_AUTH"),

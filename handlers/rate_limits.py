@@ -6,8 +6,9 @@ Each caller has two buckets, each refilled continuously at its rate up to its bu
 - `temporal`: operations that reach Temporal (run details, listings of runs and conversations,
   actions, signals, stream openings: a stream asks for its run's status as it opens), and reads
   and posts of updates of a run this process has not resolved yet under the ids asked (resolving
-  it asks Temporal). Temporal's own limit is per namespace: without this one caller's flood would
-  be everyone's 503.
+  it asks Temporal), and each further look-up of a post waiting for its run to be listed
+  (`charge_temporal`, called by the runs backend before each one: docs/decisions/0015-visibility-lag.md).
+  Temporal's own limit is per namespace: without this one caller's flood would be everyone's 503.
 - `updates`: reading, posting and opening a stream of a run's updates (Redis work).
 
 A request is charged before any backend call; if a bucket it needs is empty it is refused with

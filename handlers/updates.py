@@ -6,6 +6,12 @@ for every stream opening, which asks for the run's status: `handlers.rate_limits
 run is visible (`find_run` raises `NotFound` otherwise), then call the updates
 backend. Stored updates are JSON bytes already, so they are answered as they are, never decoded
 and re-encoded.
+
+A post names its run by run id, and by workflow id too when the poster sends `workflow_id`: the
+run is then described, which sees a run the moment it starts. Without it the run is found in
+Temporal's listings, which show a run a moment after it starts, so a run not found there is waited
+for (`RunsBackend.await_listed_run`, VISIBILITY_WAIT_SECONDS), each further look-up taken from the
+caller's Temporal bucket (docs/decisions/0015-visibility-lag.md).
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import BackendUnavailable, Conflict, InvalidInput
+from core.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from core.principals import ACT_ON_RUN, READ_RUN, Principal, require
-from core.protocols import RunsBackend, UpdateStream
+from core.protocols import RunRef, RunsBackend, UpdateStream
 from handlers.deps import Deps
 from handlers.stream_limits import StreamSlot
 
@@ -104,10 +110,12 @@ async def stream_workflow_run_updates(  # the operation's parameters, by name
     )
 
 
-async def post_workflow_run_update(deps: Deps, principal: Principal, *, run_id: str, body: dict[str, Any]) -> bytes:
+async def post_workflow_run_update(
+    deps: Deps, principal: Principal, *, run_id: str, body: dict[str, Any], workflow_id: str | None = None
+) -> bytes:
     require(principal, ACT_ON_RUN)
-    deps.rates.charge_updates(principal, run_known=deps.runs.is_known(run_id))
-    run = await deps.runs.find_run(principal, run_id)
+    deps.rates.charge_updates(principal, run_known=deps.runs.is_known(run_id, workflow_id))
+    run = await _posted_run(deps, principal, run_id, workflow_id)
     # A run takes updates while it is open and for a while after it closed (a late activity's
     # final update still lands), not forever: every past run could be filled otherwise.
     window = deps.settings.post_after_close_seconds
@@ -117,6 +125,18 @@ async def post_workflow_run_update(deps: Deps, principal: Principal, *, run_id: 
         )
     await deps.updates.append(run_id, body)
     return SUCCESS
+
+
+async def _posted_run(deps: Deps, principal: Principal, run_id: str, workflow_id: str | None) -> RunRef:
+    """The run a post is for. A "not found" is final when the workflow id was given (a describe
+    does not lag); without it the run may just not be listed yet, and is waited for."""
+    try:
+        return await deps.runs.find_run(principal, run_id, workflow_id)
+    except NotFound:
+        if workflow_id is not None:
+            raise
+    rates = deps.rates
+    return await deps.runs.await_listed_run(principal, run_id, before_look_up=lambda: rates.charge_temporal(principal))
 
 
 async def _closed_status(runs: RunsBackend, workflow_id: str, run_id: str) -> str | None:

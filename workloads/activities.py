@@ -84,10 +84,12 @@ class WorkloadActivities:
 
     @activity.defn(name=POST_UPDATE)
     async def post_update(self, request: UpdateRequest) -> UpdatePosted:
-        """POST the update through the API, exactly as the seed says workflows do.
+        """POST the update through the API, exactly as the seed says workflows do, naming the run's
+        workflow (`workflow_id`): the API then describes the run, which it sees the moment it
+        starts, instead of waiting for Temporal's listings to show it.
 
-        Transport errors, 404 (a run visibility has not indexed yet), 429 and 5xx are retried by
-        the activity's retry policy; other answers are final."""
+        Transport errors, 404, 429 and 5xx are retried by the activity's retry policy; other
+        answers are final."""
         secret = self._secret
         if not self.api_url or not secret:
             return UpdatePosted(posted=False, reason="the API is not configured for this worker")
@@ -109,8 +111,12 @@ class WorkloadActivities:
         if request.details is not None:
             body["details"] = request.details
         url = f"{self.api_url}/workflows/runs/{request.run_id}/updates"
+        # The workflow that scheduled this activity is the run's own (`request.run_id` is its run).
+        params = {"workflow_id": activity.info().workflow_id}
         try:
-            response = await self._http.post(url, json=body, headers={"Authorization": f"Bearer {token}"})
+            response = await self._http.post(
+                url, params=params, json=body, headers={"Authorization": f"Bearer {token}"}
+            )
         except httpx.TransportError as err:
             raise ApplicationError(f"the API at {self.api_url} is unreachable: {err}", type="ApiUnreachable") from err
         status = response.status_code

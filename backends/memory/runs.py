@@ -20,6 +20,8 @@ bounds are imported, not copied):
   shared: the real backend keeps this logic in private methods.
 - page tokens: nothing is kept; a token carries its offset, signed with the query it belongs to.
 - the runs: only the seeded (or added) ones; no request creates a run.
+- waits for a run to be listed (`await_listed_run`): none. Here a run is listed as soon as it
+  exists, so there is no lag to wait out: the answer is `find_run`'s, at once.
 - a run's history, which each signal lengthens: as Temporal's default limits bound it, a run whose
   history reaches `HISTORY_COUNT_LIMIT` (51,200) events or `HISTORY_SIZE_LIMIT` (50 MiB, counted
   here as the events' JSON) is terminated with Temporal's reason, and takes no more signals.
@@ -311,6 +313,12 @@ class MemoryRuns:
             closed=run.closed,
             closed_at=run.closed_at if run.closed else None,
         )
+
+    async def await_listed_run(
+        self, principal: Principal, run_id: str, *, before_look_up: Callable[[], None]
+    ) -> RunRef:
+        # Nothing lags here: a run that is not found now never will be (no request creates one).
+        return await self.find_run(principal, run_id)
 
     async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
         run = self._runs.get(run_id)

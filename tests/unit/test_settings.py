@@ -62,6 +62,8 @@ EVERY_VARIABLE = {
     "RATE_LIMIT_UPDATES_PER_SECOND": "0",
     "RATE_LIMIT_UPDATES_BURST": "1",
     "NOT_FOUND_CACHE_SECONDS": "0",
+    "VISIBILITY_WAIT_SECONDS": "0.5",
+    "MAX_VISIBILITY_WAITS_PER_PROCESS": "1",
     "CORS_ORIGINS": "https://console.example.com",
     "TEMPORAL_CODEC_ENDPOINT": "https://codec.internal/{namespace}",
     "TEMPORAL_CODEC_AUTH": "Bearer codec",
@@ -119,6 +121,13 @@ def test_api_url_follows_the_port_unless_set(env: dict[str, str]) -> None:
         ("JWT_LEEWAY_SECONDS", "1.5", "JWT_LEEWAY_SECONDS must be a whole number, 0 or more, not '1.5'"),
         ("NOT_FOUND_CACHE_SECONDS", "soon", "NOT_FOUND_CACHE_SECONDS must be a number, 0 or more, not 'soon'"),
         ("RATE_LIMIT_UPDATES_PER_SECOND", "inf", "RATE_LIMIT_UPDATES_PER_SECOND must be a number, 0 or more"),
+        ("VISIBILITY_WAIT_SECONDS", "-1", "VISIBILITY_WAIT_SECONDS must be a number, 0 or more, not '-1'"),
+        ("VISIBILITY_WAIT_SECONDS", "5s", "VISIBILITY_WAIT_SECONDS must be a number, 0 or more, not '5s'"),
+        (
+            "MAX_VISIBILITY_WAITS_PER_PROCESS",
+            "1.5",
+            "MAX_VISIBILITY_WAITS_PER_PROCESS must be a whole number, 0 or more, not '1.5'",
+        ),
         ("FAST_LANE", "yes", r"FAST_LANE must be 1 or 0 \(true or false\), not 'yes'"),
         ("REDIS_APPENDFSYNC", "sometimes", "REDIS_APPENDFSYNC must be one of always, everysec, no, not 'sometimes'"),
         # An origin as browsers send it, or it would never match: no path or slash, lower case, no default port.
