@@ -80,7 +80,7 @@ FIELD = b"u"
 HISTORY_PAGE = 100  # entries of one history page at most...
 HISTORY_PAGE_BYTES = 1_048_576  # ...and bytes: the page ends before the entry that would pass this
 
-_STREAM_ID = re.compile(r"\A(\d{1,20})(?:-(\d{1,20}))?\Z")
+_STREAM_ID = re.compile(r"\A([0-9]{1,20})(?:-([0-9]{1,20}))?\Z")
 
 # KEYS[1] the run's stream, KEYS[2] its trim marker, KEYS[3] its stored-bytes counter.
 # ARGV[1] the update's JSON after the timestamp (`,"workflow_run_id":...}`), ARGV[2] max entries,
@@ -208,11 +208,18 @@ def append_args(rest: bytes, *, max_updates: int, max_bytes: int, ttl_seconds: i
 
 
 def parse_event_id(text: str) -> StreamId:
-    """A client's `Last-Event-ID` (`ms-seq`, or bare `ms`); `InvalidInput` when it is not one."""
+    """A client's `Last-Event-ID` (`ms-seq`, or bare `ms`); `InvalidInput` when it is not one.
+
+    A part beyond 64 bits fits the documented pattern (20 digits) but no id has it: it is read as
+    the largest cursor meaning the same thing ("after every id of that millisecond", or "after
+    every id there is"), so every value the document allows is accepted."""
     match = _STREAM_ID.match(text.strip())
-    if match is None or int(match[1]) > MAX_SEQ or int(match[2] or 0) > MAX_SEQ:
+    if match is None:
         raise InvalidInput("Last-Event-ID must be an update id such as 1678886400000-0.")
-    return int(match[1]), int(match[2] or 0)
+    ms, seq = int(match[1]), int(match[2] or 0)
+    if ms > MAX_SEQ:
+        return MAX_SEQ, MAX_SEQ
+    return ms, min(seq, MAX_SEQ)
 
 
 def _dumps(value: Any) -> bytes:

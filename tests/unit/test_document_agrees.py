@@ -34,9 +34,19 @@ def test_every_event_id_the_server_sends_is_a_last_event_id_it_accepts() -> None
     assert re.search(event_id["pattern"], f"{LARGEST}-{LARGEST}")
 
 
-def test_a_part_beyond_64_bits_is_refused_by_the_server_though_its_digits_fit() -> None:
-    with pytest.raises(InvalidInput):
-        parse_event_id("18446744073709551616-0")
+def test_a_part_beyond_64_bits_fits_the_pattern_and_is_read_as_the_largest_cursor_it_means() -> None:
+    pattern = str(stream_parameter("Last-Event-ID")["pattern"])
+    for value in ("18446744073709551616-0", "1-94867321557044046119", "99999999999999999999"):
+        assert re.search(pattern, value)
+    assert parse_event_id("1-94867321557044046119") == (1, int(LARGEST))
+    assert parse_event_id("18446744073709551616-0") == (int(LARGEST), int(LARGEST))
+    assert parse_event_id("99999999999999999999") == (int(LARGEST), int(LARGEST))
+
+
+def test_a_value_outside_the_pattern_is_refused() -> None:
+    for value in ("1-", "-1", "1-2-3", "abc", "\u0661-0", "123456789012345678901-0"):
+        with pytest.raises(InvalidInput):
+            parse_event_id(value)
 
 
 def list_filter(name: str) -> dict[str, str]:
