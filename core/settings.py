@@ -145,8 +145,32 @@ class Settings:
     codec_cors_origins: tuple[str, ...] = ()
     # The largest request body the codec server reads (413 beyond).
     codec_max_body_bytes: int = 8_388_608
+    # --- Scale: Redis Cluster, worker processes, metrics, traces (docs/operations.md) ---
+    # REDIS_URL names one node of a Redis Cluster (redis-py's cluster client finds the others).
+    redis_cluster: bool = False
+    # Runs' update keys are spread over this many hash-tag groups; a process reads each group it
+    # streams from with one connection, so it also bounds the reader connections per process.
+    redis_cluster_groups: int = 64
+    # A post is acknowledged only once this many replicas hold it (Redis `WAIT`); 503 otherwise.
+    redis_min_replicas: int = 0
+    # How long a post waits for those replicas before it is answered 503.
+    redis_wait_timeout_ms: int = 1000
+    # The per-principal stream limit counted across every process through Redis (not per process).
+    shared_stream_limits: bool = False
+    # The Prometheus `/metrics` endpoint listens on this port (on HOST), apart from the API; 0: off.
+    metrics_port: int = 0
+    # OpenTelemetry traces are exported when either standard variable is set; else no tracing at all.
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_traces_exporter: str | None = None
     # The variables `from_env` found set (not empty): what the operator chose, as opposed to a default.
     set_in_environment: frozenset[str] = frozenset()
+
+    @property
+    def tracing(self) -> bool:
+        """Traces are on when the operator configured an exporter (`none` turns them off)."""
+        if self.otel_traces_exporter is not None:
+            return self.otel_traces_exporter.strip().lower() != "none"
+        return self.otel_exporter_otlp_endpoint is not None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -218,6 +242,14 @@ class Settings:
             samples_encrypt=env.flag("SAMPLES_ENCRYPT", cls.samples_encrypt),
             codec_cors_origins=env.origins("CODEC_CORS_ORIGINS"),
             codec_max_body_bytes=env.count("CODEC_MAX_BODY_BYTES", cls.codec_max_body_bytes),
+            redis_cluster=env.flag("REDIS_CLUSTER", cls.redis_cluster),
+            redis_cluster_groups=max(1, env.count("REDIS_CLUSTER_GROUPS", cls.redis_cluster_groups)),
+            redis_min_replicas=env.count("REDIS_MIN_REPLICAS", cls.redis_min_replicas),
+            redis_wait_timeout_ms=env.count("REDIS_WAIT_TIMEOUT_MS", cls.redis_wait_timeout_ms),
+            shared_stream_limits=env.flag("SHARED_STREAM_LIMITS", cls.shared_stream_limits),
+            metrics_port=env.port("METRICS_PORT", cls.metrics_port),
+            otel_exporter_otlp_endpoint=env.optional("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            otel_traces_exporter=env.optional("OTEL_TRACES_EXPORTER"),
             set_in_environment=frozenset(env.found),
         )
 

@@ -74,6 +74,14 @@ EVERY_VARIABLE = {
     "SAMPLES_ENCRYPT": "1",
     "CODEC_CORS_ORIGINS": "http://localhost:8233",
     "CODEC_MAX_BODY_BYTES": "1",
+    "REDIS_CLUSTER": "1",
+    "REDIS_CLUSTER_GROUPS": "16",
+    "REDIS_MIN_REPLICAS": "1",
+    "REDIS_WAIT_TIMEOUT_MS": "500",
+    "SHARED_STREAM_LIMITS": "1",
+    "METRICS_PORT": "9100",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+    "OTEL_TRACES_EXPORTER": "otlp",
 }
 
 
@@ -147,6 +155,8 @@ def test_api_url_follows_the_port_unless_set(env: dict[str, str]) -> None:
         ("CODEC_TIMEOUT_SECONDS", "-1", "CODEC_TIMEOUT_SECONDS must be a number, 0 or more, not '-1'"),
         ("CODEC_MAX_BODY_BYTES", "8M", "CODEC_MAX_BODY_BYTES must be a whole number, 0 or more, not '8M'"),
         ("SAMPLES_ENCRYPT", "yes", r"SAMPLES_ENCRYPT must be 1 or 0 \(true or false\), not 'yes'"),
+        ("REDIS_CLUSTER", "yes", r"REDIS_CLUSTER must be 1 or 0 \(true or false\), not 'yes'"),
+        ("METRICS_PORT", "70000", r"METRICS_PORT must be a port number \(0 to 65535\), not 70000"),
         (
             "CODEC_CORS_ORIGINS",
             "https://ui.example.com/",
@@ -227,3 +237,10 @@ def test_the_dev_codec_key_is_32_random_bytes_created_once_readable_by_its_owner
     assert create_dev_codec_key(data_dir) == key
     assert stat.S_IMODE(dev_codec_key_path(data_dir).stat().st_mode) == 0o600
     assert create_dev_codec_key(str(tmp_path / "other")) != key
+
+
+def test_traces_are_on_only_when_an_exporter_is_configured() -> None:
+    assert not Settings().tracing
+    assert Settings(otel_exporter_otlp_endpoint="http://collector:4318").tracing
+    assert Settings(otel_traces_exporter="console").tracing
+    assert not Settings(otel_exporter_otlp_endpoint="http://collector:4318", otel_traces_exporter="none").tracing
