@@ -12,12 +12,16 @@ fixed 503 sentence, and the log gets what happened (never the server's body).
 Histories and memos are decoded before they are rendered (`decoded_events`, `decode_in_place`), so
 that a whole page of events costs one request; `RemoteCodec` adapts the client to temporalio's
 `PayloadCodec` for code that goes through a data converter instead.
+
+Each call is recorded in the metrics (`core.metrics.backend_call_done`, backend `codec`, call
+`decode` or `encode`), failed when it raised `BackendUnavailable`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from types import TracebackType
@@ -33,6 +37,7 @@ from temporalio.converter import PayloadCodec
 
 from core.codec_wire import payload_of, payloads_json
 from core.errors import BackendUnavailable
+from core.metrics import backend_call_done
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +114,21 @@ class CodecClient:
         if not payloads:
             return []
         body = payloads_json(payloads)
+        started = time.perf_counter()
         try:
             # httpx's timeout bounds each phase (connect, each read...); this bounds the whole call,
             # so a server that answers a byte at a time does not hold the request.
             async with asyncio.timeout(self._timeout):
                 answer = await self._post(f"{self.endpoint}/{operation}", body)
-            decoded = _parse(answer)
+            decoded = _parse(answer, expected=len(payloads))
         except (_Unavailable, TimeoutError, httpx.HTTPError) as err:
+            backend_call_done(BACKEND, operation, started, failed=True)
             reason = str(err) if isinstance(err, _Unavailable) else _describe(err)
             log.warning(
                 "codec server %s could not %s %d payload(s): %s", self.endpoint, operation, len(payloads), reason
             )
             raise BackendUnavailable(f"The codec server could not {operation}: {reason}", backend=BACKEND) from err
-        if len(decoded) != len(payloads):
-            reason = f"it answered {len(decoded)} payload(s) for {len(payloads)}"
-            log.warning("codec server %s could not %s: %s", self.endpoint, operation, reason)
-            raise BackendUnavailable(f"The codec server could not {operation}: {reason}", backend=BACKEND)
+        backend_call_done(BACKEND, operation, started, failed=False)
         return decoded
 
     async def _post(self, url: str, body: bytes) -> bytes:
@@ -151,7 +155,7 @@ def _describe(err: BaseException) -> str:
     return "no answer in time" if isinstance(err, TimeoutError) else type(err).__name__
 
 
-def _parse(answer: bytes) -> list[Payload]:
+def _parse(answer: bytes, *, expected: int) -> list[Payload]:
     """The payloads of a `{"payloads": [...]}` answer in proto JSON (bytes as base64, standard or
     URL-safe alphabet, padding optional); `_Unavailable` for anything else."""
     try:
@@ -161,6 +165,9 @@ def _parse(answer: bytes) -> list[Payload]:
     items = document.get("payloads") if isinstance(document, dict) else None
     if not isinstance(items, list):
         raise _Unavailable('its answer has no "payloads" list')
+    if len(items) != expected:
+        # Counted before any is built: a wrong answer of many tiny items costs nothing to refuse.
+        raise _Unavailable(f"it answered {len(items)} payload(s) for {expected}")
     try:
         return [payload_of(item) for item in items]
     except ValueError:  # binascii.Error is one

@@ -40,6 +40,14 @@ Failures
     Every call has a deadline (`backend_timeout_seconds`, kept by the connection pool); a Redis
     that cannot be reached or cannot serve raises `BackendUnavailable` (503 with Retry-After). Posts
     are never retried by the client library, so a post is stored at most once.
+
+Replicas
+    With `redis_min_replicas` = N > 0 a post is the script followed by `WAIT N redis_wait_timeout_ms`
+    in one pipeline, on the connection that ran the script (WAIT counts the replicas holding *that
+    connection's* writes; it cannot run inside a script). Fewer than N in time: `BackendUnavailable`
+    (stored on the primary, maybe lost by a failover, never resent). N = 0, the default, sends the
+    script alone, as before. On a Redis Cluster (`redis_cluster`) the backend is
+    `backends.redis_cluster`'s: the same scripts and streams under hash-tagged key names.
 """
 
 from __future__ import annotations
@@ -52,22 +60,27 @@ from typing import Any
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from backends.update_hub import (
     MAX_SEQ,
+    UNAVAILABLE_MESSAGE,
+    Hub,
     StreamId,
     Subscription,
     UpdateHub,
+    _failures,
     call,
     entry_data,
     format_id,
     parse_id,
     range_entries,
 )
-from core.errors import InvalidInput, PayloadTooLarge
+from core.errors import BackendUnavailable, InvalidInput, PayloadTooLarge
 from core.protocols import UpdateEvent
 from core.settings import Settings
 
@@ -207,6 +220,21 @@ def append_args(rest: bytes, *, max_updates: int, max_bytes: int, ttl_seconds: i
     return [rest, max_updates, ttl_seconds, max_bytes]
 
 
+def check_replicated(stored: Any, acknowledged: Any, wanted: int) -> Any:
+    """The append script's reply once `WAIT wanted` (sent right after it, on its connection) came
+    back: errors are raised as they came, and fewer replicas than wanted is `BackendUnavailable`.
+    The entry is then stored on the primary but may not survive a failover: the poster is told
+    503, as after a timeout (stored at most once, possibly delivered)."""
+    if isinstance(stored, BaseException):
+        raise stored
+    if isinstance(acknowledged, BaseException):
+        raise acknowledged
+    if int(acknowledged) < wanted:
+        _failures.warning("replicas", "Redis stored a post on %s of %s replicas in time", acknowledged, wanted)
+        raise BackendUnavailable(UNAVAILABLE_MESSAGE + " (not replicated)", backend="redis")
+    return stored
+
+
 def parse_event_id(text: str) -> StreamId:
     """A client's `Last-Event-ID` (`ms-seq`, or bare `ms`); `InvalidInput` when it is not one.
 
@@ -288,20 +316,31 @@ class RedisUpdatesBackend:
 
     def __init__(
         self,
-        client: Redis,
-        hub: UpdateHub,
+        client: Redis | RedisCluster,
+        hub: Hub,
         *,
         max_bytes: int,
         max_updates: int = MAX_UPDATES_PER_RUN,
         ttl_seconds: int = TTL_SECONDS,
+        min_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self._client = client
         self.hub = hub
         self._max_updates = max_updates
         self._max_bytes = max_bytes
         self._ttl_seconds = ttl_seconds
+        self._min_replicas = min_replicas
+        self._wait_timeout_ms = wait_timeout_ms
         self._append_script = client.register_script(_APPEND)
         self._read_page_script = client.register_script(_READ_PAGE)
+
+    # The key names; the cluster backend (`backends.redis_cluster`) puts a group's hash tag in them.
+    def _stream_key(self, run_id: str) -> str:
+        return stream_key(run_id)
+
+    def _marker_key(self, run_id: str) -> str:
+        return trim_marker_key(run_id)
 
     @classmethod
     async def from_url(
@@ -317,7 +356,19 @@ class RedisUpdatesBackend:
         """A bounded pool for requests (waiting up to the backend timeout for a free connection)
         plus the hub's own reader connection; the hub's task starts now. Redis need not be up yet.
         The bytes bound (`max_update_bytes_per_run`) caps both what a run keeps and what a stream's
-        undelivered live updates may hold."""
+        undelivered live updates may hold. With `redis_cluster` set, `url` names any node of a
+        Redis Cluster and the backend is `backends.redis_cluster`'s."""
+        if settings.redis_cluster:
+            from backends.redis_cluster import open_cluster_backend
+
+            return await open_cluster_backend(
+                url,
+                settings,
+                max_connections=max_connections,
+                hub_block_ms=hub_block_ms,
+                queue_size=queue_size,
+                client_name=client_name,
+            )
         timeout = float(settings.backend_timeout_seconds)
         max_bytes = settings.max_update_bytes_per_run
         client = Redis(connection_pool=request_pool(url, max_connections, timeout, client_name))
@@ -334,15 +385,40 @@ class RedisUpdatesBackend:
             reader, client, timeout=timeout, block_ms=hub_block_ms, queue_size=queue_size, queue_bytes=max_bytes
         )
         hub.start()
-        return cls(client, hub, max_bytes=max_bytes)
+        return cls(
+            client,
+            hub,
+            max_bytes=max_bytes,
+            min_replicas=settings.redis_min_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
+        )
 
     async def append(self, run_id: str, update: dict[str, Any]) -> str:
         rest = encode_update(run_id, update)
         args = append_args(
             rest, max_updates=self._max_updates, max_bytes=self._max_bytes, ttl_seconds=self._ttl_seconds
         )
-        new_id = await call(self._append_script(keys=append_keys(run_id), args=args))
+        if self._min_replicas:
+            new_id = await call(self._append_replicated(append_keys(run_id), args), "append")
+        else:
+            new_id = await call(self._append_script(keys=append_keys(run_id), args=args), "append")
         return new_id.decode() if isinstance(new_id, bytes) else str(new_id)
+
+    async def _append_replicated(self, keys: list[str], args: list[bytes | int]) -> Any:
+        """The append script, then `WAIT` on the same connection (one pipeline, one round trip):
+        WAIT counts the replicas holding that connection's writes, so only there does it speak of
+        this post. NOSCRIPT means the script did not run: load it and send again, once."""
+        assert isinstance(self._client, Redis)  # the cluster backend sends it to the slot's owner
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", self._append_script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self._min_replicas, self._wait_timeout_ms)
+            stored, acknowledged = await pipe.execute(raise_on_error=False)
+            if isinstance(stored, NoScriptError):
+                await self._client.script_load(_APPEND)
+                continue
+            return check_replicated(stored, acknowledged, self._min_replicas)
+        raise NoScriptError("the append script could not be loaded")
 
     async def read_since(self, run_id: str, since_ms: int) -> bytes:
         """The stored updates after `since_ms` as one JSON array: at most the run's bytes bound plus
@@ -350,7 +426,7 @@ class RedisUpdatesBackend:
         start = max(since_ms, -1) + 1
         if start > MAX_SEQ:
             return b"[]"
-        entries = await call(self._client.xrange(stream_key(run_id), f"{start}-0", "+"))
+        entries = await call(self._client.xrange(self._stream_key(run_id), f"{start}-0", "+"), "xrange")
         if not entries:
             return b"[]"
         parts = [b"["]
@@ -371,11 +447,11 @@ class RedisUpdatesBackend:
             cursor = parse_event_id(after_id)
         elif since_ms is not None:
             cursor = (min(max(since_ms, 0), MAX_SEQ), MAX_SEQ)  # after every id of that millisecond
-        key = stream_key(run_id)
+        key = self._stream_key(run_id)
         subscription = await self.hub.subscribe(key)
         try:
             if cursor is None and skip_history:
-                last = range_entries(await call(self._client.xrevrange(key, "+", "-", count=1)))
+                last = range_entries(await call(self._client.xrevrange(key, "+", "-", count=1), "xrevrange"))
                 cursor = last[0][0] if last else (0, 0)
             stream = RunUpdateStream(self, run_id, subscription, cursor)
             await stream.load_page()
@@ -390,19 +466,22 @@ class RedisUpdatesBackend:
         if cursor == (MAX_SEQ, MAX_SEQ):
             return HistoryPage([], None, more=False)  # the largest id there is: nothing comes after it
         start = "-" if cursor is None else f"({format_id(cursor)}"
-        keys = [stream_key(run_id), trim_marker_key(run_id)]
-        reply = await call(self._read_page_script(keys=keys, args=[start, HISTORY_PAGE, HISTORY_PAGE_BYTES]))
+        keys = [self._stream_key(run_id), self._marker_key(run_id)]
+        reply = await call(
+            self._read_page_script(keys=keys, args=[start, HISTORY_PAGE, HISTORY_PAGE_BYTES]), "read_page"
+        )
         marker, more, flat = reply[0], reply[1], reply[2:]
         entries = [(parse_id(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
         return HistoryPage(entries, parse_id(marker) if marker else None, more=bool(more))
 
     async def ping(self) -> None:
-        await call(self._client.ping())
+        await call(self._client.ping(), "ping")
 
     async def close(self) -> None:
         await self.hub.close()
         await self._client.aclose()
-        await self._client.connection_pool.disconnect()
+        if isinstance(self._client, Redis):
+            await self._client.connection_pool.disconnect()
 
 
 @dataclass(frozen=True)

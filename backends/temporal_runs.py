@@ -32,6 +32,10 @@ rather than wrong: `await_listed_run` looks again, with backoff, for `visibility
 (VISIBILITY_WAIT_SECONDS), past the remembered "not found", with at most
 `max_visibility_waits` (MAX_VISIBILITY_WAITS_PER_PROCESS) such waits at once
 (docs/decisions/0015-visibility-lag.md).
+
+Every call to Temporal is recorded in the metrics (`core.metrics.backend_call_done`, backend
+`temporal`) by call: `describe`, `list`, `history` (one per history read: the time spent waiting
+for its pages), `cancel`, `terminate`, `signal` (with a codec server, its encoding too) and `ping`.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -82,6 +86,7 @@ from backends.run_view import (
 from backends.visibility_query import build_query, page_size_of, quote
 from core import temporal_connection
 from core.errors import BackendUnavailable, Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
+from core.metrics import backend_call_done
 from core.principals import Principal
 from core.protocols import JSON, Action, RunFilters, RunPage, RunRef
 from core.settings import Settings
@@ -110,6 +115,7 @@ UNAVAILABLE_CODES = frozenset(
     }
 )
 COMPLETED = WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED
+METRICS_BACKEND = "temporal"
 FAILURE_STATUSES = frozenset(
     {
         WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_FAILED,
@@ -142,6 +148,48 @@ def _closed_at(info: WorkflowExecutionInfo) -> float | None:
         return None
     # Temporal sets close_time on every closed run; should one lack it, count from now.
     return float(info.close_time.ToMicroseconds()) / 1e6 if info.HasField("close_time") else time.time()
+
+
+def _failed(exc: BaseException) -> bool:
+    """Whether a call ended by `exc` failed for the metrics: Temporal could not answer (the codes
+    that become `BackendUnavailable`, no connection, a timeout), as opposed to answering no
+    (NOT_FOUND, INVALID_ARGUMENT, ...)."""
+    return not isinstance(exc, RPCError) or exc.status in UNAVAILABLE_CODES
+
+
+@contextlib.contextmanager
+def _call(call: str) -> Iterator[None]:
+    """Record the block as one Temporal call in the metrics. A call cancelled by our side (the
+    operation's deadline, a caller gone) is not one Temporal answered or failed: not recorded."""
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception as exc:
+        backend_call_done(METRICS_BACKEND, call, started, failed=_failed(exc))
+        raise
+    backend_call_done(METRICS_BACKEND, call, started, failed=False)
+
+
+async def _timed_history(events: AsyncIterable[HistoryEvent]) -> AsyncGenerator[HistoryEvent, None]:
+    """`events`, the time spent waiting for them (Temporal's pages, not our rendering between
+    them) recorded as one `history` call when the read ends, however it ends."""
+    iterator = aiter(events)
+    waited, failed = 0.0, False
+    try:
+        while True:
+            started = time.perf_counter()
+            try:
+                event = await anext(iterator)
+            except StopAsyncIteration:
+                break
+            except Exception as exc:
+                failed = _failed(exc)
+                raise
+            finally:
+                waited += time.perf_counter() - started
+            yield event
+    finally:
+        backend_call_done(METRICS_BACKEND, "history", time.perf_counter() - waited, failed=failed)
 
 
 def _not_found(run_id: str) -> NotFound:
@@ -330,14 +378,15 @@ class TemporalRunsBackend:
         """Temporal's own answer to a describe. Not the SDK's `handle.describe()`: its
         `WorkflowExecutionDescription` cannot be built for a status the SDK's client enum lacks
         (temporalio 1.35 raises ValueError for a PAUSED run), and this API shows every status."""
-        return await self._client.workflow_service.describe_workflow_execution(
-            DescribeWorkflowExecutionRequest(
-                namespace=self._client.namespace,
-                execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
-            ),
-            retry=True,
-            timeout=self._rpc_timeout,
-        )
+        with _call("describe"):
+            return await self._client.workflow_service.describe_workflow_execution(
+                DescribeWorkflowExecutionRequest(
+                    namespace=self._client.namespace,
+                    execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
+                ),
+                retry=True,
+                timeout=self._rpc_timeout,
+            )
 
     async def _describe(
         self, principal: Principal, workflow_id: str, run_id: str
@@ -369,9 +418,13 @@ class TemporalRunsBackend:
             handle, raw, scope = await self._describe_scoped(principal, workflow_id, run_id)
             info = raw.workflow_execution_info
             if self._codec is not None:
+                for pending in raw.pending_activities:
+                    # Never shown, and up to 2 MB each: sending them to the codec server would only
+                    # risk its size bounds (lastFailure, which is shown, stays).
+                    pending.ClearField("heartbeat_details")
                 await self._decoded(info.memo, *raw.pending_activities)
-            events: AsyncIterable[HistoryEvent] = handle.fetch_history_events(
-                page_size=HISTORY_PAGE_SIZE, rpc_timeout=self._rpc_timeout
+            events: AsyncIterable[HistoryEvent] = _timed_history(
+                handle.fetch_history_events(page_size=HISTORY_PAGE_SIZE, rpc_timeout=self._rpc_timeout)
             )
             if self._codec is not None:
                 events = self._history(events)
@@ -380,8 +433,10 @@ class TemporalRunsBackend:
                     break  # no further page is fetched
             if view.truncated and not is_open(info):
                 # The result or failure is in the close event, which was left out: read it alone.
-                async for event in handle.fetch_history_events(
-                    event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT, rpc_timeout=self._rpc_timeout
+                async for event in _timed_history(
+                    handle.fetch_history_events(
+                        event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT, rpc_timeout=self._rpc_timeout
+                    )
                 ):
                     if self._codec is not None:
                         await self._decoded(event)
@@ -438,13 +493,14 @@ class TemporalRunsBackend:
         )
 
     async def _list(self, query: str, page_size: int, token: bytes) -> ListWorkflowExecutionsResponse:
-        return await self._client.workflow_service.list_workflow_executions(
-            ListWorkflowExecutionsRequest(
-                namespace=self._client.namespace, page_size=page_size, next_page_token=token, query=query
-            ),
-            retry=True,
-            timeout=self._rpc_timeout,
-        )
+        with _call("list"):
+            return await self._client.workflow_service.list_workflow_executions(
+                ListWorkflowExecutionsRequest(
+                    namespace=self._client.namespace, page_size=page_size, next_page_token=token, query=query
+                ),
+                retry=True,
+                timeout=self._rpc_timeout,
+            )
 
     async def _summary(self, info: WorkflowExecutionInfo) -> dict[str, JSON]:
         attributes = decode_typed_search_attributes(info.search_attributes)
@@ -462,10 +518,11 @@ class TemporalRunsBackend:
             handle, info = await self._describe(principal, workflow_id, run_id)
             self._ensure_open(info, run_id)
             try:
-                if action == "cancel":
-                    await handle.cancel(reason=reason or "", rpc_timeout=self._rpc_timeout)
-                else:
-                    await handle.terminate(reason=reason or None, rpc_timeout=self._rpc_timeout)
+                with _call(action):
+                    if action == "cancel":
+                        await handle.cancel(reason=reason or "", rpc_timeout=self._rpc_timeout)
+                    else:
+                        await handle.terminate(reason=reason or None, rpc_timeout=self._rpc_timeout)
             except RPCError as err:
                 await self._raise_if_closed_meanwhile(err, handle, run_id)
                 raise
@@ -479,7 +536,8 @@ class TemporalRunsBackend:
             if self._encoding_client is not None:  # the payload is encoded by the codec server
                 handle = self._encoding_client.get_workflow_handle(workflow_id, run_id=run_id)
             try:
-                await handle.signal(signal_name, payload, rpc_timeout=self._rpc_timeout)
+                with _call("signal"):
+                    await handle.signal(signal_name, payload, rpc_timeout=self._rpc_timeout)
             except RPCError as err:
                 await self._raise_if_closed_meanwhile(err, handle, run_id)
                 raise
@@ -638,9 +696,10 @@ class TemporalRunsBackend:
     async def ping(self) -> None:
         try:
             async with asyncio.timeout(self._rpc_timeout.total_seconds()):
-                await self._client.workflow_service.get_system_info(
-                    GetSystemInfoRequest(), retry=False, timeout=self._rpc_timeout
-                )
+                with _call("ping"):
+                    await self._client.workflow_service.get_system_info(
+                        GetSystemInfoRequest(), retry=False, timeout=self._rpc_timeout
+                    )
         except (RPCError, RuntimeError, TimeoutError, OSError) as err:
             target = self._client.service_client.config.target_host
             log.warning("Temporal at %s does not answer: %r", target, err)

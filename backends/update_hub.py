@@ -29,12 +29,13 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from core.errors import BackendUnavailable
+from core.metrics import backend_call_done
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ T = TypeVar("T")
 StreamId = tuple[int, int]
 MAX_SEQ = 2**64 - 1
 # Redis error replies that mean "the server cannot serve this now", not "the command was wrong".
+# On a cluster, MOVED and ASK reach this only once the slot's new owner could not be followed either
+# (the callers follow them first), so they too mean "not now".
 _UNAVAILABLE_REPLIES = frozenset(
-    {"OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN"}
+    {"OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK"}
 )
 _SCRIPT_REPLY_CODE = re.compile(r": -([A-Z]+) ")
 # A full Redis frees memory only when keys expire or an operator acts: no point retrying at once.
@@ -93,11 +96,15 @@ def reply_code(exc: BaseException) -> str | None:
 def unavailable(exc: BaseException) -> bool:
     """Whether `exc` means Redis could not be reached or could not serve (→ 503), not a bug."""
     # InvalidResponse: a reply cut short by a server that died mid-answer.
+    # SlotNotCoveredError, ClusterError: a cluster client that found no node for a slot (the
+    # cluster is reconfiguring, or down) or gave up following redirections.
     if isinstance(
         exc,
         redis_errors.ConnectionError
         | redis_errors.TimeoutError
         | redis_errors.InvalidResponse
+        | redis_errors.SlotNotCoveredError
+        | redis_errors.ClusterError
         | TimeoutError
         | OSError,
     ):
@@ -142,18 +149,23 @@ def as_unavailable(exc: BaseException) -> BackendUnavailable:
     return BackendUnavailable(UNAVAILABLE_MESSAGE, backend="redis")
 
 
-async def call(awaitable: Awaitable[T]) -> T:
-    """Await one Redis call; unreachable or unserving Redis → `BackendUnavailable`.
+async def call(awaitable: Awaitable[T], name: str = "call") -> T:
+    """Await one Redis call; unreachable or unserving Redis → `BackendUnavailable`. `name` labels
+    the call in the metrics (`core.metrics.backend_call_done`): a short literal per call site.
 
     Its deadline is the request pool's (`request_pool`): redis-py bounds every phase of a call with
     it (waiting for a free connection, connecting, writing, reading), so a timer of our own around
     each call would only cost (5% of the CPU of a post, measured)."""
+    started = time.perf_counter()
     try:
-        return await awaitable
+        result = await awaitable
     except (redis_errors.RedisError, TimeoutError, OSError, RuntimeError) as exc:
+        backend_call_done("redis", name, started, failed=True)
         if unavailable(exc):
             raise as_unavailable(exc) from exc
         raise
+    backend_call_done("redis", name, started, failed=False)
+    return result
 
 
 class Subscription:
@@ -248,6 +260,26 @@ class Subscription:
             self._bytes -= len(item[1])
             return item
         return None
+
+
+class Hub(Protocol):
+    """What a stream needs of the fan-out: `UpdateHub` on one server, and on a cluster
+    `backends.redis_cluster.ClusterUpdateHub` (one `UpdateHub` per hash-tag group)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def subscriber_count(self) -> int: ...
+
+    @property
+    def feed_count(self) -> int: ...
+
+    async def subscribe(self, key: str) -> Subscription: ...
+
+    def unsubscribe(self, sub: Subscription) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class _Feed:
@@ -373,7 +405,7 @@ class UpdateHub:
         feed = _Feed(key)
         self._feeds[key] = feed
         try:
-            last = await call(self._commands.xrevrange(key, "+", "-", count=1))
+            last = await call(self._commands.xrevrange(key, "+", "-", count=1), "xrevrange")
         except BaseException:
             # Waiters re-check and one of them tries again (or they time out).
             if self._feeds.get(key) is feed:
@@ -406,7 +438,7 @@ class UpdateHub:
             return
         self._wake_sent = True
         with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError, BackendUnavailable):
-            await call(self._commands.client_unblock(self._reader_id))
+            await call(self._commands.client_unblock(self._reader_id), "client_unblock")
 
     # -- the reader ------------------------------------------------------------------------------
 
@@ -428,11 +460,17 @@ class UpdateHub:
                 else:
                     logger.warning("update hub lost Redis (%s); retrying in %.1fs", exc, backoff)
                 with contextlib.suppress(Exception):
-                    await self._reader.connection_pool.disconnect()
+                    await self._recover(exc)
                 with contextlib.suppress(TimeoutError):  # back off before reconnecting; close() ends it
                     async with asyncio.timeout(backoff):
                         await self._closing.wait()
                 backoff = min(backoff * 2, 5.0)
+
+    async def _recover(self, exc: Exception) -> None:
+        """After a failed read, before the next attempt: drop the reader's connection (it is
+        re-made on the next call). A cluster's group hub also follows its slot's owner here."""
+        del exc
+        await self._reader.connection_pool.disconnect()
 
     async def _read_once(self) -> None:
         if not self._feeds:
@@ -447,7 +485,13 @@ class UpdateHub:
         if not streams:
             await self._wait_for_feeds()
             return
-        response = await self._reader.xread(streams, count=self._read_count, block=self._block_ms)
+        started = time.perf_counter()
+        try:
+            response = await self._reader.xread(streams, count=self._read_count, block=self._block_ms)
+        except Exception:
+            backend_call_done("redis", "xread", started, failed=True)
+            raise
+        backend_call_done("redis", "xread", started, failed=False)
         self.connected = True
         self._dispatch(response)
 

@@ -17,15 +17,24 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import multiprocess as uvicorn_multiprocess
+
 from cli import stack
+from core import tracing
 from core.settings import (
     Settings,
     SettingsError,
@@ -39,6 +48,7 @@ from web import logs
 
 if TYPE_CHECKING:
     from web.app import BackendsFactory
+    from web.metrics import MetricsServer
 
 DEV_TOKEN_SECONDS = 7 * 24 * 3600
 CODEC_PORT = 8081
@@ -58,22 +68,46 @@ def serve(settings: Settings, *, port: int, backends_factory: BackendsFactory | 
     the backends (the app's lifespan) and exit. The app is built by uvicorn, in its loop, from these
     same `settings`: one process, one settings object, and `backends_factory` (the real backends
     when None)."""
-    import uvicorn
-
-    from web import transport
-    from web.app import begin_shutdown, create_app
-
-    class GracefulServer(uvicorn.Server):
-        # uvicorn waits for open connections *before* the lifespan shutdown, so an open stream
-        # would hold it for the whole timeout: tell the streams first, from the signal handler.
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            try:
-                # No app yet when the signal comes while it is being built: nothing to tell.
-                begin_shutdown(getattr(self.config, "loaded_app", None))
-            finally:
-                super().handle_exit(sig, frame)
-
     logs.configure()
+    metrics = _start_metrics(settings, multiprocess=False)
+    server = graceful_server(settings, port=port, backends_factory=backends_factory)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run does
+            server.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
+        tracing.shutdown()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # the app could not start (port taken, bad settings)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, telling the app's open streams first when a stop signal comes: uvicorn
+    waits for open connections *before* the lifespan shutdown, so an open stream would otherwise
+    hold it for the whole timeout."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        from web.app import begin_shutdown
+
+        try:
+            # No app yet when the signal comes while it is being built: nothing to tell.
+            begin_shutdown(getattr(self.config, "loaded_app", None))
+        finally:
+            super().handle_exit(sig, frame)
+
+
+def graceful_server(
+    settings: Settings, *, port: int, backends_factory: BackendsFactory | None = None
+) -> GracefulServer:
+    """The server `serve` runs, and each worker process of `serve_workers`: the bounded transport
+    (web/transport.py) built from the settings, the app built by uvicorn's factory call in its own
+    loop, the graceful shutdown."""
+    from web import transport
+    from web.app import create_app
+
+    tracing.setup(settings, service=tracing.API_SERVICE)
+
     # Every connection holds a file descriptor: take all the hard limit allows, and cap the
     # connections below it (beyond the cap they are answered 503, health checks excepted).
     fd_limit = transport.raise_fd_limit()
@@ -112,18 +146,152 @@ def serve(settings: Settings, *, port: int, backends_factory: BackendsFactory | 
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
-    server = GracefulServer(config)
-    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run does
-        server.run()
-    if not server.started:
-        sys.exit(3)  # uvicorn's STARTUP_FAILURE: the app could not start (port taken, bad settings)
+    return GracefulServer(config)
+
+
+class WorkerProcess(uvicorn_multiprocess.Process):
+    """One worker process of `serve_workers`, under uvicorn's supervisor: in the child it runs
+    `graceful_server` (what `serve` runs) on the socket the parent bound. Only the settings and the
+    port cross to the child (pickled: spawned processes share no memory); the rest is built there."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], *, settings: Settings, port: int) -> None:
+        self.settings = settings
+        self.port = port
+        super().__init__(config, sockets)
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = graceful_server(self.settings, port=self.port)
+        return self._server
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:
+        # In the child. The server first, before the supervisor's health-check thread asks it.
+        logs.configure()
+        server = self.server
+        try:
+            super().target(sockets)
+        finally:
+            tracing.shutdown()  # the spans still queued in this worker
+        if not server.started:
+            sys.exit(STARTUP_FAILURE)  # the supervisor then stops every worker and itself
+
+
+class WorkerSupervisor(uvicorn_multiprocess.Multiprocess):
+    """uvicorn's process manager (workers started, health-checked, a dead one replaced, SIGTERM
+    passed on to each) making `WorkerProcess`es; with `metrics_dir`, a dead worker's
+    live-gauge files are marked dead (prometheus-client's multiprocess mode)."""
+
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket.socket], *, settings: Settings, metrics_dir: str | None
+    ) -> None:
+        super().__init__(config, sockets)
+        self.settings = settings
+        self.metrics_dir = metrics_dir
+
+    def run(self) -> None:
+        # uvicorn makes its workers through the module's `Process` (four places): ours instead,
+        # for this run. The check fails loudly should a uvicorn upgrade rename it.
+        namespace = vars(uvicorn_multiprocess)
+        original = namespace["Process"]
+        assert original is uvicorn_multiprocess.Process
+        namespace["Process"] = functools.partial(WorkerProcess, settings=self.settings, port=self.config.port)
+        try:
+            super().run()
+        finally:
+            namespace["Process"] = original
+
+    def keep_subprocess_alive(self) -> None:
+        before = {process.pid for process in self.processes}
+        super().keep_subprocess_alive()
+        gone = before - {process.pid for process in self.processes}
+        if self.metrics_dir is not None and gone:
+            from prometheus_client import multiprocess
+
+            mark_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
+            for pid in gone:
+                if pid is not None:
+                    mark_dead(pid, self.metrics_dir)
+
+    @property
+    def startup_failed(self) -> bool:
+        return any(process.exitcode == STARTUP_FAILURE for process in self.processes)
+
+
+def worker_count(requested: int | None) -> int:
+    """The worker processes `serve` runs: `--workers`, else `WEB_CONCURRENCY` as uvicorn reads it
+    (its own convention, which process managers and platforms set), else 1."""
+    if requested is not None:
+        return requested
+    return uvicorn.Config("web.app:app_from_env", log_config=None).workers
+
+
+def serve_workers(settings: Settings, *, port: int, workers: int) -> None:
+    """`serve` in `workers` processes under uvicorn's process manager: the parent binds the port
+    once and passes the socket to each worker (the kernel spreads connections among them), keeps
+    `workers` alive (a worker that dies is replaced), and on SIGTERM / Ctrl-C passes SIGTERM to
+    each, which shuts down as `serve` does (its streams end with `server_shutdown`), then exits 0.
+    Every count and cap (connections, streams, rate limits, caches) is per worker process.
+
+    Metrics: before anything imports prometheus-client, here or in a worker, the parent points
+    `PROMETHEUS_MULTIPROC_DIR` at a fresh temporary directory (removed on exit); the workers
+    write their values there and the parent alone serves METRICS_PORT, summing them."""
+    metrics_dir = tempfile.mkdtemp(prefix="workflow-runs-metrics-")
+    # Spawned workers inherit the environment: set before the first of them starts, and before this
+    # process imports prometheus-client (it reads the variable on import).
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        logs.configure()
+        config = uvicorn.Config(
+            "web.app:app_from_env",  # not used by the workers, which build `graceful_server`
+            host=settings.host,
+            port=port,
+            workers=workers,
+            log_config=None,
+            timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
+        )
+        try:
+            sock = config.bind_socket()
+        except SystemExit:  # uvicorn logged why (the port is taken, say)
+            sys.exit(STARTUP_FAILURE)
+        metrics = _start_metrics(settings, multiprocess=True)
+        supervisor = WorkerSupervisor(config, [sock], settings=settings, metrics_dir=metrics_dir)
+        try:
+            supervisor.run()
+        finally:
+            sock.close()
+            if metrics is not None:
+                metrics.close()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if supervisor.startup_failed:
+        sys.exit(STARTUP_FAILURE)
+
+
+def _start_metrics(settings: Settings, *, multiprocess: bool) -> MetricsServer | None:
+    """The `/metrics` endpoint on METRICS_PORT, when set (None otherwise): in the one process of
+    `serve`, or in the parent of `serve_workers` (summing the workers' values)."""
+    if not settings.metrics_port:
+        return None
+    from web.metrics import start_metrics_server
+
+    return start_metrics_server(settings.host, settings.metrics_port, multiprocess=multiprocess)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     if not (settings.jwt_secret or settings.jwt_public_key or settings.jwks_url):
         sys.exit(_no_jwt_secret(settings))
     # The port is uvicorn's bind option, not an app setting.
-    serve(settings, port=args.port or settings.port)
+    port = args.port or settings.port
+    try:
+        workers = worker_count(args.workers)
+    except ValueError:
+        print("workflow-runs serve: WEB_CONCURRENCY must be a whole number", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if workers > 1:
+        serve_workers(settings, port=port, workers=workers)
+    else:
+        serve(settings, port=port)
 
 
 def _dev_port_conflict(
@@ -362,8 +530,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     from workloads.worker import run_worker
 
     logs.configure()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_worker(settings))
+    tracing.setup(settings, service=tracing.WORKER_SERVICE)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_worker(settings))
+    finally:
+        tracing.shutdown()
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> None:
@@ -468,6 +640,16 @@ def _json_object_argument(name: str, raw: str | None) -> dict[str, Any] | None:
     return value
 
 
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, not {raw!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="workflow-runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -495,6 +677,11 @@ def parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="run the API against TEMPORAL_ADDRESS and REDIS_URL")
     srv.add_argument("--port", type=int, help="API port (default $PORT, else 8000)")
+    srv.add_argument(
+        "--workers",
+        type=_positive,
+        help="worker processes sharing the port (default $WEB_CONCURRENCY, else 1: one process, no supervisor)",
+    )
     srv.set_defaults(func=cmd_serve)
 
     sub.add_parser("worker", help="run the sample Temporal worker").set_defaults(func=cmd_worker)

@@ -156,3 +156,23 @@ class UpdatesBackend(Protocol):
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class StreamSlots(Protocol):
+    """Open-stream slots counted across every process and replica (`SHARED_STREAM_LIMITS`): each
+    slot is a lease its process keeps alive, so the slots of a process that dies free themselves
+    (`backends.redis_stream_slots`)."""
+
+    async def acquire(self, owner: str, limit: int) -> str | None:
+        """A new slot of `owner`'s, by id; None when `owner` already holds `limit` live slots.
+        `BackendUnavailable` when the store cannot be reached (no slot is then held)."""
+        ...
+
+    def release(self, owner: str, slot_id: str) -> None:
+        """Give the slot back without waiting for the store (a lost release ends with its lease);
+        never raises, as it runs in `finally` blocks and finalisers."""
+        ...
+
+    async def close(self) -> None:
+        """Stop keeping the leases alive and give back the slots still held."""
+        ...

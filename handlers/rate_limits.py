@@ -13,7 +13,8 @@ Each caller has two buckets, each refilled continuously at its rate up to its bu
 
 A request is charged before any backend call; if a bucket it needs is empty it is refused with
 `TooManyRequests` (429) and `Retry-After`, the whole seconds until a token is there (at least 1), and
-takes nothing from the other bucket. A rate of 0 turns a bucket off.
+takes nothing from the other bucket. A rate of 0 turns a bucket off. Refusals are counted by bucket
+(`workflow_runs_rate_limit_refusals_total`, `core.metrics`).
 
 Cost and memory: O(1) per request, no timer, `time.monotonic`. Buckets live in one insertion-ordered
 table per kind, the most recently used last. A bucket left idle long enough to be full again is the
@@ -30,6 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from core import metrics
 from core.errors import TooManyRequests
 from core.principals import Principal
 from core.settings import Settings
@@ -62,6 +64,7 @@ class TokenBuckets:
         self.what = what  # the operations it limits, for the 429 message
         self.max_callers = max(max_callers, 1)
         self._buckets: OrderedDict[Caller, _Bucket] = OrderedDict()
+        self._refusals = metrics.rate_limit_refusals(name)  # workflow_runs_rate_limit_refusals_total
 
     @property
     def enabled(self) -> bool:
@@ -89,6 +92,8 @@ class TokenBuckets:
         return 0.0 if bucket.tokens >= 1.0 else (1.0 - bucket.tokens) / self.rate
 
     def refused(self, wait: float) -> TooManyRequests:
+        """The refusal of a request that needs a token now, counted in the metrics."""
+        self._refusals.inc()
         retry_after = max(1, math.ceil(wait))
         return TooManyRequests(
             f"Too many requests: each caller may make {self.rate:g} {self.what} a second "

@@ -78,7 +78,7 @@ async def stream_workflow_run_updates(  # the operation's parameters, by name
     # released by the response once it is over, or below if the stream cannot start. The Temporal
     # bucket is charged whether or not the run is known: the status is asked at every opening.
     deps.rates.charge_stream_open(principal)
-    slot = deps.streams.acquire(principal)
+    slot = await deps.streams.take(principal)
     try:
         await runs.find_run(principal, run_id, workflow_id)
         stream = await deps.updates.open_stream(

@@ -1,6 +1,6 @@
 # The benchmark: `make bench` runs every figure once, side by side with its baseline.
 # Included by the Makefile. BENCH_ARGS passes options through, e.g. BENCH_ARGS='--duration 20'.
-.PHONY: bench bench-smoke bench-profile bench-wrk
+.PHONY: bench bench-smoke bench-profile bench-wrk bench-many
 
 BENCH_DIR ?= build/bench
 BENCH_ARGS ?=
@@ -23,3 +23,6 @@ bench-wrk:
 	else \
 		echo "wrk is not installed (apt-get install wrk as root): using the Python load generator"; \
 	fi
+
+bench-many: install  ## only the many-streams figures: 10,000 streams over 1,000 runs, and fan-out on one run
+	$(BIN)/python -m scripts.bench --only streams10k,fanout --json $(BENCH_DIR)/bench-many.json $(BENCH_ARGS)

@@ -14,6 +14,10 @@ Figures (each server figure beside its baseline measured in the same run, as a r
            through the temporalio SDK by `scripts.bench_sdk` at the same concurrency.
   streams  N SSE streams on one API process, one poster: POST→receipt latency p50/p99 over every
            delivery, and the server's VmRSS growth per open stream (`scripts.bench_streams`).
+  streams10k  10,000 SSE streams over 1,000 running runs (10 each), 200 posts/s spread over them:
+           p99 and memory per stream (`scripts.bench_many_streams --shape spread`).
+  fanout   10,000 streams on one run, posts at a rising rate: the deliveries per second one process
+           sustains with p99 under 250 ms (`scripts.bench_many_streams --shape fanout`).
 
 Measurements alternate server and baseline, `--rounds` times; the table shows medians. With two
 cores or more the load generator runs on the first core and every measured server on the others
@@ -63,6 +67,10 @@ TASK_QUEUE = "bench-samples"
 TARGET_RATIO = 0.8
 TARGET_P99_MS = 100.0
 TARGET_KB_PER_STREAM = 50.0
+TARGET_MANY_P99_MS = 250.0
+TARGET_MANY_KB_PER_STREAM = 30.0
+TARGET_FANOUT_DELIVERIES = 25_000.0
+GROUPS = ("streams", "streams10k", "fanout", "updates", "runs")
 MAX_FAILED_SHARE = 0.05  # more failed requests than this and a figure is refused
 POST_BODY = b'{"type":"UPDATE","message":"Processing chunk 42 of 100","details":{"progress":42,"chunk":"c-42"}}'
 
@@ -79,6 +87,13 @@ class Config:
     list_runs: int
     generator: str
     smoke: bool
+    many_runs: int = 1000
+    many_per_run: int = 10
+    many_rate: float = 200.0
+    fanout_streams: int = 10_000
+    fanout_rates: str = "1,2,5,10,20"
+    many_seconds: float = 10.0
+    many_clients: int = 2
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -99,6 +114,13 @@ class Config:
             list_runs=4 if smoke else 30,
             generator=generator,
             smoke=smoke,
+            many_runs=args.many_runs if args.many_runs is not None else (5 if smoke else 1000),
+            many_per_run=2 if smoke else 10,
+            many_rate=10.0 if smoke else 200.0,
+            fanout_streams=args.fanout_streams if args.fanout_streams is not None else (20 if smoke else 10_000),
+            fanout_rates=args.fanout_rates or ("1,2" if smoke else "1,2,3,5,10"),
+            many_seconds=1.0 if smoke else args.many_seconds,
+            many_clients=1 if smoke else args.many_clients,
         )
 
 
@@ -382,6 +404,7 @@ class Runner:
         self.bench, self.seeds, self.config, self.placement = bench, seeds, config, placement
         self.profile_dir = profile_dir
         self.auth = {"Authorization": f"Bearer {seeds.token}"}
+        self._running: list[tuple[str, str]] = []
 
     def http(self, load: Load, server_pid: int, *, profile_as: str | None = None) -> LoadResult:
         """Warm up, then measure one load with the configured generator, metering the CPU time of
@@ -522,6 +545,86 @@ class Runner:
             print(f"bench: WARNING streams incomplete: {result}", file=sys.stderr, flush=True)
         return result
 
+    def running_runs(self, count: int) -> list[tuple[str, str]]:
+        """`count` running runs (started once, kept for the figures that need them): the sample
+        worker is stopped by now, so they stay running, which is all a stream needs."""
+        if len(self._running) >= count:
+            return self._running[:count]
+        from temporalio.client import Client
+
+        from workloads.starter import start_workflow
+
+        async def start_all(missing: int) -> list[tuple[str, str]]:
+            client = await Client.connect(self.bench.temporal_address)
+            gate = asyncio.Semaphore(32)
+
+            async def start(index: int) -> tuple[str, str]:
+                async with gate:
+                    return await start_workflow(client, "AgentConversation", project=PROJECT, user=USER,
+                                                task_queue=TASK_QUEUE)  # fmt: skip
+
+            return list(await asyncio.gather(*(start(i) for i in range(missing))))
+
+        started = time.monotonic()
+        self._running += asyncio.run(start_all(count - len(self._running)))
+        print(f"  started {count} running runs in {time.monotonic() - started:.1f} s", flush=True)
+        return self._running[:count]
+
+    def many_streams_figure(self, shape: str) -> dict[str, Any]:
+        """`scripts.bench_many_streams` in `shape` (spread or fanout), with its targets."""
+        config = self.config
+        runs = self.running_runs(config.many_runs if shape == "spread" else 1)
+        runs_file = self.bench.data_dir / f"runs-{shape}.json"
+        runs_file.write_text(json.dumps(runs), encoding="utf-8")
+        argv = [
+            sys.executable, "-m", "scripts.bench_many_streams", "--shape", shape,
+            "--port", str(self.bench.api_port), "--token", self.seeds.token,
+            "--server-pid", str(self.bench.api_pid), "--runs-file", str(runs_file),
+            "--streams-per-run", str(config.many_per_run), "--streams", str(config.fanout_streams),
+            "--rate", str(config.many_rate), "--rates", config.fanout_rates,
+            "--seconds", str(config.many_seconds), "--clients", str(config.many_clients),
+            "--settle", "0.5" if config.smoke else "2", "--max-p99-ms", str(TARGET_MANY_P99_MS),
+        ]  # fmt: skip
+        argv += [f"--cpu-pid={name}={pid}" for name, pid in self.bench.backend_pids.items()]
+        recorder = None
+        if self.profile_dir is not None:
+            output = self.profile_dir / f"{shape}.txt"
+            recorder = bench_profile.record(self.bench.api_pid, None, output, self.placement.generator)
+        try:
+            result: dict[str, Any] = json.loads(run_pinned(argv, self.placement.generator, 1800, env=child_env({})))
+        finally:
+            if recorder is not None:
+                bench_profile.stop(recorder)
+        if shape == "spread":
+            phase = result["phases"][0] if result["phases"] else {}
+            result["targets"] = {"latency_p99_ms": TARGET_MANY_P99_MS, "kb_per_stream": TARGET_MANY_KB_PER_STREAM}
+            result["meets_targets"] = {
+                "latency_p99": bool(phase.get("within_bound")),
+                "kb_per_stream": result["kb_per_stream"] < TARGET_MANY_KB_PER_STREAM,
+            }
+            print(
+                f"  streams10k: {result['opened']}/{result['streams']} open over {result['runs']} runs, "
+                f"{phase.get('deliveries')}/{phase.get('expected_deliveries')} deliveries, p50 "
+                f"{phase.get('latency_p50_ms')} ms, p99 {phase.get('latency_p99_ms')} ms, "
+                f"{result['kb_per_stream']} KB/stream",
+                flush=True,
+            )
+        else:
+            result["targets"] = {"deliveries_per_s": TARGET_FANOUT_DELIVERIES, "latency_p99_ms": TARGET_MANY_P99_MS}
+            result["meets_targets"] = {
+                "deliveries_per_s": result["sustained_deliveries_per_s"] >= TARGET_FANOUT_DELIVERIES
+            }
+            print(
+                f"  fanout: {result['opened']}/{result['streams']} open on one run, sustained "
+                f"{result['sustained_deliveries_per_s']} deliveries/s with p99 < {TARGET_MANY_P99_MS:g} ms, "
+                f"{result['kb_per_stream']} KB/stream",
+                flush=True,
+            )
+        if result["opened"] < result["streams"]:
+            print(f"bench: WARNING {shape}: {result['opened']}/{result['streams']} streams opened: "
+                  f"{result['open_failure_sample']}", file=sys.stderr, flush=True)  # fmt: skip
+        return result
+
     @staticmethod
     def progress(figure: Figure, round_index: int) -> None:
         server = figure.server[-1].rps if figure.server else 0.0
@@ -615,6 +718,7 @@ def table(report: dict[str, Any]) -> str:
     if "runs" in report:
         lines.append("")
         section("runs", "SDK", "temporal", report["runs"])
+    lines += many_streams_lines(report)
     if "streams" not in report:
         return "\n".join(lines)
     s = report["streams"]
@@ -633,6 +737,44 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def many_streams_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if "streams10k" in report:
+        s = report["streams10k"]
+        p = s["phases"][0] if s["phases"] else {}
+        ok = s["meets_targets"]
+        lines += [
+            "",
+            f"streams10k: {s['opened']}/{s['streams']} open over {s['runs']} running runs, "
+            f"{p.get('posts_per_s', 0):g} posts/s for {p.get('post_seconds', 0):g} s, "
+            f"{p.get('deliveries')}/{p.get('expected_deliveries')} deliveries",
+            f"  POST->receive p50 {p.get('latency_p50_ms')} ms, p99 {p.get('latency_p99_ms')} ms, max "
+            f"{p.get('latency_max_ms')} ms   (target p99 < {TARGET_MANY_P99_MS:g} ms: "
+            f"{'ok' if ok['latency_p99'] else 'MISS'}); server CPU {p.get('server_cpu_share')} of a core, "
+            f"{p.get('server_cpu_us_per_delivery')} us per delivery",
+            f"  memory {s['kb_per_stream']:.1f} KB per open stream (VmRSS {s['rss_before_kb'] / 1024:.1f} -> "
+            f"{s['rss_open_kb'] / 1024:.1f} MB)   (target < {TARGET_MANY_KB_PER_STREAM:g} KB: "
+            f"{'ok' if ok['kb_per_stream'] else 'MISS'})",
+        ]
+    if "fanout" in report:
+        s = report["fanout"]
+        ok = s["meets_targets"]
+        lines += [
+            "",
+            f"fanout: {s['opened']}/{s['streams']} streams on one run, {s['kb_per_stream']:.1f} KB per stream; "
+            f"sustained {s['sustained_deliveries_per_s']:.0f} deliveries/s with p99 < {TARGET_MANY_P99_MS:g} ms "
+            f"(target >= {TARGET_FANOUT_DELIVERIES:.0f}: {'ok' if ok['deliveries_per_s'] else 'MISS'})",
+        ]
+        for p in s["phases"]:
+            lines.append(
+                f"  {p['posts_per_s']:>5g} posts/s: {p['deliveries_per_s']:>9.0f} deliveries/s "
+                f"({p['deliveries']}/{p['expected_deliveries']}), p50 {p['latency_p50_ms']} ms, p99 "
+                f"{p['latency_p99_ms']} ms, server CPU {p['server_cpu_share']} ({p['server_cpu_us_per_delivery']} "
+                f"us/delivery), clients CPU {p['clients_cpu_share']}"
+            )
+    return lines
+
+
 def profile_summary(report: dict[str, Any]) -> str:
     lines = []
     for section in ("updates", "runs"):
@@ -640,9 +782,10 @@ def profile_summary(report: dict[str, Any]) -> str:
             for key, side in (("profile", "server"), ("baseline_profile", "baseline")):
                 if figure.get(key):
                     lines += profile_lines(f"{figure['label']}, {side}", figure[key])
-    profile = report.get("streams", {}).get("profile")
-    if profile:
-        lines += profile_lines("streams, opening and posting", profile)
+    for group in ("streams", "streams10k", "fanout"):
+        profile = report.get(group, {}).get("profile")
+        if profile:
+            lines += profile_lines(f"{group}, opening and posting", profile)
     return "\n".join(lines)
 
 
@@ -669,7 +812,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the server in the first round")
     parser.add_argument("--keep", action="store_true", help="keep the data folder (logs) afterwards")
-    parser.add_argument("--only", default="streams,updates,runs", help="figure groups to measure (comma-separated)")
+    parser.add_argument("--many-runs", type=int, help="streams10k: running runs (default 1000; smoke 5)")
+    parser.add_argument("--fanout-streams", type=int, help="fanout: streams on one run (default 10000; smoke 20)")
+    parser.add_argument("--fanout-rates", help="fanout: posts/s, phase by phase (default 1,2,3,5,10)")
+    parser.add_argument("--many-seconds", type=float, default=10.0, help="streams10k/fanout: seconds per phase")
+    parser.add_argument("--many-clients", type=int, default=2, help="streams10k/fanout: client processes")
+    parser.add_argument("--only", default=",".join(GROUPS), help="figure groups to measure (comma-separated)")
     parser.add_argument(
         "--server-env",
         action="append",
@@ -688,6 +836,12 @@ def measure(runner: Runner, groups: set[str], profile_dir: Path | None) -> dict[
         raw = profile_dir / "streams.txt" if profile_dir else None
         if raw is not None and raw.exists():
             measured["streams"]["profile"] = bench_profile.summarize(raw)
+    for shape, group in (("spread", "streams10k"), ("fanout", "fanout")):
+        if group in groups:  # also before the others: 10,000 streams' memory is what is measured
+            measured[group] = runner.many_streams_figure(shape)
+            raw = profile_dir / f"{shape}.txt" if profile_dir else None
+            if raw is not None and raw.exists():
+                measured[group]["profile"] = bench_profile.summarize(raw)
     for group, figures in (("updates", runner.updates_figures), ("runs", runner.runs_figures)):
         if group not in groups:
             continue
@@ -706,11 +860,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config.from_args(args)
     groups = {g.strip() for g in args.only.split(",") if g.strip()}
-    if not groups <= {"streams", "updates", "runs"}:
-        raise SystemExit(f"bench: --only takes streams, updates, runs; got {args.only!r}")
+    if not groups <= set(GROUPS):
+        raise SystemExit(f"bench: --only takes {', '.join(GROUPS)}; got {args.only!r}")
     server_env = dict(item.split("=", 1) for item in args.server_env)
     # Every stream is opened by one principal: leave headroom above the per-principal cap.
-    server_env.setdefault("MAX_STREAMS_PER_PRINCIPAL", str(max(1000, config.streams + 16)))
+    most = max(config.streams, config.fanout_streams, config.many_runs * config.many_per_run)
+    server_env.setdefault("MAX_STREAMS_PER_PRINCIPAL", str(max(1000, most + 64)))
+    server_env.setdefault("MAX_STREAMS_PER_PROCESS", str(max(Settings.max_streams_per_process, most + 64)))
+    server_env.setdefault("MAX_CONNECTIONS", str(max(Settings.max_connections, most + 2000)))
     # The load generator is one caller (one token) posting thousands of updates a second and asking
     # for run details as fast as the server answers: under the per-caller rate limits it would
     # measure 429s, not the server. Both buckets are off (a rate of 0) unless `--server-env` sets them

@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from swagger_ui_bundle import swagger_ui_path
 
+from core import tracing
 from core.errors import DomainError
 from core.protocols import RunsBackend, UpdatesBackend
 from core.settings import Settings
@@ -40,8 +41,9 @@ from handlers import HANDLERS
 from handlers.deps import Deps
 from web import cors, endpoints, errors, openapi31
 from web.auth import TokenVerifier
-from web.fast_lane import FastLane, lane_routes
+from web.fast_lane import FastLane, Route, lane_routes
 from web.health import Readiness
+from web.metrics import RequestMetrics
 from web.middleware import (
     BodySizeLimit,
     ChunkedBody,
@@ -51,6 +53,7 @@ from web.middleware import (
     SeedPathOverlap,
 )
 from web.operations import Operation, compile_operations
+from web.tracing import RequestSpans
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "generated" / "openapi.yaml"
 # The OpenAPI 3.2 edition of the same document (scripts/openapi32.py), served next to it.
@@ -133,7 +136,9 @@ class WorkflowRunsApp(AsyncApp):  # type: ignore[misc]  # Connexion ships no typ
 
 def app_from_env() -> WorkflowRunsApp:
     """uvicorn's factory: the app with the settings of this process's environment."""
-    return create_app(Settings.from_env())
+    settings = Settings.from_env()
+    tracing.setup(settings, service=tracing.API_SERVICE)
+    return create_app(settings)
 
 
 def create_app(
@@ -164,7 +169,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         runs, updates = await factory(settings)
-        deps = Deps(runs=runs, updates=updates, settings=settings, shutdown=shutdown, clock=clock)
+        stream_slots = None
+        if settings.shared_stream_limits and backends_factory is None:
+            from backends.redis_stream_slots import RedisStreamSlots
+
+            stream_slots = RedisStreamSlots.from_settings(settings)
+        deps = Deps(
+            runs=runs, updates=updates, settings=settings, shutdown=shutdown, clock=clock, stream_slots=stream_slots
+        )
         # Everything built so far lives as long as the process: keep it out of the collector's
         # scans, whose full passes otherwise stall every open stream at once (measured: 200-300 ms).
         gc.collect()
@@ -172,6 +184,8 @@ def create_app(
         try:
             yield {"deps": deps, "verifier": verifier, "readiness": Readiness()}
         finally:
+            if stream_slots is not None:
+                await stream_slots.close()
             await updates.close()
             await runs.close()
 
@@ -201,15 +215,28 @@ def create_app(
     app.add_error_handler(DomainError, errors.on_domain_error)
     app.add_error_handler(Exception, errors.on_unexpected)
 
-    # Order, outside in: request id + access log, CORS (when CORS_ORIGINS is set), media types in
-    # lower case, the fast lane (it answers its own errors, with web.errors), Connexion's exception
-    # handling, the seed's path overlap, body cap, query token (before security reads the
-    # Authorization header), chunked bodies given a length (after security, before body
-    # validation). At one position, the one added later is inner.
+    _add_middlewares(app, settings, operations, lane)
+    return app
+
+
+def _add_middlewares(
+    app: WorkflowRunsApp, settings: Settings, operations: dict[str, Operation], lane: list[Route] | None
+) -> None:
+    """Order, outside in: the request's span (only when traces are on), its metrics, request id +
+    access log, CORS (when CORS_ORIGINS is set), media types in lower case, the fast lane (it
+    answers its own errors, with web.errors), Connexion's exception handling, the seed's path
+    overlap, body cap, query token (before security reads the Authorization header), chunked
+    bodies given a length (after security, before body validation). At one position, the one
+    added later is inner."""
     app.add_middleware(ChunkedBody, position=MiddlewarePosition.BEFORE_VALIDATION)
     app.add_middleware(QueryTokenForStreams, position=MiddlewarePosition.BEFORE_SECURITY)
     app.add_middleware(SeedPathOverlap, position=MiddlewarePosition.BEFORE_SWAGGER, base_path=BASE_PATH)
     app.add_middleware(BodySizeLimit, position=MiddlewarePosition.BEFORE_SWAGGER, max_bytes=settings.max_body_bytes)
+    if settings.tracing:  # outermost of ours; not added at all otherwise
+        app.add_middleware(
+            RequestSpans, position=MiddlewarePosition.BEFORE_EXCEPTION, operations=operations, base_path=BASE_PATH
+        )
+    app.add_middleware(RequestMetrics, position=MiddlewarePosition.BEFORE_EXCEPTION, base_path=BASE_PATH)
     app.add_middleware(RequestContext, position=MiddlewarePosition.BEFORE_EXCEPTION)
     if settings.cors_origins:
         # Not added at all otherwise: without CORS_ORIGINS a request pays nothing for it.
@@ -225,7 +252,6 @@ def create_app(
             max_body_bytes=settings.max_body_bytes,
             validate_responses=settings.validate_responses,
         )
-    return app
 
 
 def begin_shutdown(asgi_app: Any) -> None:

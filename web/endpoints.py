@@ -15,6 +15,7 @@ from typing import Any
 from connexion import request
 from starlette.responses import Response
 
+from core.metrics import StreamRecord
 from core.principals import Principal
 from handlers.deps import Deps
 from handlers.updates import OpenedStream
@@ -26,10 +27,12 @@ Endpoint = Callable[..., Awaitable[Response]]
 
 
 def endpoint(operation: Operation) -> Endpoint:
-    handler, accepts = operation.handler, operation.accepts
+    handler, accepts, operation_id = operation.handler, operation.accepts, operation.operation_id
     headers = tuple(p for p in operation.parameters_in("header") if p.python_name in accepts)
 
     async def call(**given: Any) -> Response:
+        # For the request metrics and spans of the outer middlewares (`web.metrics`).
+        request.scope.setdefault("state", {})["operation_id"] = operation_id
         principal: Principal = given["token_info"]["principal"]
         arguments = {name: value for name, value in given.items() if name in accepts}
         for header in headers:
@@ -39,7 +42,7 @@ def endpoint(operation: Operation) -> Endpoint:
         deps: Deps = request.state.deps
         return answer(deps, await handler(deps, principal, **arguments))
 
-    call.__name__ = call.__qualname__ = operation.operation_id
+    call.__name__ = call.__qualname__ = operation_id
     return call
 
 
@@ -52,6 +55,7 @@ def answer(deps: Deps, result: bytes | OpenedStream) -> Response:
 
 def stream_response(deps: Deps, opened: OpenedStream) -> EventStreamResponse:
     settings = deps.settings
+    record = StreamRecord()  # the stream's series: open until the first reason it ends for
     frames = update_frames(
         opened.stream,
         heartbeat_seconds=settings.sse_heartbeat_seconds,
@@ -60,7 +64,8 @@ def stream_response(deps: Deps, opened: OpenedStream) -> EventStreamResponse:
         status_at_open=opened.status_at_open,
         expires_at=opened.expires_at,
         shutdown=deps.shutdown,
+        record=record,
     )
     return EventStreamResponse(
-        frames, send_timeout=settings.sse_send_timeout_seconds, slot=opened.slot, stream=opened.stream
+        frames, send_timeout=settings.sse_send_timeout_seconds, slot=opened.slot, stream=opened.stream, record=record
     )

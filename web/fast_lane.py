@@ -201,6 +201,9 @@ class FastLane:
             method = scope["method"]
             for route in self.routes:
                 if route.operation.method == method and (match := route.pattern.match(scope["path"])):
+                    # For the request metrics and spans (`web.metrics`): a request handed on goes
+                    # to Connexion's endpoint of the same operation, which names it alike.
+                    scope.setdefault("state", {})["operation_id"] = route.operation.operation_id
                     try:
                         hand_on = await self._serve(route, match.groupdict(), scope, receive, send)
                     except Exception as exc:  # raised before anything was sent: the lane sends last

@@ -17,6 +17,7 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from core import tracing
 from core.tokens import mint_token
 from workloads.shared import (
     FLAKY_OPERATION,
@@ -113,10 +114,11 @@ class WorkloadActivities:
         url = f"{self.api_url}/workflows/runs/{request.run_id}/updates"
         # The workflow that scheduled this activity is the run's own (`request.run_id` is its run).
         params = {"workflow_id": activity.info().workflow_id}
+        headers = {"Authorization": f"Bearer {token}"}
+        # With tracing on, the API's span for this post continues this activity's (`traceparent`).
+        tracing.inject(headers)
         try:
-            response = await self._http.post(
-                url, params=params, json=body, headers={"Authorization": f"Bearer {token}"}
-            )
+            response = await self._http.post(url, params=params, json=body, headers=headers)
         except httpx.TransportError as err:
             raise ApplicationError(f"the API at {self.api_url} is unreachable: {err}", type="ApiUnreachable") from err
         status = response.status_code

@@ -9,7 +9,8 @@ path segment, `/{namespace}/decode`, for clients that put the namespace in the e
 segment (like the `X-Namespace` header) is accepted and not used.
 
 What a request may cost is bounded: a body beyond `max_body_bytes` is refused with 413 (as soon as
-its Content-Length, or what was read of it, says so). Errors are JSON, `{"error", "status",
+its Content-Length, or what was read of it, says so), and so is one of more than
+`MAX_PAYLOADS_PER_REQUEST` payloads. A body must say it is JSON (415 otherwise). Errors are JSON, `{"error", "status",
 "message"}` in this module's own words: nothing of an exception, of the key, or of the payloads is
 echoed. A payload this server cannot decrypt (another key id, or data that does not verify) is
 answered as it came, so one old or foreign payload does not hide a whole history.
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 # CODEC_MAX_BODY_BYTES: base64 makes a body ~4/3 of its payloads, so this admits a batch of ~6 MiB of
 # payloads, three of Temporal's default 2 MB payload limit.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# Payloads in one request. The body's bytes alone do not bound the work: a body of empty objects
+# (`{}` is three bytes) would ask for millions of payloads, each answered with a dozen bytes or more.
+# The API sends at most a history page's worth (1000 events, a few payloads each).
+MAX_PAYLOADS_PER_REQUEST = 20_000
 CORS_METHODS = ("POST",)
 CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Namespace")
 CORS_MAX_AGE_SECONDS = 600
@@ -116,6 +121,8 @@ def parse_payloads(body: bytes) -> list[Payload]:
         items = document.get("payloads", [])
         if not isinstance(items, list):
             raise ValueError
+        if len(items) > MAX_PAYLOADS_PER_REQUEST:
+            raise _Refused(413, f"A request may carry at most {MAX_PAYLOADS_PER_REQUEST} payloads.")
         return [payload_of(item) for item in items]
     except ValueError:  # orjson.JSONDecodeError and binascii.Error are ValueErrors
         raise _Refused(
@@ -156,8 +163,10 @@ def create_codec_app(
                         "This codec server needs the Authorization value it is configured with.",
                         {"WWW-Authenticate": _challenge(auth or "")},
                     )
+            # A Content-Type is required: without one (or with a form's), a page on any site could
+            # post here from a browser with no preflight.
             media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-            if media_type and media_type not in JSON_MEDIA_TYPES:
+            if media_type not in JSON_MEDIA_TYPES:
                 raise _Refused(415, "The body must be application/json.")
             payloads = parse_payloads(await read_body(request, max_body_bytes))
             return Response(payloads_json(await fn(payloads)), media_type="application/json")

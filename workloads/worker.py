@@ -48,6 +48,8 @@ def sample_data_converter(settings: Settings) -> DataConverter:
 
 
 def create_worker(client: Client, *, task_queue: str, activities: WorkloadActivities) -> Worker:
+    # No interceptors of its own: with tracing on, the client (`core.temporal_connection.connect`)
+    # carries temporalio's tracing interceptor, which a worker takes from its client.
     return Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=activities.all())
 
 

@@ -69,6 +69,17 @@ def test_stream_figures(report: dict[str, Any]) -> None:
     assert isinstance(streams["kb_per_stream"], int | float)
 
 
+@pytest.mark.parametrize("group", ["streams10k", "fanout"])
+def test_many_stream_figures(report: dict[str, Any], group: str) -> None:
+    figure = report[group]
+    assert figure["opened"] == figure["streams"] > 0
+    assert figure["phases"], figure
+    for phase in figure["phases"]:
+        assert phase["deliveries"] == phase["expected_deliveries"] > 0, phase
+        assert positive(phase["latency_p99_ms"]), phase
+    assert isinstance(figure["kb_per_stream"], int | float)
+
+
 def test_seeds_and_meta(report: dict[str, Any]) -> None:
     assert report["seeds"]["get_20"] == 20
     assert report["seeds"]["get_1000"] == 1000

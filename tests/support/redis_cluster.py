@@ -137,6 +137,7 @@ class LocalCluster:
 
     nodes: list[Node]
     data_dir: Path
+    appendfsync: str = Settings.redis_appendfsync
 
     @property
     def alive(self) -> list[Node]:
@@ -145,6 +146,11 @@ class LocalCluster:
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
         return [(HOST, node.port) for node in self.alive]
+
+    @property
+    def url(self) -> str:
+        """A `REDIS_URL` naming one live node (the cluster client finds the others)."""
+        return f"redis://{HOST}:{self.alive[0].port}/0"
 
     def node(self, port: int) -> Node:
         return next(node for node in self.nodes if node.port == port)
@@ -207,6 +213,15 @@ class LocalCluster:
         wait_for(promoted, timeout)
         return replica
 
+    def restart(self, node: Node, *, replicas: int = 1, timeout: float = START_DEADLINE) -> None:
+        """Start a stopped node again on its port and directory (its `nodes.conf` makes it rejoin,
+        as a replica of whoever took over its slots) and wait until the cluster is healthy with
+        `replicas` replicas per primary, caught up."""
+        assert not node.alive
+        started = _start_node(self.data_dir, node.port, self.appendfsync)
+        node.child = started.child
+        self.wait_healthy(replicas=replicas, timeout=timeout)
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.child.stop()
@@ -241,7 +256,7 @@ def running_cluster(
     data_dir: Path, primaries: int = 3, appendfsync: str = Settings.redis_appendfsync
 ) -> Iterator[LocalCluster]:
     """`primaries` primaries with one replica each, formed, in sync, and stopped when the block exits."""
-    cluster = LocalCluster(nodes=[], data_dir=data_dir)
+    cluster = LocalCluster(nodes=[], data_dir=data_dir, appendfsync=appendfsync)
     try:
         for port in free_cluster_ports(primaries * 2):
             cluster.nodes.append(_start_node(data_dir, port, appendfsync))

@@ -183,7 +183,9 @@ def test_the_codec_server_serves_the_key_on_host_and_port(codec_env: Path, monke
     async def decoded() -> bytes:
         payload = EncryptionCodec(key).encrypt(Payload(metadata={"encoding": b"json/plain"}, data=b'{"a":1}'))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://codec") as http:
-            answer = await http.post("/decode", content=payloads_json([payload]))
+            answer = await http.post(
+                "/decode", content=payloads_json([payload]), headers={"Content-Type": "application/json"}
+            )
         return base64.b64decode(answer.json()["payloads"][0]["data"])
 
     assert asyncio.run(decoded()) == b'{"a":1}'

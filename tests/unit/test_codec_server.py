@@ -14,7 +14,7 @@ import pytest
 from temporalio.api.common.v1 import Payload
 
 from workloads.codec import ENCODING, KEY_ID_KEY, EncryptionCodec, key_id_of
-from workloads.codec_server import CORS_REQUEST_HEADERS, create_codec_app
+from workloads.codec_server import CORS_REQUEST_HEADERS, MAX_PAYLOADS_PER_REQUEST, create_codec_app
 
 KEY = bytes(range(32))
 AUTH = "Bearer codec-test-secret"
@@ -193,6 +193,25 @@ async def test_a_malformed_body_is_refused_with_400_and_not_echoed(http: httpx.A
 async def test_a_body_that_is_not_json_by_its_media_type_is_refused(http: httpx.AsyncClient) -> None:
     answer = await http.post("/decode", content=body(PLAIN), headers={**JSON_HEADERS, "Content-Type": "text/plain"})
     error_of(answer, 415)
+
+
+async def test_a_body_without_a_media_type_is_refused_so_no_page_posts_it_without_a_preflight(
+    http: httpx.AsyncClient,
+) -> None:
+    headers = {name: value for name, value in JSON_HEADERS.items() if name.lower() != "content-type"}
+    error_of(await http.post("/decode", content=body(PLAIN), headers=headers), 415)
+
+
+async def test_more_payloads_than_a_request_may_carry_are_refused_before_any_is_built() -> None:
+    app = create_codec_app(KEY, auth=None, cors_origins=[], max_body_bytes=1_000_000)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://codec")
+    many = b'{"payloads": [' + b",".join([b"{}"] * (MAX_PAYLOADS_PER_REQUEST + 1)) + b"]}"
+    document = error_of(await http.post("/decode", content=many, headers=JSON_HEADERS), 413)
+    assert str(MAX_PAYLOADS_PER_REQUEST) in document["message"]
+    at_the_bound = b'{"payloads": [' + b",".join([b"{}"] * MAX_PAYLOADS_PER_REQUEST) + b"]}"
+    assert len((await http.post("/decode", content=at_the_bound, headers=JSON_HEADERS)).json()["payloads"]) == (
+        MAX_PAYLOADS_PER_REQUEST
+    )
 
 
 async def test_other_paths_and_methods_answer_json_errors(http: httpx.AsyncClient) -> None:

@@ -245,9 +245,9 @@ async def test_run_details_show_every_payload_decoded_in_one_request_per_describ
     assert history[4]["signal"] == {"name": "user_message", "input": [{"message": "hello"}]}
     assert history[5]["result"] == [{"success": True}]
     assert run["pendingActivities"][0]["lastFailure"] == "disk full"
-    # The describe's payloads (2 memo fields, the heartbeat details, the failure's attributes), then the
-    # history page's 5, to one endpoint with the namespace put in.
-    assert transport.sizes() == [4, 5]
+    # The describe's payloads (2 memo fields, the failure's attributes; never the heartbeat details,
+    # which are not shown), then the history page's 5, to one endpoint with the namespace put in.
+    assert transport.sizes() == [3, 5]
     assert {str(r.url) for r in transport.requests} == {"http://codec.internal/default/decode"}
 
 

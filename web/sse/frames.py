@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from core.errors import DomainError
+from core.metrics import NOT_COUNTED, StreamRecord
 from core.protocols import UpdateStream
 from core.shutdown import ServerShutdown, ShuttingDown
 from web.sse.framing import (
@@ -34,6 +35,7 @@ async def update_frames(
     poll_seconds: float | None = None,
     expires_at: float | None = None,
     shutdown: ServerShutdown,
+    record: StreamRecord = NOT_COUNTED,
 ) -> AsyncGenerator[bytes, None]:
     """The frames of one stream: `retry:` at once, then updates as they come, heartbeats while
     idle, `end` once the run is closed and every stored update was sent, `end` with
@@ -53,6 +55,7 @@ async def update_frames(
         poll_deadline = now() + poll_every
         while True:
             if now() >= end_at:
+                record.ended("token_expired")
                 yield token_expired_frame()
                 return
             wake_at = min(idle_deadline if status is not None else min(idle_deadline, poll_deadline), end_at)
@@ -60,25 +63,34 @@ async def update_frames(
                 async with shutdown.interruptible():
                     event = await stream.next(max(wake_at - now(), 0.0))
             except ShuttingDown:
+                record.ended("server_shutdown")
                 yield shutdown_frame()
                 return
-            except StopAsyncIteration:
+            except StopAsyncIteration as stop:
+                # The hub drops a subscriber whose queue overflowed ("overflow") or closes every
+                # one as the process stops ("hub closed").
+                dropped = "slow_reader" if stop.args[:1] == ("overflow",) else "server_shutdown"
+                record.ended("run_closed" if status is not None else dropped)
                 if status is not None:
                     yield end_frame(status)
                 return
             except DomainError as exc:  # Redis failed mid-stream: end; the client resumes by id
+                record.ended("backend_error")
                 logger.warning("ending an update stream: %s", exc.message)
                 return
             if event is not None:
                 yield encode_update_event(event)
+                record.delivered()
                 idle_deadline = now() + heartbeat_seconds
             elif now() >= idle_deadline:
+                record.flush()
                 yield PING
                 idle_deadline = now() + heartbeat_seconds
             if status is None and now() >= poll_deadline:
                 try:
                     status = await _poll_and_finish(stream, closed_status, shutdown)
                 except ShuttingDown:
+                    record.ended("server_shutdown")
                     yield shutdown_frame()
                     return
                 poll_deadline = now() + poll_every

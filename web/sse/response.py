@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from core.metrics import StreamRecord
 from core.protocols import UpdateStream
 from handlers.stream_limits import StreamSlot
 from web.abortable import ABORT_EXTENSION
@@ -35,12 +36,14 @@ class EventStreamResponse(StreamingResponse):
         headers: Mapping[str, str] | None = None,
         slot: StreamSlot | None = None,
         stream: UpdateStream | None = None,
+        record: StreamRecord | None = None,
     ) -> None:
         super().__init__(frames, media_type=MEDIA_TYPE, headers={**HEADERS, **(headers or {})})
         self._frames = frames
         self.send_timeout = send_timeout
         self.slot = slot
         self._stream = stream
+        self.record = record
         self._abort: Callable[[], object] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -48,6 +51,8 @@ class EventStreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if self.record is not None:
+                self.record.ended("client_gone")  # unless the stream had ended for a reason of its own
             if self.slot is not None:
                 self.slot.release()
             # The generator closes the stream in its `finally`, but a generator that never started
@@ -95,6 +100,8 @@ class EventStreamResponse(StreamingResponse):
             # behind the rest), and closing the connection would wait for the client to read what
             # is still buffered, which it does not: abort it, where the server allows it.
             logger.info("ending an event stream: the client did not read for %ss", self.send_timeout)
+            if self.record is not None:
+                self.record.ended("slow_reader")
             if self._abort is not None:
                 self._abort()
         finally:

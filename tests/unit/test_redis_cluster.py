@@ -1,0 +1,201 @@
+"""`backends.redis_cluster` without a cluster: the group tags and key names, and how a post is sent
+to its slot's owner (redirections and NOSCRIPT followed, anything else never sent twice, WAIT
+checked), against fake nodes. The real cluster is `tests/integration/test_redis_cluster_*.py`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode, PipelineCommand
+from redis.crc import key_slot
+
+from backends.redis_cluster import SLOTS, ClusterKeys, Topology, append_on_owner, group_of, group_tags
+from core.errors import BackendUnavailable
+
+
+def slot(key: str) -> int:
+    return key_slot(key.encode())
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("groups", [1, 3, 16, 64, 1000])
+def test_group_tags_are_distinct_and_at_the_start_of_equal_slot_ranges(groups: int) -> None:
+    tags = group_tags(groups)
+    assert len(tags) == len(set(tags)) == groups
+    width = max(1, SLOTS // groups // 8)
+    for k, tag in enumerate(tags):
+        assert 0 <= slot(f"{{{tag}}}") - k * SLOTS // groups < width
+        assert "{" not in tag and "}" not in tag
+
+
+def test_one_group_per_slot_at_most() -> None:
+    tags = group_tags(SLOTS * 2)
+    assert len(tags) == SLOTS and sorted(slot(f"{{{tag}}}") for tag in tags) == list(range(SLOTS))
+
+
+def test_tags_and_groups_are_pinned_so_no_release_moves_a_runs_keys() -> None:
+    # Changing these would put every run's updates under new key names (lost to readers).
+    assert group_tags(64)[:4] == ("g171", "g179", "g402", "g216")
+    assert group_tags(1) == ("g2",)
+    assert [group_of(run, 64) for run in ["run-1", "0f8fad5b-d9cb-469f-a165-70867728950e", ""]] == [35, 32, 0]
+
+
+@pytest.mark.parametrize("run_id", ["0f8fad5b-d9cb-469f-a165-70867728950e", "}", "{", "}{x}", "{g1}", "é"])
+def test_a_runs_keys_share_its_groups_slot_whatever_its_id(run_id: str) -> None:
+    keys = ClusterKeys(64)
+    names = keys.append_keys(run_id)
+    assert names == [keys.stream(run_id), keys.marker(run_id), keys.stored_bytes(run_id)]
+    assert len(set(names)) == 3
+    group = group_of(run_id, 64)
+    assert {slot(name) for name in names} == {slot(keys.group_key(group))}
+    assert all(keys.group_of_key(name) == group for name in names)
+    assert names[0] == f"wfr:updates:{{{keys.tags[group]}}}:{run_id}"
+
+
+def test_runs_spread_over_every_group() -> None:
+    keys = ClusterKeys(64)
+    counts = [0] * 64
+    for i in range(6400):
+        counts[keys.group_of_key(keys.stream(str(uuid.UUID(int=i * 7919))))] += 1
+    assert min(counts) > 50 and max(counts) < 160
+
+
+# -- posts --------------------------------------------------------------------------------------
+
+
+class FakeNode(ClusterNode):
+    """Answers each pipeline with the next scripted replies (an exception raised: the send failed)."""
+
+    def __init__(self, port: int, replies: list[list[Any] | BaseException]) -> None:
+        super().__init__("127.0.0.1", port)
+        self.replies = replies
+        self.pipelines: list[list[tuple[Any, ...]]] = []
+        self.commands: list[tuple[Any, ...]] = []
+
+    async def execute_pipeline(self, commands: list[PipelineCommand]) -> bool:
+        self.pipelines.append([tuple(command.args) for command in commands])
+        reply = self.replies.pop(0)
+        if isinstance(reply, BaseException):
+            raise reply
+        for command, result in zip(commands, reply, strict=True):
+            command.result = result
+        return any(isinstance(result, Exception) for result in reply)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        self.commands.append(args)
+        return b"sha"
+
+
+class FakeTopology(Topology):
+    def __init__(self, nodes: dict[str, FakeNode], owner: str) -> None:  # no client: nothing is asked
+        self.nodes = nodes
+        self.current = owner
+        self.stale = False
+        self.refreshes = 0
+        self.in_flight = 0
+
+    def owner(self, key: str) -> ClusterNode:
+        return self.nodes[self.current]
+
+    async def refresh(self) -> None:
+        self.refreshes += 1
+        self.stale = False
+
+    async def moved(self, exc: redis_errors.AskError) -> None:
+        self.current = f"{exc.host}:{exc.port}"
+
+    def node_at(self, host: str, port: int) -> ClusterNode | None:
+        return self.nodes.get(f"{host}:{port}")
+
+    async def acquire(self) -> None:
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+KEYS = ["wfr:updates:{g2}:r", "wfr:updates-trimmed:{g2}:r", "wfr:updates-bytes:{g2}:r"]
+
+
+def topology(*nodes: FakeNode) -> FakeTopology:
+    return FakeTopology({node.name: node for node in nodes}, nodes[0].name)
+
+
+async def post(top: FakeTopology, min_replicas: int = 1) -> Any:
+    return await append_on_owner(
+        top, "sha", KEYS, [b"json", 1000, 60, 99], min_replicas=min_replicas, wait_timeout_ms=500
+    )
+
+
+async def test_a_post_is_the_script_then_wait_on_one_connection_of_the_owner() -> None:
+    node = FakeNode(7000, [[b"1-0", 1]])
+    top = topology(node)
+    assert await post(top) == b"1-0"
+    assert node.pipelines == [[("EVALSHA", "sha", 3, *KEYS, b"json", 1000, 60, 99), ("WAIT", 1, 500)]]
+    assert top.in_flight == 0
+
+
+async def test_without_min_replicas_no_wait_is_sent() -> None:
+    node = FakeNode(7000, [[b"1-0"]])
+    assert await post(topology(node), min_replicas=0) == b"1-0"
+    assert [command[0] for command in node.pipelines[0]] == ["EVALSHA"]
+
+
+async def test_noscript_loads_the_script_and_sends_again() -> None:
+    node = FakeNode(7000, [[redis_errors.NoScriptError("NOSCRIPT"), 0], [b"2-0", 1]])
+    assert await post(topology(node)) == b"2-0"
+    assert node.commands[0][:2] == ("SCRIPT", "LOAD") and len(node.pipelines) == 2
+
+
+async def test_moved_follows_the_slot_to_its_new_owner() -> None:
+    old = FakeNode(7000, [[redis_errors.MovedError("3999 127.0.0.1:7001"), 0]])
+    new = FakeNode(7001, [[b"3-0", 1]])
+    top = topology(old, new)
+    assert await post(top) == b"3-0"
+    assert len(old.pipelines) == len(new.pipelines) == 1
+
+
+async def test_ask_sends_asking_first_to_the_migration_target() -> None:
+    old = FakeNode(7000, [[redis_errors.AskError("3999 127.0.0.1:7001"), 0]])
+    new = FakeNode(7001, [[b"OK", b"4-0", 1]])
+    assert await post(topology(old, new)) == b"4-0"
+    assert [command[0] for command in new.pipelines[0]] == ["ASKING", "EVALSHA", "WAIT"]
+
+
+async def test_fewer_replicas_than_asked_is_unavailable_and_not_sent_again() -> None:
+    node = FakeNode(7000, [[b"5-0", 0]])
+    with pytest.raises(BackendUnavailable):
+        await post(topology(node))
+    assert len(node.pipelines) == 1
+
+
+@pytest.mark.parametrize("failure", ["raised", "replied"])
+async def test_a_connection_lost_after_sending_is_never_sent_again_and_the_map_is_reread(failure: str) -> None:
+    lost = redis_errors.ConnectionError("Connection closed by server.")
+    node = FakeNode(7000, [lost if failure == "raised" else [lost, lost]])
+    top = topology(node)
+    with pytest.raises(redis_errors.ConnectionError):
+        await post(top)
+    assert len(node.pipelines) == 1 and top.stale and top.in_flight == 0
+    node.replies.append([b"6-0", 1])
+    assert await post(top) == b"6-0" and top.refreshes == 1  # the next post re-reads the slot map first
+
+
+async def test_a_script_error_is_raised_as_it_came() -> None:
+    node = FakeNode(7000, [[redis_errors.ResponseError("Error running script: @user_script:1: -OOM full "), 0]])
+    with pytest.raises(redis_errors.ResponseError, match="OOM"):
+        await post(topology(node))
+    assert len(node.pipelines) == 1
+
+
+async def test_endless_redirections_give_up() -> None:
+    moved = redis_errors.MovedError("3999 127.0.0.1:7000")
+    node = FakeNode(7000, [[moved, 0], [moved, 0], [moved, 0]])
+    with pytest.raises(redis_errors.ClusterError):
+        await post(topology(node))
+    assert len(node.pipelines) == 3
