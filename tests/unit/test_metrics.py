@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import gc
 from collections.abc import AsyncIterator, Callable, Iterator
-from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
-from connexion.middleware.server_error import ServerErrorMiddleware
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message, Receive, Scope, Send
@@ -30,7 +28,7 @@ from core.errors import BackendUnavailable, NotFound
 from core.principals import Principal
 from handlers import HANDLERS
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, bearer, fake_backends_factory
-from web.app import BASE_PATH, WorkflowRunsApp, create_app
+from web.app import BASE_PATH, create_app
 from web.metrics import RequestMetrics
 
 SECRET = "metrics-unit-test-secret-" + "x" * 40
@@ -59,22 +57,13 @@ def requests(before: Samples, after: Samples, operation: str, status: int) -> fl
     return grew(before, after, "workflow_runs_requests_total", operation=operation, status=str(status))
 
 
-def metered(app: WorkflowRunsApp) -> WorkflowRunsApp:
-    """The app with `RequestMetrics` outermost in Connexion's stack (right inside its server-error
-    middleware), as `web.app` registers it; unchanged when `create_app` already has it."""
-    stack = app.middleware.middlewares
-    if not any(getattr(layer, "func", layer) is RequestMetrics for layer in stack):
-        stack.insert(stack.index(ServerErrorMiddleware) + 1, partial(RequestMetrics, base_path=BASE_PATH))
-    return app
-
-
 def client_of(fast_lane: bool = True, *, runs: FakeRuns | None = None, **settings: Any) -> Any:
     app = create_app(
         app_settings(SECRET, fast_lane=fast_lane, **settings),
         fake_backends_factory(runs or FakeRuns(status="RUNNING")),
         clock=lambda: 1000.0,  # rate limits never refill during a test
     )
-    return metered(app).test_client()
+    return app.test_client()
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fast-lane", "connexion"])
