@@ -44,6 +44,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from backends.redis_cluster import BoundedRedisCluster
 from backends.redis_updates import NO_MAINTENANCE, request_pool
 from backends.update_hub import call
 from core.errors import BackendUnavailable
@@ -123,6 +124,8 @@ class RedisStreamSlots:
         self._renewing: asyncio.Task[None] | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._initialized = False
+        self._initializing = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> RedisStreamSlots:
@@ -131,9 +134,13 @@ class RedisStreamSlots:
         timeout = float(settings.backend_timeout_seconds)
         client: Redis | RedisCluster
         if settings.redis_cluster:
-            client = RedisCluster.from_url(
+            # Bounded as the updates' cluster client: a call beyond the bound waits for one to end
+            # (redis-py's own per-node bound would fail it at once, a 503 or a missed renewal).
+            client = BoundedRedisCluster.from_url(
                 settings.redis_url,
-                max_connections=MAX_CONNECTIONS,  # per node
+                max_calls=MAX_CONNECTIONS,
+                wait_seconds=timeout,
+                max_connections=MAX_CONNECTIONS,  # per node: never reached, `max_calls` bounds them all
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
                 client_name="wfr-stream-slots",
@@ -159,6 +166,7 @@ class RedisStreamSlots:
         if self._closed:
             raise BackendUnavailable("stream slots closed: the server is stopping", backend="server")
         self._start_renewing()
+        await self._ready()
         key, slot_id = slots_key(owner), secrets.token_hex(12)
         # Held (renewed) from before the call: if the call is cut off after Redis ran it, the slot
         # is given back below rather than left to its lease.
@@ -172,6 +180,16 @@ class RedisStreamSlots:
         if not taken:
             self._forget(key, slot_id)
         return slot_id if taken else None
+
+    async def _ready(self) -> None:
+        """A cluster client reads the slot map once, before any take: a burst of first calls on a
+        cold client would each start it, over connections still being set up (measured: errors)."""
+        if self._initialized or not isinstance(self._client, RedisCluster):
+            return
+        async with self._initializing:
+            if not self._initialized:
+                await call(self._client.initialize(), "cluster_slots")
+                self._initialized = True
 
     def release(self, owner: str, slot_id: str) -> None:
         """Give the slot back, without waiting for Redis (a lost release ends with its lease).

@@ -232,3 +232,28 @@ async def test_min_replicas_on_one_server_without_replicas_refuses_posts_storing
     finally:
         await redis.aclose()
         child.stop()
+
+
+async def test_the_shared_stream_count_works_on_the_cluster_beyond_its_connection_bound(cluster: LocalCluster) -> None:
+    """Many callers' takes at once (more than the pool's connections, keys on every primary) each
+    wait for a connection instead of failing; the per-caller limit holds; a given-back slot frees
+    its place once its give-back has reached Redis."""
+    from backends.redis_stream_slots import MAX_CONNECTIONS, RedisStreamSlots
+
+    slots = RedisStreamSlots.from_settings(Settings(redis_cluster=True, redis_url=cluster.url))
+    try:
+        takers = [f"caller-{i}" for i in range(MAX_CONNECTIONS * 4) for _ in range(3)]
+        taken = await asyncio.gather(*(slots.acquire(owner, 2) for owner in takers))
+        per_owner = collections.Counter(owner for owner, slot in zip(takers, taken, strict=True) if slot)
+        assert len(per_owner) == MAX_CONNECTIONS * 4 and set(per_owner.values()) == {2}
+        first_owner = takers[0]
+        given_back = next(slot for owner, slot in zip(takers, taken, strict=True) if owner == first_owner and slot)
+        slots.release(first_owner, given_back)
+        for _ in range(200):  # the give-back is a background ZREM: a take succeeds once it landed
+            if await slots.acquire(first_owner, 2) is not None:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("a given-back slot never freed its place")
+    finally:
+        await slots.close()

@@ -142,7 +142,9 @@ async def lagging(request: pytest.FixtureRequest, services: Services, client: Cl
         async with (
             WorkloadActivities(api_url=base_url, secret=services.jwt_secret) as activities,
             create_worker(client, task_queue=TASK_QUEUE, activities=activities),
-            httpx.AsyncClient(base_url=base_url, timeout=DEADLINE) as http,
+            # A kept-alive connection is dropped by the client before the server's 5 s idle timeout
+            # can close it under a request (a post here may wait that long beside an idle one).
+            httpx.AsyncClient(base_url=base_url, timeout=DEADLINE, limits=httpx.Limits(keepalive_expiry=1)) as http,
         ):
             [backend] = runs
             yield Stack(http, backend, client, services.jwt_secret)
