@@ -25,8 +25,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from connexion.middleware.abstract import ROUTING_CONTEXT
-from opentelemetry import context, propagate, trace
+from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import tracing
@@ -54,7 +55,10 @@ class RequestSpans:
         self._patterns = patterns
         # Paths without ids (health checks, the served documents): each is its own route.
         self._fixed = frozenset(fixed_operations(base_path))
-        self._fields = frozenset(field.encode("latin-1") for field in propagate.get_global_textmap().fields)
+        # Only the W3C trace context is taken from a caller: its `baggage` (kilobytes it chooses)
+        # would otherwise travel on to the codec server and into the runs' Temporal headers.
+        self._propagator = TraceContextTextMapPropagator()
+        self._fields = frozenset(field.encode("latin-1") for field in self._propagator.fields)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,7 +67,7 @@ class RequestSpans:
         carrier = {
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"] if name in self._fields
         }
-        parent = propagate.extract(carrier)
+        parent = self._propagator.extract(carrier)
         method = scope["method"]
         span = tracing.tracer().start_span(
             method if method in KNOWN_METHODS else "HTTP",

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from opentelemetry import baggage, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -95,6 +96,20 @@ def test_a_caller_s_traceparent_is_continued(client: TestClient, spans: InMemory
     assert span.name == "signalWorkflowRun"
     assert span.context is not None and span.context.trace_id == TRACE_ID
     assert span.parent is not None and span.parent.span_id == PARENT_ID and span.parent.is_remote
+
+
+def test_a_caller_s_baggage_is_not_taken_in(spans: InMemorySpanExporter) -> None:
+    seen: list[object] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((baggage.get_all(), trace.get_current_span().get_span_context().trace_id))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    headers = {"traceparent": TRACEPARENT, "baggage": "tenant=someone-else"}
+    test_client = TestClient(traced(inner))  # no lifespan: the inner app has none
+    assert test_client.get("/health/live", headers=headers).status_code == 204
+    assert seen == [({}, TRACE_ID)]  # the trace continued, the caller's baggage left out
 
 
 def test_client_errors_leave_the_status_unset_and_server_errors_set_it(
