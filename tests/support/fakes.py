@@ -4,6 +4,8 @@ to match. Integration tests use the real backends, or mock mode's seeding of the
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -64,8 +66,14 @@ def the_run(project: str = "p1", status: str = "COMPLETED", closed_at: float | N
 class FakeRuns(MemoryRuns):
     """The memory runs backend holding `the_run(project, status, closed_at)`."""
 
-    def __init__(self, project: str = "p1", status: str = "COMPLETED", closed_at: float | None = None) -> None:
-        super().__init__([the_run(project, status, closed_at)])
+    def __init__(
+        self,
+        project: str = "p1",
+        status: str = "COMPLETED",
+        closed_at: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__([the_run(project, status, closed_at)], clock=clock)
 
 
 class FakeUpdates(MemoryUpdates):

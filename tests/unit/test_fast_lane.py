@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -61,8 +62,15 @@ def app_settings(fast_lane: bool) -> Settings:
 
 
 UPDATES = Updates()
-FAST = create_app(app_settings(True), fake_backends_factory(FakeRuns(status="RUNNING"), UPDATES))
-CONNEXION = create_app(app_settings(False), fake_backends_factory(FakeRuns(status="RUNNING"), UPDATES))
+# A running run's duration grows with the clock: both apps read a stopped one, so that two answers
+# a second apart are still the same answer.
+STOPPED_CLOCK = time.time()
+FAST = create_app(
+    app_settings(True), fake_backends_factory(FakeRuns(status="RUNNING", clock=lambda: STOPPED_CLOCK), UPDATES)
+)
+CONNEXION = create_app(
+    app_settings(False), fake_backends_factory(FakeRuns(status="RUNNING", clock=lambda: STOPPED_CLOCK), UPDATES)
+)
 
 
 @pytest.fixture(scope="module")
