@@ -52,6 +52,7 @@ Replicas
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import deque
@@ -69,6 +70,8 @@ from redis.retry import Retry
 from backends.update_hub import (
     MAX_SEQ,
     UNAVAILABLE_MESSAGE,
+    Entry,
+    EntrySink,
     Hub,
     StreamId,
     Subscription,
@@ -81,7 +84,7 @@ from backends.update_hub import (
     range_entries,
 )
 from core.errors import BackendUnavailable, InvalidInput, PayloadTooLarge
-from core.protocols import UpdateEvent
+from core.protocols import LiveSink, UpdateEvent
 from core.settings import Settings
 
 MAX_UPDATES_PER_RUN = 1000
@@ -484,6 +487,13 @@ class RedisUpdatesBackend:
             await self._client.connection_pool.disconnect()
 
 
+@functools.lru_cache(maxsize=64)
+def _id_text(stream_id: StreamId) -> str:
+    """`format_id`, once per entry rather than once per stream: the streams of a run take the same
+    entry one after another."""
+    return format_id(stream_id)
+
+
 @dataclass(frozen=True)
 class HistoryPage:
     """One page of a run's stored updates: `(id, JSON)` pairs, the trim marker, and whether more
@@ -530,7 +540,7 @@ class RunUpdateStream:
             self._reading_history = False
             self._ended = self._draining
 
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
         while True:
             if self._pending:
                 return self._pending.popleft()
@@ -539,14 +549,28 @@ class RunUpdateStream:
                 continue
             if self._ended:
                 raise StopAsyncIteration("end of the stored updates")
-            item = await self._subscription.get(wait_seconds)
+            item = await self._subscription.get(wait_seconds, None if sink is None else self._live(sink))
             if item is None:
                 return None
             stream_id, data = item
             if self._cursor is not None and stream_id <= self._cursor:
                 continue  # already returned from the history read
             self._cursor = stream_id
-            return ("message", format_id(stream_id), data)
+            return ("message", _id_text(stream_id), data)
+
+    def _live(self, sink: LiveSink) -> EntrySink:
+        """The hub's sink for this stream: the entries after the cursor, handed on to `sink`."""
+
+        def take(entry: Entry) -> bool:
+            stream_id, data = entry
+            if self._cursor is not None and stream_id <= self._cursor:
+                return True  # already returned from the history read
+            if not sink(_id_text(stream_id), data):
+                return False
+            self._cursor = stream_id
+            return True
+
+        return take
 
     def finish(self) -> None:
         if self._draining:

@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from redis import exceptions as redis_errors
@@ -43,6 +43,12 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 StreamId = tuple[int, int]
+# One stream entry as the hub reads it, `(id, stored JSON)`: one tuple per entry, shared by every
+# subscriber of its run, so that the layers above can tell by identity that two streams send the
+# same entry (and encode its frame once).
+Entry = tuple[StreamId, bytes]
+# Takes an entry straight from the hub, synchronously; False: not now (see `Subscription._deliver`).
+EntrySink = Callable[[Entry], bool]
 MAX_SEQ = 2**64 - 1
 # Redis error replies that mean "the server cannot serve this now", not "the command was wrong".
 # On a cluster, MOVED and ASK reach this only once the slot's new owner could not be followed either
@@ -74,7 +80,7 @@ def entry_data(fields: Any, field: bytes = b"u") -> bytes:
     return data if isinstance(data, bytes) else b"null"
 
 
-def range_entries(raw: Any, field: bytes = b"u") -> list[tuple[StreamId, bytes]]:
+def range_entries(raw: Any, field: bytes = b"u") -> list[Entry]:
     """`(id, stored JSON)` pairs of an XRANGE/XREVRANGE answer (or of one key of an XREAD answer)."""
     return [(parse_id(raw_id), entry_data(fields, field)) for raw_id, fields in raw or () if raw_id is not None]
 
@@ -184,6 +190,7 @@ class Subscription:
         "_max_bytes",
         "_maxsize",
         "_queue",
+        "_sink",
         "_timer",
         "_timer_at",
         "_waiter",
@@ -197,8 +204,9 @@ class Subscription:
         self._maxsize = maxsize
         self._max_bytes = max_bytes
         self._bytes = 0  # of the queued entries' data
-        self._queue: deque[tuple[StreamId, bytes]] = deque()
+        self._queue: deque[Entry] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: EntrySink | None = None  # set only while `get` waits on an empty queue
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -211,11 +219,27 @@ class Subscription:
         self._timer = None
         self._wake()
 
-    def _deliver(self, stream_id: StreamId, data: bytes) -> bool:
-        """Called by the hub; False when the queue is full (the hub then drops this subscriber)."""
+    def _deliver(self, entry: Entry) -> bool:
+        """Called by the hub with an entry it shares among subscribers; False when the queue is
+        full (the hub then drops this subscriber).
+
+        While `get` waits on an empty queue with a sink, the entry goes to the sink: the waiting
+        consumer is not woken, and nothing is queued. A sink that cannot take it now (its client's
+        connection is paused, say) or fails gives it back: it is queued and the consumer woken, and
+        the sink is not offered anything more until the consumer waits again, so entries keep
+        their order."""
+        sink = self._sink
+        if sink is not None and not self._queue:
+            try:
+                if sink(entry):
+                    return True
+            except Exception:
+                logger.exception("an update stream's sink failed; the stream goes on without it")
+            self._sink = None
+        data = entry[1]
         if len(self._queue) >= self._maxsize or (self._queue and self._bytes + len(data) > self._max_bytes):
             return False
-        self._queue.append((stream_id, data))
+        self._queue.append(entry)
         self._bytes += len(data)
         self._wake()
         return True
@@ -225,6 +249,7 @@ class Subscription:
             self.closed_reason = reason
         self._queue.clear()  # free the memory now; the client resumes from what it received
         self._bytes = 0
+        self._sink = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -234,25 +259,30 @@ class Subscription:
     def closed(self) -> bool:
         return self.closed_reason is not None
 
-    async def get(self, wait_seconds: float) -> tuple[StreamId, bytes] | None:
+    async def get(self, wait_seconds: float, sink: EntrySink | None = None) -> Entry | None:
         """The next entry; None after `wait_seconds` without one. Raises `StopAsyncIteration` once
-        the hub dropped this subscriber (queue overflow, hub closed)."""
+        the hub dropped this subscriber (queue overflow, hub closed). While it waits, entries go to
+        `sink` if one is given (see `_deliver`), and only what the sink gave back is returned."""
         if not self._queue and self.closed_reason is None:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + max(wait_seconds, 0.0)
-            while True:
-                if self._timer is None or self._timer_at > deadline:
-                    if self._timer is not None:
-                        self._timer.cancel()
-                    self._timer = loop.call_at(deadline, self._on_timer)
-                    self._timer_at = deadline
-                waiter = self._waiter = loop.create_future()
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
-                if self._queue or self.closed_reason is not None or loop.time() >= deadline:
-                    break
+            self._sink = sink
+            try:
+                while True:
+                    if self._timer is None or self._timer_at > deadline:
+                        if self._timer is not None:
+                            self._timer.cancel()
+                        self._timer = loop.call_at(deadline, self._on_timer)
+                        self._timer_at = deadline
+                    waiter = self._waiter = loop.create_future()
+                    try:
+                        await waiter
+                    finally:
+                        self._waiter = None
+                    if self._queue or self.closed_reason is not None or loop.time() >= deadline:
+                        break
+            finally:
+                self._sink = None
         if self.closed_reason is not None:
             raise StopAsyncIteration(self.closed_reason)
         if self._queue:
@@ -508,11 +538,12 @@ class UpdateHub:
             feed = self._feeds.get(key)
             if feed is None or feed.position is None:
                 continue
-            for stream_id, data in range_entries(entries, self._field):
+            for entry in range_entries(entries, self._field):
+                stream_id = entry[0]
                 if stream_id <= feed.position:
                     continue  # the feed was re-created after this read was issued
                 for sub in list(feed.subscribers):
-                    if not sub._deliver(stream_id, data):
+                    if not sub._deliver(entry):
                         logger.info("dropping a slow update stream of %s (queue full)", key)
                         sub._close("overflow")
                         self.unsubscribe(sub)

@@ -114,15 +114,23 @@ class RunsBackend(Protocol):
 
 
 UpdateEvent = tuple[str, str, bytes]  # (event, id, data); event is "message" or "truncated"
+# Takes one live update `(id, data)` as it arrives, synchronously; False: not now, return it from
+# `next` instead (see `UpdateStream.next`).
+LiveSink = Callable[[str, bytes], bool]
 
 
 class UpdateStream(Protocol):
     """One open stream of a run's updates: the stored ones after the cursor, then live ones, with
     no gap and no duplicate between the two."""
 
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
         """The next event; None when nothing came within `wait_seconds` (time for a heartbeat).
-        Raises `StopAsyncIteration` once the stream has ended."""
+        Raises `StopAsyncIteration` once the stream has ended.
+
+        With a `sink`, live updates that arrive while this waits may be handed to it instead, as
+        they arrive, without waking the caller (a thousand streams of a run then cost no task
+        switch each per update); once the sink says "not now", that update and the ones after it
+        are returned by `next` as usual, in order. A backend may ignore the sink."""
         ...
 
     def finish(self) -> None:

@@ -20,7 +20,7 @@ from core.principals import Principal
 from handlers.deps import Deps
 from handlers.updates import OpenedStream
 from web.operations import Operation
-from web.sse.frames import update_frames
+from web.sse.frames import DirectWrites, update_frames
 from web.sse.response import EventStreamResponse
 
 Endpoint = Callable[..., Awaitable[Response]]
@@ -56,6 +56,7 @@ def answer(deps: Deps, result: bytes | OpenedStream) -> Response:
 def stream_response(deps: Deps, opened: OpenedStream) -> EventStreamResponse:
     settings = deps.settings
     record = StreamRecord()  # the stream's series: open until the first reason it ends for
+    direct = DirectWrites()  # the response hands the frames its connection's direct writer
     frames = update_frames(
         opened.stream,
         heartbeat_seconds=settings.sse_heartbeat_seconds,
@@ -65,7 +66,13 @@ def stream_response(deps: Deps, opened: OpenedStream) -> EventStreamResponse:
         expires_at=opened.expires_at,
         shutdown=deps.shutdown,
         record=record,
+        direct=direct,
     )
     return EventStreamResponse(
-        frames, send_timeout=settings.sse_send_timeout_seconds, slot=opened.slot, stream=opened.stream, record=record
+        frames,
+        send_timeout=settings.sse_send_timeout_seconds,
+        slot=opened.slot,
+        stream=opened.stream,
+        record=record,
+        direct=direct,
     )

@@ -52,6 +52,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from web.abortable import AbortableHttpToolsProtocol, reset
+from web.direct_write import DirectWriteHttpToolsProtocol
 from web.errors import error_body
 
 log = logging.getLogger("workflow_runs.transport")
@@ -597,8 +598,9 @@ def protocol_class(limits: Limits) -> type[BoundedHttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)` with `limits` bound (uvicorn instantiates
     it itself, once per connection); one class per server, as it holds the server's counts."""
 
-    # Abortable first: it lets a stream whose client stopped reading reset its connection.
-    class Protocol(AbortableHttpToolsProtocol, BoundedHttpToolsProtocol):
+    # Abortable first: it lets a stream whose client stopped reading reset its connection. Then
+    # the direct writes of update streams' frames, in front of the bounds (a refused head gets none).
+    class Protocol(AbortableHttpToolsProtocol, DirectWriteHttpToolsProtocol, BoundedHttpToolsProtocol):
         shared = _Shared(limits)
 
     return Protocol

@@ -39,7 +39,7 @@ import orjson
 
 from backends.redis_updates import MAX_UPDATES_PER_RUN, TTL_SECONDS, encode_update, parse_event_id
 from backends.update_hub import MAX_SEQ, StreamId, format_id
-from core.protocols import UpdateEvent
+from core.protocols import LiveSink, UpdateEvent
 
 DEFAULT_MAX_BYTES = 8_388_608  # Settings.max_update_bytes_per_run's default
 QUEUE_SIZE = 1000  # live entries a stream may hold unread, as the hub's queue
@@ -210,7 +210,8 @@ class MemoryUpdateStream:
             # Thread-safe: a test may store from outside the loop that serves the stream.
             waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
 
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
+        del sink  # in memory, every update is returned: nothing to save by handing it over
         while True:
             if self._pending:
                 return self._pending.popleft()

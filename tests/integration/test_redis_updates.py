@@ -34,7 +34,7 @@ from backends.redis_updates import (
 from backends.update_hub import FULL_MESSAGE, FULL_RETRY_AFTER, UNAVAILABLE_MESSAGE, format_id, range_entries
 from cli import stack
 from core.errors import BackendUnavailable, InvalidInput, PayloadTooLarge
-from core.protocols import UpdateEvent
+from core.protocols import LiveSink, UpdateEvent
 from core.settings import Settings
 from core.shutdown import ServerShutdown
 from tests.support.live import Services
@@ -130,7 +130,7 @@ class Waiting:
         self.stream = stream
         self.waiting = asyncio.Event()
 
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
         self.waiting.set()
         return await self.stream.next(wait_seconds)
 
@@ -445,6 +445,51 @@ async def test_three_streams_opened_before_and_during_200_concurrent_posts_get_e
         for stream in [*streams, during_skip]:
             await stream.aclose()
     assert backend.hub.feed_count == 0 and backend.hub.subscriber_count == 0
+
+
+async def take_through_a_sink(stream: RunUpdateStream, count: int, refuse_every: int) -> tuple[list[UpdateEvent], int]:
+    """The next `count` events, as a stream response takes them: live updates handed to its sink
+    while it waits (every `refuse_every`-th one refused, as a paused connection does, and so
+    returned by `next` instead), the rest returned. Also how many the sink took."""
+    out: list[UpdateEvent] = []
+    offered = taken = 0
+
+    def sink(event_id: str, data: bytes) -> bool:
+        nonlocal offered, taken
+        offered += 1
+        if offered % refuse_every == 0:
+            return False
+        out.append(("message", event_id, data))
+        taken += 1
+        return True
+
+    async with asyncio.timeout(DEADLINE):
+        while len(out) < count:
+            event = await stream.next(1.0, sink)
+            if event is not None:
+                out.append(event)
+    return out, taken
+
+
+async def test_streams_taking_live_updates_through_a_sink_get_each_once_in_order(backend: RedisUpdatesBackend) -> None:
+    run_id = new_run()
+    history = [await backend.append(run_id, {"message": f"before {i}"}) for i in range(5)]
+    streams = [await open_stream(backend, run_id), await open_stream(backend, run_id, skip_history=True)]
+    try:
+        takers = [
+            asyncio.create_task(take_through_a_sink(streams[0], 205, refuse_every=7)),
+            asyncio.create_task(take_through_a_sink(streams[1], 200, refuse_every=1000)),
+        ]
+        posted = sorted(
+            await asyncio.gather(*(backend.append(run_id, {"message": str(i)}) for i in range(200))), key=id_key
+        )
+        (from_start, taken_a), (live_only, taken_b) = await asyncio.gather(*takers)
+        assert ids(from_start) == history + posted  # the history, then each live one once, in order
+        assert ids(live_only) == posted
+        assert taken_a > 0 and taken_b > 0  # the sinks were used (and the refused ones still came)
+    finally:
+        for stream in streams:
+            await stream.aclose()
 
 
 async def test_resume_after_a_cut_by_last_event_id_or_since_loses_nothing(backend: RedisUpdatesBackend) -> None:

@@ -20,7 +20,7 @@ from starlette.types import Message
 
 from core.errors import BackendUnavailable, TooManyRequests
 from core.principals import Principal
-from core.protocols import UpdateEvent
+from core.protocols import LiveSink, UpdateEvent
 from core.settings import Settings
 from core.shutdown import ServerShutdown
 from core.tokens import mint_token
@@ -44,7 +44,7 @@ class IdleStream:
         self.closed = False
         self._wake = asyncio.Event()
 
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
         if self.pending:
             return self.pending.popleft()
         if self.finished or self.closed:

@@ -15,7 +15,7 @@ import pytest
 
 from core.errors import TooManyRequests
 from core.principals import Principal
-from core.protocols import UpdateEvent
+from core.protocols import LiveSink, UpdateEvent
 from core.settings import Settings
 from core.tokens import mint_token
 from handlers.deps import Deps
@@ -90,7 +90,7 @@ class CountingRuns(FakeRuns):
 class EndedStream:
     """A stream that the hub ends at once (so that a test client gets the whole response)."""
 
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
         raise StopAsyncIteration
 
     def finish(self) -> None:

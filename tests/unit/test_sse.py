@@ -20,16 +20,18 @@ import uvicorn
 from starlette.types import Message
 
 from core.errors import BackendUnavailable
-from core.protocols import UpdateEvent
+from core.protocols import LiveSink, UpdateEvent
 from core.settings import Settings
 from core.shutdown import ServerShutdown
 from core.tokens import mint_token
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
 from web.abortable import AbortableHttpToolsProtocol
 from web.app import create_app
+from web.direct_write import DirectWriteHttpToolsProtocol
 from web.sse import framing
 from web.sse.frames import update_frames
 from web.sse.response import EventStreamResponse
+from web.transport import Limits, protocol_class
 
 UPDATE = b'{"timestamp":1678886400000,"workflow_run_id":"r1","type":"UPDATE","message":"Processing document"}'
 OPEN = b"retry: 3000\n: open\n\n"  # the first frame of every stream (retry_ms=3000)
@@ -48,7 +50,7 @@ class FakeStream:
         self.closed = False
         self.next_calls = 0
 
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
         self.next_calls += 1
         if self.finished:
             if self.stored:
@@ -171,7 +173,7 @@ async def test_the_first_frame_is_retry_sent_at_once_and_no_other_frame_carries_
 async def test_retry_is_sent_before_the_stream_is_waited_on() -> None:
     # A stream with nothing to send for a long time: the client still gets `retry:` at once.
     class SilentStream(FakeStream):
-        async def next(self, wait_seconds: float) -> UpdateEvent | None:
+        async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
             self.next_calls += 1
             await asyncio.Event().wait()  # nothing, ever
             return None
@@ -258,7 +260,7 @@ class WaitingStream(FakeStream):
         super().__init__([])
         self.waits: list[float] = []
 
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
         self.waits.append(wait_seconds)
         if self.finished:
             raise StopAsyncIteration
@@ -317,7 +319,7 @@ async def test_cancelling_the_consumer_closes_the_stream() -> None:
     release = asyncio.Event()
 
     class BlockingStream(FakeStream):
-        async def next(self, wait_seconds: float) -> UpdateEvent | None:
+        async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
             release.set()
             await asyncio.Event().wait()  # never: the consumer is cancelled while waiting here
             return None
@@ -448,17 +450,18 @@ class ScriptedUpdates(FakeUpdates):
 class Flood(FakeStream):
     """An endless supply of 64 KiB updates: a client that does not read falls behind at once."""
 
-    async def next(self, wait_seconds: float) -> UpdateEvent | None:
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
         self.next_calls += 1
         await asyncio.sleep(0)
         return ("message", f"1678886400000-{self.next_calls}", BIG)
 
 
 @asynccontextmanager
-async def live_server(stream: FakeStream) -> AsyncIterator[int]:
-    """uvicorn in this process, as `cli.main` runs it (the abortable protocol), on a free port, with
-    the app on fake backends whose run stream is `stream`; keep-alive is made an hour long so that
-    only the server's own decision can close a connection within a test."""
+async def live_server(stream: FakeStream, http: type[Any] | None = None) -> AsyncIterator[int]:
+    """uvicorn in this process, as `cli.main` runs it (its protocol, bounds aside: `http`, by
+    default the server's own class), on a free port, with the app on fake backends whose run stream
+    is `stream`; keep-alive is made an hour long so that only the server's own decision can close a
+    connection within a test."""
     settings = replace(
         Settings(),
         jwt_secret=SECRET,
@@ -472,7 +475,7 @@ async def live_server(stream: FakeStream) -> AsyncIterator[int]:
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     config = uvicorn.Config(
-        app, http=AbortableHttpToolsProtocol, log_config=None, timeout_keep_alive=3600, timeout_graceful_shutdown=1
+        app, http=http or ServerProtocol, log_config=None, timeout_keep_alive=3600, timeout_graceful_shutdown=1
     )
     config.load()
     server = uvicorn.Server(config)
@@ -482,6 +485,15 @@ async def live_server(stream: FakeStream) -> AsyncIterator[int]:
         yield listener.getsockname()[1]
     finally:
         await server.shutdown(sockets=[listener])
+
+
+class ServerProtocol(AbortableHttpToolsProtocol, DirectWriteHttpToolsProtocol):
+    """The protocols `web.transport.protocol_class` puts in front of its bounds, in its order."""
+
+
+def test_the_servers_protocol_offers_direct_writes_and_aborts() -> None:
+    served = protocol_class(Limits(max_header_bytes=8192, header_timeout=5, body_timeout=5, max_connections=10))
+    assert issubclass(served, AbortableHttpToolsProtocol) and issubclass(served, DirectWriteHttpToolsProtocol)
 
 
 async def open_stream_request(port: int, *, receive_buffer: int | None = None) -> socket.socket:
@@ -531,3 +543,99 @@ async def test_the_connection_of_a_client_that_stopped_reading_is_aborted() -> N
             assert events, "the server kept the connection of a client that stopped reading"
             assert events[0][1] & (select.POLLHUP | select.POLLERR)
     assert stream.closed
+
+
+class Handing(FakeStream):
+    """Hands `handed` to the sink while it waits, as the hub does with live updates (an update the
+    sink refuses is returned instead, and so are the ones after it), then plays its script."""
+
+    def __init__(self, handed: list[UpdateEvent], script: list[Any]) -> None:
+        super().__init__(script)
+        self.handed: deque[UpdateEvent] = deque(handed)
+        self.taken: list[UpdateEvent] = []
+
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
+        if self.handed:
+            await asyncio.sleep(0)  # waiting, as the hub's reader reads
+            if sink is None or not sink(self.handed[0][1], self.handed[0][2]):
+                return self.handed.popleft()
+            self.taken.append(self.handed.popleft())
+            return await self.next(wait_seconds, sink)
+        return await super().next(wait_seconds, sink)
+
+
+def dechunk(body: bytes) -> bytes:
+    """The payload of a chunked HTTP/1.1 body, checking every chunk's framing; it must be complete."""
+    payload = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert body == b"\r\n", body
+            return payload
+        assert body[size : size + 2] == b"\r\n", body[: size + 2]
+        payload, body = payload + body[:size], body[size + 2 :]
+
+
+async def stream_body(stream: FakeStream, http: type[Any] | None = None) -> bytes:
+    async with live_server(stream, http) as port:
+        client = await open_stream_request(port)
+        received = b""
+        with client:
+            async with asyncio.timeout(10):
+                while chunk := await asyncio.get_running_loop().sock_recv(client, 65536):
+                    received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    return dechunk(body)
+
+
+async def test_live_updates_are_written_straight_to_the_connection_in_order() -> None:
+    stream = Handing([message(1), message(2), message(3)], [message(4), DROPPED])
+    payload = await stream_body(stream)
+    assert stream.taken == [message(1), message(2), message(3)]  # written by the sink, no wake-up
+    ids = [line for line in payload.split(b"\n") if line.startswith(b"id: ")]
+    assert ids == [f"id: 1678886400{n:03d}-0".encode() for n in (1, 2, 3, 4)]
+    assert payload.startswith(OPEN) and payload.count(UPDATE) == 4
+
+
+async def test_without_direct_writes_the_same_updates_go_through_send() -> None:
+    stream = Handing([message(1), message(2), message(3)], [message(4), DROPPED])
+    payload = await stream_body(stream, http=AbortableHttpToolsProtocol)
+    assert stream.taken == []  # the sink refused every one: returned by `next` instead
+    ids = [line for line in payload.split(b"\n") if line.startswith(b"id: ")]
+    assert ids == [f"id: 1678886400{n:03d}-0".encode() for n in (1, 2, 3, 4)]
+
+
+def test_the_direct_writer_stands_in_for_send_only_inside_a_chunked_body() -> None:
+    from types import SimpleNamespace
+
+    from web.direct_write import _writer
+
+    written: list[bytes] = []
+    transport = SimpleNamespace(write=written.append, is_closing=lambda: False)
+    cycle = SimpleNamespace(
+        response_started=False,
+        response_complete=False,
+        disconnected=False,
+        chunked_encoding=True,
+        flow=SimpleNamespace(write_paused=False),
+        transport=transport,
+    )
+    write = _writer(cycle)  # type: ignore[arg-type]
+    assert not write(b"early")  # before the response's head
+    cycle.response_started = True
+    assert write(b"abc") and written == [b"3\r\nabc\r\n"]
+    for name, value in (("write_paused", True),):
+        setattr(cycle.flow, name, value)
+        assert not write(b"x")
+        setattr(cycle.flow, name, False)
+    for name, value in (("disconnected", True), ("response_complete", True), ("chunked_encoding", False)):
+        setattr(cycle, name, value)
+        assert not write(b"x")
+        setattr(cycle, name, not value)
+    cycle.chunked_encoding = True
+    assert not write(b"")  # an empty chunk would end the body
+    transport.is_closing = lambda: True
+    assert not write(b"x")
+    assert written == [b"3\r\nabc\r\n"]

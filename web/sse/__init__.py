@@ -43,6 +43,15 @@ Which task ends the stream
       waiting for its next event is interrupted at once, sends `end` with `server_shutdown` and returns, so
       uvicorn's graceful shutdown finds only in-flight requests to finish.
 
+How updates are sent
+    While the generator waits for its next event, live updates do not wake it: the hub hands each
+    one to the stream's sink, which writes its frame straight to the connection with the server's
+    direct writer (`web.direct_write`, through `frames.DirectWrites`, which the response fills in).
+    What the writer cannot take (the connection's writes are paused: the client reads slowly) is
+    returned to the generator and sent through `send` under the send deadline, as every other frame
+    is. Writing only while the generator waits keeps the frames in order: none of its own is then
+    on its way.
+
 However it ends, the response is completed when it can be and carries `Connection: close`, so the
 server closes the connection with it rather than keeping it alive for another request.
 

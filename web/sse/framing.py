@@ -58,19 +58,24 @@ _last = _LastFrame()
 def encode_update_event(event: UpdateEvent, *, retry_ms: int | None = None) -> bytes:
     name, event_id, data = event
     if name == "message" and retry_ms is None and event_id:
-        last = _last
-        if data is last.data and event_id == last.event_id:
-            return last.frame
-        # The common case (an update after the first frame) in one step, when nothing needs
-        # splitting or replacing: the same bytes as `encode_frame`.
-        raw_id = event_id.encode()
-        if b"\n" not in data and b"\r" not in data and _plain(raw_id):
-            frame = b"id: %s\ndata: %s\n\n" % (raw_id, data)
-        else:
-            frame = encode_frame(data, event_id=event_id)
-        last.data, last.event_id, last.frame = data, event_id, frame
-        return frame
+        return encode_message(event_id, data)
     return encode_frame(data, event_id=event_id or None, event=None if name == "message" else name, retry_ms=retry_ms)
+
+
+def encode_message(event_id: str, data: bytes) -> bytes:
+    """The frame of one update (a `message` event with its id)."""
+    last = _last
+    if data is last.data and event_id == last.event_id:
+        return last.frame
+    # The common case in one step, when nothing needs splitting or replacing: the same bytes as
+    # `encode_frame`.
+    raw_id = event_id.encode()
+    if b"\n" not in data and b"\r" not in data and _plain(raw_id):
+        frame = b"id: %s\ndata: %s\n\n" % (raw_id, data)
+    else:
+        frame = encode_frame(data, event_id=event_id)
+    last.data, last.event_id, last.frame = data, event_id, frame
+    return frame
 
 
 def _plain(value: bytes) -> bool:

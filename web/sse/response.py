@@ -14,6 +14,8 @@ from core.metrics import StreamRecord
 from core.protocols import UpdateStream
 from handlers.stream_limits import StreamSlot
 from web.abortable import ABORT_EXTENSION
+from web.direct_write import direct_writer
+from web.sse.frames import DirectWrites
 
 logger = logging.getLogger("web.sse")
 
@@ -37,6 +39,7 @@ class EventStreamResponse(StreamingResponse):
         slot: StreamSlot | None = None,
         stream: UpdateStream | None = None,
         record: StreamRecord | None = None,
+        direct: DirectWrites | None = None,
     ) -> None:
         super().__init__(frames, media_type=MEDIA_TYPE, headers={**HEADERS, **(headers or {})})
         self._frames = frames
@@ -44,13 +47,19 @@ class EventStreamResponse(StreamingResponse):
         self.slot = slot
         self._stream = stream
         self.record = record
+        self._direct = direct
         self._abort: Callable[[], object] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._abort = abort_of(scope)
+        if self._direct is not None:
+            # The server's writer refuses until the response has started (it writes body chunks).
+            self._direct.write = direct_writer(scope)
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if self._direct is not None:
+                self._direct.write = None
             if self.record is not None:
                 self.record.ended("client_gone")  # unless the stream had ended for a reason of its own
             if self.slot is not None:
