@@ -53,7 +53,7 @@ from backends.redis_updates import (
     check_replicated,
     encode_update,
 )
-from backends.update_hub import Subscription, UpdateHub, call, logger
+from backends.update_hub import Subscription, UpdateHub, as_unavailable, call, logger
 from core.errors import BackendUnavailable
 from core.settings import Settings
 
@@ -174,13 +174,21 @@ class Topology:
     """Who owns which slot, as the cluster client's slot map says; re-read after a failure.
 
     `stale` is set by whoever saw a node fail; the next post or hub that needs an owner re-reads
-    the map first (concurrent re-reads are merged by redis-py's lock), so a healthy cluster costs
-    a post one attribute check."""
+    the map first, so a healthy cluster costs a post two attribute checks.
 
-    def __init__(self, client: BoundedRedisCluster) -> None:
+    A re-read is bounded as one call is: one at a time per process (whoever needs the map while
+    it is being read waits for that read instead of queueing another), the whole read (every node
+    redis-py tries in turn, each with its own connect and read timeouts) ends within `timeout`
+    seconds, and a caller waits for it at most `timeout` seconds. A read that fails or runs out of
+    time is `BackendUnavailable` (503, Redis' own words in the log only) for every caller waiting
+    on it, and leaves the map stale for the next one."""
+
+    def __init__(self, client: BoundedRedisCluster, *, timeout: float) -> None:
         self.client = client
+        self.timeout = timeout
         self.stale = True  # not read yet
         self._initialized = False
+        self._reading: asyncio.Future[None] | None = None
 
     def owner(self, key: str) -> ClusterNode:
         """The primary of `key`'s slot; `SlotNotCoveredError` when no node holds it."""
@@ -190,19 +198,47 @@ class Topology:
         return node
 
     async def ensure_fresh(self) -> None:
-        if self.stale:
+        if self.stale or self._reading is not None:
             await self.refresh()
 
     async def refresh(self) -> None:
+        """Re-read the slot map, or wait for the read under way; `BackendUnavailable` when it
+        fails or takes longer than `timeout`."""
+        reading = self._reading
+        if reading is None:
+            reading = self._reading = asyncio.ensure_future(call(self._read_map(), "cluster_slots"))
+            reading.add_done_callback(self._read_done)
         try:
-            if self._initialized:
-                await self.client.nodes_manager.initialize()
-            else:  # the client's own first set-up (slot map and command table), done once
-                await self.client.initialize()
-                self._initialized = True
-        except redis_errors.RedisClusterException as exc:  # no node answered: not a RedisError
-            raise redis_errors.ConnectionError(str(exc)) from exc
+            async with asyncio.timeout(self.timeout):
+                # Shielded: a caller that gives up (its client left) leaves the read to the others.
+                await asyncio.shield(reading)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # this caller's deadline, or a refusal no retry would change
+            raise as_unavailable(exc) from exc
+
+    def _read_done(self, reading: asyncio.Future[None]) -> None:
+        if self._reading is reading:
+            self._reading = None
+        if not reading.cancelled():
+            reading.exception()  # retrieved: every caller may have stopped waiting for it
+
+    async def _read_map(self) -> None:
+        # Not stale from the start of the read: a node failure seen meanwhile marks it again.
         self.stale = False
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self._initialized:
+                    await self.client.nodes_manager.initialize()
+                else:  # the client's own first set-up (slot map and command table), done once
+                    await self.client.initialize()
+                    self._initialized = True
+        except redis_errors.RedisClusterException as exc:  # no node answered: not a RedisError
+            self.stale = True
+            raise redis_errors.ConnectionError(str(exc)) from exc
+        except BaseException:
+            self.stale = True
+            raise
 
     async def moved(self, exc: redis_errors.AskError) -> None:
         """A MOVED answer names the slot's new owner: take it without re-reading the whole map."""
@@ -351,7 +387,7 @@ class GroupHub(UpdateHub):
 
     async def subscribe(self, key: str) -> Subscription:
         try:
-            await call(self._topology.ensure_fresh(), "cluster_slots")
+            await self._topology.ensure_fresh()
             self._commands = self._clients.commands(self._topology.owner(self._group_key))
             return await super().subscribe(key)
         except BackendUnavailable:
@@ -411,7 +447,6 @@ class ClusterUpdateHub:
             "block_ms": block_ms,
             "queue_size": queue_size,
         }
-        self._timeout = timeout
         self._hubs: dict[int, GroupHub] = {}
         self._closed = False
 
@@ -438,11 +473,7 @@ class ClusterUpdateHub:
         group = self._keys.group_of_key(key)
         hub = self._hubs.get(group)
         if hub is None:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await call(self._topology.ensure_fresh(), "cluster_slots")
-            except TimeoutError as exc:
-                raise BackendUnavailable("Redis did not answer in time", backend="redis") from exc
+            await self._topology.ensure_fresh()  # bounded by the backend timeout itself
             hub = self._hubs.get(group)  # another stream may have made it meanwhile
             if hub is None:
                 if self._closed:
@@ -548,7 +579,7 @@ async def open_cluster_backend(
         maint_notifications_config=NO_MAINTENANCE,
     )
     assert isinstance(client, BoundedRedisCluster)
-    topology = Topology(client)
+    topology = Topology(client, timeout=timeout)
     keys = ClusterKeys(settings.redis_cluster_groups)
     clients = NodeClients(client, timeout=timeout, block_ms=hub_block_ms, client_name=client_name)
     hub = ClusterUpdateHub(

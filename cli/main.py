@@ -23,7 +23,7 @@ import socket
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -179,8 +179,9 @@ class WorkerProcess(uvicorn_multiprocess.Process):
 
 class WorkerSupervisor(uvicorn_multiprocess.Multiprocess):
     """uvicorn's process manager (workers started, health-checked, a dead one replaced, SIGTERM
-    passed on to each) making `WorkerProcess`es; with `metrics_dir`, a dead worker's
-    live-gauge files are marked dead (prometheus-client's multiprocess mode)."""
+    passed on to each, SIGHUP replacing each, SIGTTIN / SIGTTOU adding or stopping one) making
+    `WorkerProcess`es; with `metrics_dir`, the live-gauge files of a worker that died, was replaced
+    or was stopped are marked dead (prometheus-client's multiprocess mode)."""
 
     def __init__(
         self, config: uvicorn.Config, sockets: list[socket.socket], *, settings: Settings, metrics_dir: str | None
@@ -202,16 +203,30 @@ class WorkerSupervisor(uvicorn_multiprocess.Multiprocess):
             namespace["Process"] = original
 
     def keep_subprocess_alive(self) -> None:
-        before = {process.pid for process in self.processes}
-        super().keep_subprocess_alive()
-        gone = before - {process.pid for process in self.processes}
-        if self.metrics_dir is not None and gone:
-            from prometheus_client import multiprocess
+        with self._marking_gone_workers_dead():
+            super().keep_subprocess_alive()
 
-            mark_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
-            for pid in gone:
-                if pid is not None:
-                    mark_dead(pid, self.metrics_dir)
+    def handle_signals(self) -> None:
+        # SIGHUP replaces every worker and SIGTTOU stops one: they leave as a crashed one does.
+        with self._marking_gone_workers_dead():
+            super().handle_signals()
+
+    @contextlib.contextmanager
+    def _marking_gone_workers_dead(self) -> Iterator[None]:
+        """Around a step of uvicorn's that may end workers: with `metrics_dir`, each worker that
+        left `processes` is marked dead, so that its live gauges (its open streams) stop counting."""
+        before = {process.pid for process in self.processes}
+        try:
+            yield
+        finally:
+            gone = before - {process.pid for process in self.processes}
+            if self.metrics_dir is not None and gone:
+                from prometheus_client import multiprocess
+
+                mark_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
+                for pid in gone:
+                    if pid is not None:
+                        mark_dead(pid, self.metrics_dir)
 
     @property
     def startup_failed(self) -> bool:
@@ -269,13 +284,13 @@ def serve_workers(settings: Settings, *, port: int, workers: int) -> None:
 
 
 def _start_metrics(settings: Settings, *, multiprocess: bool) -> MetricsServer | None:
-    """The `/metrics` endpoint on METRICS_PORT, when set (None otherwise): in the one process of
-    `serve`, or in the parent of `serve_workers` (summing the workers' values)."""
+    """The `/metrics` endpoint on METRICS_HOST:METRICS_PORT, when the port is set (None otherwise):
+    in the one process of `serve`, or in the parent of `serve_workers` (summing the workers')."""
     if not settings.metrics_port:
         return None
     from web.metrics import start_metrics_server
 
-    return start_metrics_server(settings.host, settings.metrics_port, multiprocess=multiprocess)
+    return start_metrics_server(settings.metrics_host, settings.metrics_port, multiprocess=multiprocess)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:

@@ -157,8 +157,11 @@ class Settings:
     redis_wait_timeout_ms: int = 1000
     # The per-principal stream limit counted across every process through Redis (not per process).
     shared_stream_limits: bool = False
-    # The Prometheus `/metrics` endpoint listens on this port (on HOST), apart from the API; 0: off.
+    # The Prometheus `/metrics` endpoint listens on this port, apart from the API; 0: off.
     metrics_port: int = 0
+    # ... and on this address, not HOST's: it has no authentication, so it is reachable from another
+    # host only when the operator says so here (an API on 0.0.0.0 does not expose it too).
+    metrics_host: str = "127.0.0.1"
     # OpenTelemetry traces are exported when either standard variable is set; else no tracing at all.
     otel_exporter_otlp_endpoint: str | None = None
     otel_traces_exporter: str | None = None
@@ -248,6 +251,7 @@ class Settings:
             redis_wait_timeout_ms=env.count("REDIS_WAIT_TIMEOUT_MS", cls.redis_wait_timeout_ms),
             shared_stream_limits=env.flag("SHARED_STREAM_LIMITS", cls.shared_stream_limits),
             metrics_port=env.port("METRICS_PORT", cls.metrics_port),
+            metrics_host=env.text("METRICS_HOST", cls.metrics_host),
             otel_exporter_otlp_endpoint=env.optional("OTEL_EXPORTER_OTLP_ENDPOINT"),
             otel_traces_exporter=env.optional("OTEL_TRACES_EXPORTER"),
             set_in_environment=frozenset(env.found),

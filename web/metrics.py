@@ -24,20 +24,33 @@ opening, not its whole life): one counter and one histogram update (~3 Âµs, ~7 Â
 mode).
 
 **The endpoint** (`start_metrics_server`): `GET /metrics` in Prometheus's text format (or
-OpenMetrics when the scraper asks for it) on a port of its own (METRICS_PORT), never on the API
-port and without the API's bearer authentication: what it shows (counts, durations, reasons) names
-no caller, run or token. It is served by a thread of the process that starts it, so a scrape never
-waits for the event loop. With several worker processes (`multiprocess=True`), the process that
-starts it aggregates every worker's values from `PROMETHEUS_MULTIPROC_DIR`.
+OpenMetrics when the scraper asks for it) on a port of its own (METRICS_PORT, on METRICS_HOST),
+never on the API port and without the API's bearer authentication: what it shows (counts,
+durations, reasons) names no caller, run or token. Each connection is served by a thread of the
+process that starts it, so a scrape never waits for the event loop. With several worker processes
+(`multiprocess=True`), the process that starts it aggregates every worker's values from
+`PROMETHEUS_MULTIPROC_DIR`.
+
+Its bounds, since anyone who reaches the port may connect: at most `MAX_SCRAPE_CONNECTIONS`
+connections (threads) at once, a connection beyond them answered 503 without waiting for it and
+closed without a thread; one request per connection, whose whole life (reading the head, writing
+the answer) ends `SCRAPE_TIMEOUT_SECONDS` after it was accepted however slowly its bytes come (the
+deadline bounds every read and write, not each one); a head of at most `MAX_HEAD_BYTES` (431
+beyond; the standard library's own caps stay: 65 536 bytes a line, 100 header lines). The answer
+is the exposition of the registry, whose series are a fixed set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from connexion.middleware.abstract import ROUTING_CONTEXT
@@ -49,6 +62,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.metrics import request_done
 
+log = logging.getLogger("workflow_runs.metrics")
 # Registers, on a registry, the sum of the series of every process writing into
 # PROMETHEUS_MULTIPROC_DIR (prometheus-client leaves the class unannotated: typed by this alias).
 _collect_every_process: Callable[[CollectorRegistry], object] = MultiProcessCollector
@@ -59,8 +73,31 @@ DOCS = "docs"
 # the access log (`web.middleware.CLIENT_GONE_STATUS`).
 NO_ANSWER = 499
 METRICS_PATH = "/metrics"
-# A scraper that stops mid-request holds one thread for at most this long.
+# A connection (its thread) lives at most this long from its accept (its thread's start, at once
+# after), whatever it sends or reads.
 SCRAPE_TIMEOUT_SECONDS = 10.0
+# Connections served at once (one thread each); Prometheus opens one per scrape, so a few scrapers
+# (an HA pair, a person with curl) fit, and a client opening hundreds costs 8 threads, not hundreds.
+MAX_SCRAPE_CONNECTIONS = 8
+# A scrape's head is a request line and a few headers (a few hundred bytes): far more is refused.
+MAX_HEAD_BYTES = 8192
+
+
+def _plain_answer(status: str, text: str, *, retry_after: bool = False) -> bytes:
+    """A whole HTTP/1.0 answer, written before (or without) a request was read."""
+    body = text.encode()
+    extra = "Retry-After: 1\r\n" if retry_after else ""
+    head = (
+        f"HTTP/1.0 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+BUSY_ANSWER = _plain_answer(
+    "503 Service Unavailable", "Too many connections to the metrics endpoint.\n", retry_after=True
+)
+HEAD_TOO_LARGE_ANSWER = _plain_answer("431 Request Header Fields Too Large", "Request head too large.\n")
 
 
 def fixed_operations(base_path: str) -> dict[str, str]:
@@ -133,22 +170,37 @@ class RequestMetrics:
 class MetricsServer:
     """The `/metrics` endpoint, served by a thread until `close()`."""
 
-    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread) -> None:
+    def __init__(self, server: _CappedServer, thread: threading.Thread) -> None:
         self._server = server
         self._thread = thread
         self.host = str(server.server_address[0])
         self.port: int = server.server_address[1]
 
+    @property
+    def connections(self) -> int:
+        """Connections being served now (each by a thread of its own)."""
+        return self._server.active
+
     def close(self) -> None:
-        """Stop serving and free the port (waits for the serving thread; idempotent)."""
+        """Stop serving and free the port (waits for the serving thread; idempotent). A connection
+        being served ends by its own deadline."""
         if self._thread.is_alive():
             self._server.shutdown()
             self._thread.join()
         self._server.server_close()
 
 
-def start_metrics_server(host: str, port: int, *, multiprocess: bool) -> MetricsServer:
-    """Serve `GET /metrics` on `host`:`port` (0: a free port, see `.port`) from a daemon thread.
+def start_metrics_server(
+    host: str,
+    port: int,
+    *,
+    multiprocess: bool,
+    max_connections: int = MAX_SCRAPE_CONNECTIONS,
+    request_seconds: float = SCRAPE_TIMEOUT_SECONDS,
+) -> MetricsServer:
+    """Serve `GET /metrics` on `host`:`port` (0: a free port, see `.port`) from a daemon thread,
+    each connection from a thread of its own: at most `max_connections` at once, each closed
+    `request_seconds` after its accept at the latest.
     `multiprocess`: the sum of every process writing into `PROMETHEUS_MULTIPROC_DIR` (which must be
     set: `ValueError` otherwise), else this process's series with its process and runtime metrics.
     Raises `OSError` when the port cannot be bound."""
@@ -157,14 +209,75 @@ def start_metrics_server(host: str, port: int, *, multiprocess: bool) -> Metrics
         aggregate = CollectorRegistry()
         _collect_every_process(aggregate)
         registry = aggregate
-    handler = type("Handler", (_MetricsHandler,), {"registry": registry})
-    server_class = type(
-        "Server", (ThreadingHTTPServer,), {"address_family": _family(host, port), "daemon_threads": True}
-    )
-    server = server_class((host, port), handler)
+    handler = type("Handler", (_MetricsHandler,), {"registry": registry, "request_seconds": request_seconds})
+    server = _CappedServer((host, port), handler, family=_family(host, port), max_connections=max_connections)
     thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)
     thread.start()
     return MetricsServer(server, thread)
+
+
+class _CappedServer(HTTPServer):
+    """An HTTP server with one thread per connection, at most `max_connections` at once. The
+    accepting thread refuses a connection beyond them itself: one non-blocking write of a 503, then
+    close, so a flood of connections costs neither threads nor waiting."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[_MetricsHandler],
+        *,
+        family: socket.AddressFamily,
+        max_connections: int,
+    ) -> None:
+        self.address_family = family  # read by the base class when it makes the socket
+        self.max_connections = max_connections
+        self.active = 0
+        self._lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            admitted = self.active < self.max_connections
+            if admitted:
+                self.active += 1
+        if not admitted:
+            _refuse(request)
+            self.shutdown_request(request)
+            return
+        name = f"metrics-scrape-{self.server_address[1]}"  # by port: which server's it is
+        thread = threading.Thread(target=self._serve, args=(request, client_address), name=name, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: as if over the cap
+            _refuse(request)
+            self._done(request)
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request: Any) -> None:
+        self.shutdown_request(request)
+        with self._lock:
+            self.active -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that left, broke its connection or outlived its deadline is nothing to report;
+        anything else is logged (the base class would print it on stderr)."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            log.exception("the metrics endpoint failed to answer a request")
+
+
+def _refuse(sock: socket.socket) -> None:
+    """Answer 503 without ever waiting on the client: one non-blocking send of a few bytes into an
+    empty send buffer (if even that fails, the connection is just closed)."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(BUSY_ANSWER)
 
 
 def _family(host: str, port: int) -> socket.AddressFamily:
@@ -179,9 +292,27 @@ class _MetricsHandler(BaseHTTPRequestHandler):
     for other methods."""
 
     registry: Collector
-    timeout = SCRAPE_TIMEOUT_SECONDS
+    request_seconds: float
     server_version = "workflow-runs-metrics"
     sys_version = ""
+
+    def setup(self) -> None:
+        # Instead of StreamRequestHandler's files, whose timeout bounds each read: every read and
+        # write of these ends by the connection's one deadline, and reads stop at MAX_HEAD_BYTES
+        # (a GET has no body: the head is all a request is).
+        self.connection = self.request
+        raw = _DeadlineSocketIO(self.request, time.monotonic() + self.request_seconds, MAX_HEAD_BYTES)
+        self.rfile = io.BufferedReader(raw)
+        self.wfile = io.BufferedWriter(raw)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except _HeadTooLarge:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.wfile.write(HEAD_TOO_LARGE_ANSWER)
+                self.wfile.flush()
 
     def do_GET(self) -> None:
         if self.path.partition("?")[0] != METRICS_PATH:
@@ -212,3 +343,44 @@ class _MetricsHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged: one every few seconds would drown the access log."""
+
+
+class _HeadTooLarge(Exception):
+    """The client sent more than `MAX_HEAD_BYTES` before its head ended."""
+
+
+class _DeadlineSocketIO(io.RawIOBase):
+    """A connection's socket as a file whose every read and write ends by `deadline` (monotonic
+    seconds): before each, the socket's timeout is set to the time left, so a client trickling
+    bytes gains nothing. Reads stop at `max_read` bytes in all (`_HeadTooLarge` beyond).
+    `TimeoutError` once the deadline is past; closing it leaves the socket to the server."""
+
+    def __init__(self, sock: socket.socket, deadline: float, max_read: int) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+        self._read_left = max_read
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def _time_left(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the metrics request outlived its deadline")
+        return left
+
+    def readinto(self, buffer: Any) -> int:
+        if self._read_left <= 0:
+            raise _HeadTooLarge
+        self._sock.settimeout(self._time_left())
+        received = self._sock.recv_into(buffer, min(len(buffer), self._read_left))
+        self._read_left -= received
+        return received
+
+    def write(self, data: Any) -> int:
+        self._sock.settimeout(self._time_left())
+        return self._sock.send(data)

@@ -1,22 +1,29 @@
-"""The `/metrics` endpoint on its own port (`web.metrics.start_metrics_server`), and the sum of
-every worker process in multiprocess mode."""
+"""The `/metrics` endpoint on its own port (`web.metrics.start_metrics_server`): its answers, its
+bounds (connections, head size, one deadline per connection), and the sum of every worker process
+in multiprocess mode."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from prometheus_client import multiprocess
 from prometheus_client.parser import text_string_to_metric_families
+from uvicorn.supervisors import multiprocess as uvicorn_multiprocess
 
+from cli.main import WorkerSupervisor
 from core import metrics
-from web.metrics import MetricsServer, start_metrics_server
+from core.settings import Settings
+from web.metrics import MAX_HEAD_BYTES, MetricsServer, start_metrics_server
 
 ROOT = Path(__file__).resolve().parents[2]
 Key = tuple[str, frozenset[tuple[str, str]]]  # a sample's name and labels
@@ -84,13 +91,107 @@ def test_closing_frees_the_port() -> None:
     again.close()
 
 
+# -- bounds -----------------------------------------------------------------------------------------
+
+
+def connect(server: MetricsServer) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port))
+
+
+def read_to_eof(client: socket.socket) -> bytes:
+    received = b""
+    while chunk := client.recv(4096):
+        received += chunk
+    return received
+
+
+def scrape_threads(server: MetricsServer) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == f"metrics-scrape-{server.port}"]
+
+
+def test_connections_over_the_cap_are_answered_503_by_the_accepting_thread() -> None:
+    server = start_metrics_server("127.0.0.1", 0, multiprocess=False, max_connections=2)
+    idle = [connect(server) for _ in range(2)]  # connected, sending nothing: each holds its thread
+    try:
+        # Accepted in order: once these are answered, the two idle ones were admitted before them.
+        for _ in range(5):
+            with connect(server) as extra:
+                answer = read_to_eof(extra)
+            assert answer.startswith(b"HTTP/1.0 503 ") and b"\r\nRetry-After: 1\r\n" in answer
+        assert server.connections == 2
+        assert len(scrape_threads(server)) == 2  # none for the five refused
+
+        # The idle ones leave: their threads end, and scrapes are served again.
+        for client in idle:
+            client.close()
+        for thread in scrape_threads(server):
+            thread.join()
+        assert server.connections == 0
+        assert httpx.get(f"http://127.0.0.1:{server.port}/metrics").status_code == 200
+    finally:
+        for client in idle:
+            client.close()
+        server.close()
+
+
+def test_a_client_trickling_its_head_is_cut_off_at_the_deadline_of_the_whole_request() -> None:
+    server = start_metrics_server("127.0.0.1", 0, multiprocess=False, request_seconds=0.2)
+    try:
+        with connect(server) as client:
+            client.sendall(b"GET /metrics HTTP/1.0\r\nX-Slow: ")
+            # One more byte of the header each time the server stays silent for a while: no read of
+            # the server waits long, so only a deadline over the whole request ends it.
+            client.settimeout(0.02)
+            received, ended = b"", False
+            for _ in range(1000):  # far below MAX_HEAD_BYTES: the head's size is not what ends it
+                try:
+                    chunk = client.recv(4096)
+                except TimeoutError:
+                    try:
+                        client.send(b"a")
+                    except OSError:  # reset: the server closed
+                        ended = True
+                        break
+                    continue
+                except OSError:
+                    ended = True
+                    break
+                if not chunk:
+                    ended = True
+                    break
+                received += chunk
+            assert ended, "the trickling client was still connected"
+            assert received == b""  # cut off, never answered
+        for thread in scrape_threads(server):
+            thread.join()
+        assert server.connections == 0
+    finally:
+        server.close()
+
+
+def test_a_head_over_its_cap_is_refused_431() -> None:
+    server = start_metrics_server("127.0.0.1", 0, multiprocess=False)
+    try:
+        with connect(server) as client:
+            head = b"GET /metrics HTTP/1.0\r\nX-Large: "
+            client.sendall(head + b"a" * (MAX_HEAD_BYTES - len(head)))  # not ended yet, and no room left
+            answer = read_to_eof(client)
+        assert answer.startswith(b"HTTP/1.0 431 ")
+        # A scrape's usual head is served.
+        assert httpx.get(f"http://127.0.0.1:{server.port}/metrics", headers={"X-Large": "a" * 4000}).status_code == 200
+    finally:
+        server.close()
+
+
 # -- several processes ------------------------------------------------------------------------------
 
 # A worker: records `requests` answers and opens `streams` streams, says so, then holds them until
 # told to go (its standard input closes).
 WORKER = """
 import sys
+from cli.main import WorkerSupervisor
 from core import metrics
+from core.settings import Settings
 requests, streams = int(sys.argv[1]), int(sys.argv[2])
 for _ in range(requests):
     metrics.request_done("postWorkflowRunUpdate", 200, 0.002)
@@ -150,6 +251,58 @@ def test_one_scrape_sums_every_worker_process(tmp_path: Path, monkeypatch: pytes
             assert process.stdin is not None and process.stdout is not None
             process.stdin.close()
             process.stdout.close()
+
+
+class FakeWorker:
+    """A worker process as uvicorn's supervisor sees it: alive, ready, stopped when told."""
+
+    pids = iter(range(4_000_000, 5_000_000))
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        self.pid = next(self.pids)
+        self.exitcode: int | None = None
+
+    def start(self) -> None:
+        pass
+
+    def wait_until_ready(self, timeout: float, should_exit: threading.Event | None = None) -> bool:
+        return True
+
+    def is_alive(self, timeout: float = 5) -> bool:
+        return self.exitcode is None
+
+    def terminate(self) -> None:
+        self.exitcode = 0
+
+    def kill(self) -> None:
+        self.exitcode = -9
+
+    def join(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("signal_name", "leaving"), [("SIGHUP", [0, 1]), ("SIGTTOU", [1])])
+def test_workers_the_supervisor_replaces_or_stops_on_a_signal_are_marked_dead(
+    signal_name: str, leaving: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(uvicorn_multiprocess, "Process", FakeWorker)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # pytest keeps its handlers
+    config = uvicorn.Config("web.app:app_from_env", workers=2, log_config=None)
+    supervisor = WorkerSupervisor(config, [], settings=Settings(), metrics_dir=str(tmp_path))
+    supervisor.init_processes()
+    workers = list(supervisor.processes)
+    for worker in workers:  # what a worker with open streams leaves: a live gauge, a counter
+        (tmp_path / f"gauge_livesum_{worker.pid}.db").touch()
+        (tmp_path / f"counter_{worker.pid}.db").touch()
+
+    supervisor.signal_queue.append(getattr(signal, signal_name))
+    supervisor.handle_signals()
+
+    gone = [workers[i] for i in leaving]
+    assert all(worker not in supervisor.processes for worker in gone)
+    for worker in workers:
+        assert (tmp_path / f"gauge_livesum_{worker.pid}.db").exists() == (worker not in gone)
+        assert (tmp_path / f"counter_{worker.pid}.db").exists()  # counts stay in the sum
 
 
 def test_multiprocess_mode_needs_its_directory(monkeypatch: pytest.MonkeyPatch) -> None:

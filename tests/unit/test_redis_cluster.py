@@ -4,15 +4,24 @@ checked), against fake nodes. The real cluster is `tests/integration/test_redis_
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.crc import key_slot
 
-from backends.redis_cluster import SLOTS, ClusterKeys, Topology, append_on_owner, group_of, group_tags
+from backends.redis_cluster import (
+    SLOTS,
+    BoundedRedisCluster,
+    ClusterKeys,
+    Topology,
+    append_on_owner,
+    group_of,
+    group_tags,
+)
 from core.errors import BackendUnavailable
 
 
@@ -91,20 +100,42 @@ class FakeNode(ClusterNode):
         return b"sha"
 
 
+class FakeClusterClient:
+    """What `Topology` asks of the cluster client to read the slot map: each read (the first set-up,
+    or a re-read) is counted, and answers once `answer` is set (never, if it stays unset)."""
+
+    def __init__(self, *, answers: bool = True) -> None:
+        self.reads = 0
+        self.started = asyncio.Event()  # set by the first read
+        self.answer = asyncio.Event()
+        if answers:
+            self.answer.set()
+        self.nodes_manager = self  # a re-read is `nodes_manager.initialize()`
+
+    async def initialize(self) -> FakeClusterClient:
+        self.reads += 1
+        self.started.set()
+        await self.answer.wait()
+        return self
+
+
 class FakeTopology(Topology):
-    def __init__(self, nodes: dict[str, FakeNode], owner: str) -> None:  # no client: nothing is asked
+    """The slot map's real reads (shared, bounded) over a fake client; owners and the bound on
+    calls faked."""
+
+    def __init__(self, nodes: dict[str, FakeNode], owner: str, client: FakeClusterClient, timeout: float) -> None:
+        super().__init__(cast(BoundedRedisCluster, client), timeout=timeout)
+        self.fake = client
         self.nodes = nodes
         self.current = owner
-        self.stale = False
-        self.refreshes = 0
         self.in_flight = 0
+
+    @property
+    def refreshes(self) -> int:
+        return self.fake.reads
 
     def owner(self, key: str) -> ClusterNode:
         return self.nodes[self.current]
-
-    async def refresh(self) -> None:
-        self.refreshes += 1
-        self.stale = False
 
     async def moved(self, exc: redis_errors.AskError) -> None:
         self.current = f"{exc.host}:{exc.port}"
@@ -122,8 +153,10 @@ class FakeTopology(Topology):
 KEYS = ["wfr:updates:{g2}:r", "wfr:updates-trimmed:{g2}:r", "wfr:updates-bytes:{g2}:r"]
 
 
-def topology(*nodes: FakeNode) -> FakeTopology:
-    return FakeTopology({node.name: node for node in nodes}, nodes[0].name)
+def topology(*nodes: FakeNode, client: FakeClusterClient | None = None, timeout: float = 5.0) -> FakeTopology:
+    top = FakeTopology({node.name: node for node in nodes}, nodes[0].name, client or FakeClusterClient(), timeout)
+    top.stale = client is not None  # read already, unless the test brings its own client
+    return top
 
 
 async def post(top: FakeTopology, min_replicas: int = 1) -> Any:
@@ -199,3 +232,46 @@ async def test_endless_redirections_give_up() -> None:
     with pytest.raises(redis_errors.ClusterError):
         await post(topology(node))
     assert len(node.pipelines) == 3
+
+
+# -- the slot map ---------------------------------------------------------------------------------
+
+
+async def test_concurrent_posts_on_a_stale_map_share_one_read_of_it() -> None:
+    client = FakeClusterClient(answers=False)
+    node = FakeNode(7000, [[b"1-0", 1] for _ in range(10)])
+    top = topology(node, client=client)
+    posts = [asyncio.create_task(post(top)) for _ in range(10)]
+    await client.started.wait()  # the one read is under way, every post waiting for it
+    client.answer.set()
+    assert await asyncio.gather(*posts) == [b"1-0"] * 10
+    assert client.reads == 1 and not top.stale and len(node.pipelines) == 10
+
+
+async def test_a_map_no_node_answers_is_unavailable_within_the_timeout_for_every_waiting_post() -> None:
+    client = FakeClusterClient(answers=False)  # its nodes never answer: only the deadline ends the read
+    node = FakeNode(7000, [])
+    top = topology(node, client=client, timeout=0.05)
+    failures = await asyncio.gather(*(post(top) for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(failure, BackendUnavailable) and failure.backend == "redis" for failure in failures)
+    assert client.reads == 1  # not one read per post
+    assert node.pipelines == [] and top.stale
+    # The next post reads the map again (a failure is not kept), and fails the same way.
+    with pytest.raises(BackendUnavailable):
+        await post(top)
+    assert client.reads == 2
+
+
+async def test_a_post_that_gives_up_leaves_the_shared_read_to_the_others() -> None:
+    client = FakeClusterClient(answers=False)
+    node = FakeNode(7000, [[b"1-0", 1]])
+    top = topology(node, client=client)
+    leaving = asyncio.create_task(post(top))
+    await client.started.wait()
+    staying = asyncio.create_task(post(top))
+    leaving.cancel()  # its client left
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    client.answer.set()
+    assert await staying == b"1-0"
+    assert client.reads == 1

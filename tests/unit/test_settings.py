@@ -80,6 +80,7 @@ EVERY_VARIABLE = {
     "REDIS_WAIT_TIMEOUT_MS": "500",
     "SHARED_STREAM_LIMITS": "1",
     "METRICS_PORT": "9100",
+    "METRICS_HOST": "10.0.0.6",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
     "OTEL_TRACES_EXPORTER": "otlp",
 }
@@ -113,6 +114,12 @@ def test_from_env_without_variables_is_the_defaults(env: dict[str, str]) -> None
 
 def test_an_empty_variable_counts_as_unset(env: dict[str, str]) -> None:
     assert Settings.from_env({**env, "PORT": "", "REDIS_URL": "", "FAST_LANE": ""}) == Settings.from_env(env)
+
+
+def test_the_metrics_endpoint_stays_on_loopback_whatever_host_the_api_binds(env: dict[str, str]) -> None:
+    # It has no authentication: exposed only when METRICS_HOST itself says so.
+    assert Settings.from_env({**env, "HOST": "10.0.0.5"}).metrics_host == "127.0.0.1"
+    assert Settings.from_env({**env, "METRICS_HOST": "::"}).metrics_host == "::"
 
 
 def test_api_url_follows_the_port_unless_set(env: dict[str, str]) -> None:
