@@ -23,7 +23,8 @@ undecodable placeholder rather than a 503. Without a codec server none of this r
 Update operations look runs up by id (`find_run`) many times: what is learnt is kept (`_known`), and
 so is, for a short while, that a run does not exist (`_missing`), or is not the run of the workflow
 id asked. Streams ask whether their run has closed (`closed_status`): concurrent askers
-of one run share one describe, and a close, once seen, is answered from memory.
+of one run share one describe, an "open" answer is reused by every poll of the run for
+`OPEN_STATUS_REUSE_SECONDS`, and a close, once seen, is answered from memory.
 
 A look-up by run id alone lists `RunId = ...`, and Temporal's listings (its visibility store,
 Elasticsearch in production) show a run a moment after it starts; a describe, which needs the
@@ -98,6 +99,12 @@ MAX_HISTORY_BYTES = 4 * 1024 * 1024
 SEED_SUMMARY_FIELDS = ("status", "started_at", "closed_at", "execution_duration", "run_id", "workflow_id", "type")
 RUN_CACHE_SIZE = 10_000
 MISSING_CACHE_SIZE = 10_000
+# How long a describe that found a run open answers its streams' polls (`closed_status`). Streams
+# poll at staggered times, each every heartbeat: without reuse, 10 000 streams over 1 000 runs send
+# Temporal one describe per stream per heartbeat. With it, every stream of a run shares one describe
+# per window, at the price of bounded staleness: a stream learns of a close at most this much later
+# than its own describe would have told it (its `end` frame comes that much later; nothing is lost).
+OPEN_STATUS_REUSE_SECONDS = 5.0
 # The pauses between look-ups of a run not listed yet: doubling from the first to the longest (a
 # visibility store typically refreshes every second), the last one cut to end with the window.
 VISIBILITY_FIRST_PAUSE = 0.1
@@ -237,6 +244,9 @@ class TemporalRunsBackend:
         self._cache_size = cache_size
         # Status describes in flight, by (workflow id, run id): see `closed_status`.
         self._status_checks: dict[tuple[str, str], asyncio.Future[str | None]] = {}
+        # Runs a describe found open, by (workflow id, run id), until the clock passes the value
+        # (`OPEN_STATUS_REUSE_SECONDS` after that describe was sent), oldest first: `closed_status`.
+        self._open_until: OrderedDict[tuple[str, str], float] = OrderedDict()
         # Without a key from the settings (`connect`), tokens work within this backend only.
         self._page_tokens = page_tokens or PageTokens(secrets.token_bytes(32))
         self._max_history_bytes = max_history_bytes
@@ -673,12 +683,41 @@ class TemporalRunsBackend:
         known = self._known.get(run_id)
         if known is not None and known.closed and known.workflow_id == workflow_id:
             return known.final_status  # a close is final: no call, however many streams ask
+        if self._recently_open((workflow_id, run_id)):
+            return None  # a describe found it open less than OPEN_STATUS_REUSE_SECONDS ago
         return await self._described_status(workflow_id, run_id)
+
+    def _recently_open(self, key: tuple[str, str]) -> bool:
+        until = self._open_until.get(key)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._open_until[key]
+        return False
+
+    def _remember_open(self, key: tuple[str, str], asked_at: float) -> None:
+        """Reuse an "open" answer until `OPEN_STATUS_REUSE_SECONDS` after its describe was sent
+        (not answered: the run may have closed while the answer travelled)."""
+        self._open_until[key] = asked_at + OPEN_STATUS_REUSE_SECONDS
+        self._open_until.move_to_end(key)
+        # Entries come in about the order they expire: drop the expired ones at the front (any
+        # other goes when it is next looked up, or as the cap pushes it out), then any beyond the cap.
+        now = self._clock()
+        while self._open_until and next(iter(self._open_until.values())) <= now:
+            self._open_until.popitem(last=False)
+        while len(self._open_until) > self._cache_size:
+            self._open_until.popitem(last=False)
 
     async def _described_status(self, workflow_id: str, run_id: str) -> str | None:
         """The run's closed status as Temporal describes it now, or None while it is open. Every
         open stream of a run asks on each poll: concurrent askers of one run share one describe
-        instead of sending Temporal a burst (1000 streams = 1 call, not 1000)."""
+        instead of sending Temporal a burst (1000 streams = 1 call, not 1000), and an "open"
+        answer is remembered so that `closed_status` reuses it, across time, for
+        `OPEN_STATUS_REUSE_SECONDS` (streams poll at staggered times, so sharing in flight alone
+        still costs one describe per stream per heartbeat). `_refresh` (`find_run`) asks here too
+        but never takes a reused answer: the post-after-close window, which may be shorter, bounds
+        its staleness. A describe that fails is not remembered: the next poll asks again."""
         key = (workflow_id, run_id)
         check = self._status_checks.get(key)
         if check is None:
@@ -688,10 +727,16 @@ class TemporalRunsBackend:
         return await asyncio.shield(check)
 
     async def _describe_status(self, workflow_id: str, run_id: str) -> str | None:
+        asked_at = self._clock()
         async with self._temporal("describe run", run_id=run_id):
             info = (await self._describe_raw(workflow_id, run_id)).workflow_execution_info
         self._remember(run_id, workflow_id, RunScope.of(decode_typed_search_attributes(info.search_attributes)), info)
-        return _final_status(info)
+        status = _final_status(info)
+        if status is None:
+            self._remember_open((workflow_id, run_id), asked_at)
+        else:
+            self._open_until.pop((workflow_id, run_id), None)  # `_known` answers from now on
+        return status
 
     async def ping(self) -> None:
         try:
@@ -709,6 +754,7 @@ class TemporalRunsBackend:
         # temporalio clients hold no resources that need an explicit close; forget what we cached.
         self._known.clear()
         self._missing.clear()
+        self._open_until.clear()
         if self._codec is not None:
             await self._codec.aclose()
 

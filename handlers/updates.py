@@ -142,7 +142,8 @@ async def _posted_run(deps: Deps, principal: Principal, run_id: str, workflow_id
 async def _closed_status(runs: RunsBackend, workflow_id: str, run_id: str) -> str | None:
     """The run's final status once it is closed; None while it runs (or while its status is not
     final yet as far as the description says: the next poll asks again). One describe, shared by
-    every stream of the run polling at that moment, never the run's history; the run was found
+    every stream of the run polling at that moment or within a few seconds after
+    (`OPEN_STATUS_REUSE_SECONDS`), never the run's history; the run was found
     visible to the caller (`find_run`) as the stream opened, and whose run it is never changes."""
     status = await runs.closed_status(workflow_id, run_id)
     return status if status in CLOSED_STATUSES else None

@@ -550,7 +550,8 @@ async def test_find_run_by_run_id_and_closed_status(
     with pytest.raises(NotFound):  # scoped: the run of `project` is not found for another project
         await TemporalRunsBackend(client).find_run(principal("someone-else"), run_id, workflow_id)
 
-    other = TemporalRunsBackend(client)
+    skipped = 0.0  # how far `other`'s clock is moved on past the real one
+    other = TemporalRunsBackend(client, clock=lambda: time.monotonic() + skipped)
 
     async def found() -> bool:
         try:
@@ -566,6 +567,7 @@ async def test_find_run_by_run_id_and_closed_status(
     assert await other.closed_status(workflow_id, run_id) is None
 
     await backend.apply_action(me, workflow_id, run_id, "terminate", None)
+    skipped = temporal_runs.OPEN_STATUS_REUSE_SECONDS  # past the reuse of its "open" answer
     assert await other.closed_status(workflow_id, run_id) == "TERMINATED"
     assert (await other.find_run(me, run_id)).closed is True
     with pytest.raises(NotFound):
@@ -878,7 +880,8 @@ async def test_a_known_run_id_under_another_workflow_id_is_remembered_as_missing
 async def test_closed_status_is_one_shared_describe_and_a_close_is_remembered(
     client: Client, worker: str, project: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runs = TemporalRunsBackend(client)
+    clock = Clock()
+    runs = TemporalRunsBackend(client, clock=clock)
     workflow_id, run_id = await start(client, "AgentConversation", project)
     describes: list[str] = []
     real_describe = runs._describe_status
@@ -891,9 +894,13 @@ async def test_closed_status_is_one_shared_describe_and_a_close_is_remembered(
     # Many streams of one run polling at once: one describe answers them all.
     assert await asyncio.gather(*(runs.closed_status(workflow_id, run_id) for _ in range(20))) == [None] * 20
     assert await runs.closed_status(workflow_id, run_id) is None
-    assert len(describes) == 2  # and a later poll asks again: "open" is only true when asked
+    assert len(describes) == 1  # a later poll reuses the answer for a few seconds...
+    clock.now += temporal_runs.OPEN_STATUS_REUSE_SECONDS
+    assert await runs.closed_status(workflow_id, run_id) is None
+    assert len(describes) == 2  # ...and then asks again: "open" is only true for a while
 
     await backend_terminate(client, workflow_id, run_id)
+    clock.now += temporal_runs.OPEN_STATUS_REUSE_SECONDS
     statuses = await asyncio.gather(*(runs.closed_status(workflow_id, run_id) for _ in range(20)))
     assert statuses == ["TERMINATED"] * 20
     assert len(describes) == 3
