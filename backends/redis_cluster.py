@@ -170,32 +170,26 @@ class BoundedRedisCluster(RedisCluster):
 # -- the slot map -------------------------------------------------------------------------------
 
 
-class Topology:
-    """Who owns which slot, as the cluster client's slot map says; re-read after a failure.
+class SlotMap:
+    """A cluster client's slot map, read when first needed and again once marked `stale`.
 
-    `stale` is set by whoever saw a node fail; the next post or hub that needs an owner re-reads
-    the map first, so a healthy cluster costs a post two attribute checks.
+    `stale` is set by whoever saw a node fail; the next caller that needs the map re-reads it
+    first, so a healthy cluster costs a caller one attribute check.
 
-    A re-read is bounded as one call is: one at a time per process (whoever needs the map while
-    it is being read waits for that read instead of queueing another), the whole read (every node
+    A read is bounded as one call is: one at a time per process (whoever needs the map while it
+    is being read waits for that read instead of queueing another), the whole read (every node
     redis-py tries in turn, each with its own connect and read timeouts) ends within `timeout`
     seconds, and a caller waits for it at most `timeout` seconds. A read that fails or runs out of
     time is `BackendUnavailable` (503, Redis' own words in the log only) for every caller waiting
-    on it, and leaves the map stale for the next one."""
+    on it, and leaves the map stale for the next one. The updates' `Topology` and the shared stream
+    count (`backends.redis_stream_slots`) both read their client's map through it."""
 
-    def __init__(self, client: BoundedRedisCluster, *, timeout: float) -> None:
-        self.client = client
+    def __init__(self, client: RedisCluster, *, timeout: float) -> None:
+        self._cluster = client
         self.timeout = timeout
         self.stale = True  # not read yet
         self._initialized = False
         self._reading: asyncio.Future[None] | None = None
-
-    def owner(self, key: str) -> ClusterNode:
-        """The primary of `key`'s slot; `SlotNotCoveredError` when no node holds it."""
-        node = self.client.get_node_from_key(key)
-        if node is None:
-            raise redis_errors.SlotNotCoveredError(f"no node holds the slot of {key}")
-        return node
 
     async def ensure_fresh(self) -> None:
         if self.stale or self._reading is not None:
@@ -229,9 +223,9 @@ class Topology:
         try:
             async with asyncio.timeout(self.timeout):
                 if self._initialized:
-                    await self.client.nodes_manager.initialize()
+                    await self._cluster.nodes_manager.initialize()
                 else:  # the client's own first set-up (slot map and command table), done once
-                    await self.client.initialize()
+                    await self._cluster.initialize()
                     self._initialized = True
         except redis_errors.RedisClusterException as exc:  # no node answered: not a RedisError
             self.stale = True
@@ -239,6 +233,22 @@ class Topology:
         except BaseException:
             self.stale = True
             raise
+
+
+class Topology(SlotMap):
+    """Who owns which slot, as the cluster client's slot map says; re-read (`SlotMap`) after a
+    failure. Also the posts' place among the client's `max_calls`."""
+
+    def __init__(self, client: BoundedRedisCluster, *, timeout: float) -> None:
+        super().__init__(client, timeout=timeout)
+        self.client = client
+
+    def owner(self, key: str) -> ClusterNode:
+        """The primary of `key`'s slot; `SlotNotCoveredError` when no node holds it."""
+        node = self.client.get_node_from_key(key)
+        if node is None:
+            raise redis_errors.SlotNotCoveredError(f"no node holds the slot of {key}")
+        return node
 
     async def moved(self, exc: redis_errors.AskError) -> None:
         """A MOVED answer names the slot's new owner: take it without re-reading the whole map."""
@@ -374,7 +384,12 @@ class NodeClients:
 
 class GroupHub(UpdateHub):
     """Today's hub for one group, reading from the group's current slot owner: after a failed
-    read it re-reads the owner and, when it changed, reads from the new one (positions kept)."""
+    read it re-reads the owner and, when it changed, reads from the new one (positions kept).
+
+    The reader's `CLIENT ID` (`_reader_id`) is a number of the reader's node only (each node
+    counts its own clients): it is forgotten whenever the reader moves, and a wake (`CLIENT
+    UNBLOCK`) is sent only while the reader is on the node new feeds are resolved on (`_owner`,
+    whose pool `_commands` is), so it reaches the connection that is blocked or no one."""
 
     def __init__(
         self, topology: Topology, clients: NodeClients, group_key: str, *, node: ClusterNode, **kwargs: Any
@@ -383,32 +398,47 @@ class GroupHub(UpdateHub):
         self._topology = topology
         self._clients = clients
         self._group_key = group_key
-        self._node_name = node.name
+        self._node = node  # the reader's node
+        self._owner = node  # the group's owner as last seen, whose pool `_commands` is
+
+    @property
+    def _node_name(self) -> str:
+        """The name of the reader's node (the integration tests check it follows the slot)."""
+        return self._node.name
 
     async def subscribe(self, key: str) -> Subscription:
         try:
             await self._topology.ensure_fresh()
-            self._commands = self._clients.commands(self._topology.owner(self._group_key))
+            owner = self._topology.owner(self._group_key)
+            self._owner, self._commands = owner, self._clients.commands(owner)
             return await super().subscribe(key)
         except BackendUnavailable:
             self._topology.stale = True
             raise
 
+    async def _wake(self) -> None:
+        # On another node the reader's id is some other client's. And the reader, blocked on a
+        # node that no longer owns the group, needs no wake: Redis ends that read itself (MOVED,
+        # within a second) or its connection fails, and the reader follows; a wake sent there
+        # could only wait on a node that may be down. No await between this check and the
+        # base's use of `_commands` and `_reader_id`.
+        if self._owner.name == self._node.name:
+            await super()._wake()
+
     async def _read_once(self) -> None:
         # Only the reader task replaces the reader: it is its only user.
         node = self._topology.owner(self._group_key)
-        if node.name != self._node_name:
+        if node.name != self._node.name:
             await self._follow(node)
         await super()._read_once()
 
     async def _follow(self, node: ClusterNode) -> None:
         old, self._reader = self._reader, self._clients.reader(node)
-        self._commands = self._clients.commands(node)
-        self._node_name = node.name
-        self._reader_id = None
+        self._owner, self._commands = node, self._clients.commands(node)
+        self._node = node
+        self._reader_id = None  # the old node's number: on the new node it may be anyone's
         logger.info("update hub of %s now reads from %s", self._group_key, node.name)
-        with contextlib.suppress(Exception):
-            await old.aclose()
+        await _close_reader(old)
 
     async def _recover(self, exc: Exception) -> None:
         if isinstance(exc, redis_errors.MovedError):
@@ -417,10 +447,22 @@ class GroupHub(UpdateHub):
             self._topology.stale = True
             await self._topology.refresh()
         node = self._topology.owner(self._group_key)
-        if node.name != self._node_name:
+        if node.name != self._node.name:
             await self._follow(node)
         else:
             await super()._recover(exc)
+
+    async def close(self) -> None:
+        await super().close()
+        await _close_reader(self._reader)  # `UpdateHub.close` hands its connection back to its pool
+
+
+async def _close_reader(reader: Redis) -> None:
+    """Close a hub's reader now, its connection included: `aclose` alone hands the connection back
+    to the reader's own pool (given to the client, so the client does not close it), where it would
+    stay open until the pool is collected. Bounded: a disconnect waits at most the connect timeout."""
+    with contextlib.suppress(Exception):
+        await reader.aclose(close_connection_pool=True)
 
 
 class ClusterUpdateHub:

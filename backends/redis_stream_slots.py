@@ -22,7 +22,10 @@ Design: one sorted set per caller, a lease per slot.
 - **Giving back** is a `ZREM`, sent at once without the caller waiting for it (the stream is
   already over); if it is lost (Redis down at that moment), the lease ends the slot.
 
-Bounds: a slot costs Redis one member (about 60 bytes); a process sends one renewal per caller with
+Bounds: every call waits at most the backend timeout (`BACKEND_TIMEOUT_SECONDS`), and so does
+reading a cluster's slot map before the first take (`backends.redis_cluster.SlotMap`: one read at a
+time, shared by every caller that needs it); `close` waits at most `CLOSE_WAIT_SECONDS` for its
+give-backs. A slot costs Redis one member (about 60 bytes); a process sends one renewal per caller with
 open streams per `renew_seconds`, at most `RENEWALS_AT_ONCE` at a time. While Redis is down, opening
 a stream is 503 (as every Redis-backed call); streams already open stay open, and if the outage
 outlasts the lease their slots are forgotten: their callers may then open up to the limit again
@@ -44,7 +47,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from backends.redis_cluster import BoundedRedisCluster
+from backends.redis_cluster import BoundedRedisCluster, SlotMap
 from backends.redis_updates import NO_MAINTENANCE, request_pool
 from backends.update_hub import call
 from core.errors import BackendUnavailable
@@ -58,6 +61,10 @@ RENEW_SECONDS = 10.0  # a live process renews its slots this often: two renewals
 RENEWALS_AT_ONCE = 32  # renewal calls in flight at once, so a renewal never takes the whole pool
 MAX_CONNECTIONS = 8  # the pool of one process's slot calls
 MEMBERS_PER_CALL = 500  # slot ids per renewal call (Lua's `unpack` has a stack limit)
+# How long `close` waits for the give-backs still under way (and for the renewal task to stop): a
+# stopping process should not hang on a Redis that does not answer. A slot not given back by then
+# is still freed, by its lease, within `LEASE_SECONDS`.
+CLOSE_WAIT_SECONDS = 1.0
 
 # KEYS[1] the caller's set; ARGV: slot id, limit, lease (ms). 1 if taken, 0 if at the limit.
 # `replicate_commands` lets Redis 6 write after `TIME` (Redis 7 always replicates effects).
@@ -111,10 +118,15 @@ class RedisStreamSlots:
         *,
         lease_seconds: float = LEASE_SECONDS,
         renew_seconds: float = RENEW_SECONDS,
+        timeout: float = Settings.backend_timeout_seconds,
     ) -> None:
         if not 0 < renew_seconds < lease_seconds:
             raise ValueError("renew_seconds must be above 0 and below lease_seconds")
         self._client = client
+        self._close_wait = min(timeout, CLOSE_WAIT_SECONDS)
+        # A cluster client reads the slot map once, before any take: a burst of first calls on a
+        # cold client would each start it, over connections still being set up (measured: errors).
+        self._slot_map = SlotMap(client, timeout=timeout) if isinstance(client, RedisCluster) else None
         self._lease_ms = max(1, round(lease_seconds * 1000))
         self._renew_seconds = renew_seconds
         self._take = client.register_script(_TAKE)
@@ -124,8 +136,6 @@ class RedisStreamSlots:
         self._renewing: asyncio.Task[None] | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._initialized = False
-        self._initializing = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> RedisStreamSlots:
@@ -153,7 +163,7 @@ class RedisStreamSlots:
             client = Redis(
                 connection_pool=request_pool(settings.redis_url, MAX_CONNECTIONS, timeout, "wfr-stream-slots")
             )
-        return cls(client, **kwargs)
+        return cls(client, timeout=timeout, **kwargs)
 
     @property
     def held(self) -> int:
@@ -166,7 +176,8 @@ class RedisStreamSlots:
         if self._closed:
             raise BackendUnavailable("stream slots closed: the server is stopping", backend="server")
         self._start_renewing()
-        await self._ready()
+        if self._slot_map is not None:
+            await self._slot_map.ensure_fresh()  # BackendUnavailable within the timeout
         key, slot_id = slots_key(owner), secrets.token_hex(12)
         # Held (renewed) from before the call: if the call is cut off after Redis ran it, the slot
         # is given back below rather than left to its lease.
@@ -181,16 +192,6 @@ class RedisStreamSlots:
             self._forget(key, slot_id)
         return slot_id if taken else None
 
-    async def _ready(self) -> None:
-        """A cluster client reads the slot map once, before any take: a burst of first calls on a
-        cold client would each start it, over connections still being set up (measured: errors)."""
-        if self._initialized or not isinstance(self._client, RedisCluster):
-            return
-        async with self._initializing:
-            if not self._initialized:
-                await call(self._client.initialize(), "cluster_slots")
-                self._initialized = True
-
     def release(self, owner: str, slot_id: str) -> None:
         """Give the slot back, without waiting for Redis (a lost release ends with its lease).
         Never raises: it runs in `finally` blocks and finalisers."""
@@ -199,17 +200,20 @@ class RedisStreamSlots:
             self._give_back_later(key, slot_id)
 
     async def close(self) -> None:
-        """Stop renewing and give back every slot still held (best effort), then close the pool."""
+        """Stop renewing and give back every slot still held, then close the pool. Best effort,
+        and short: the give-backs are waited for at most `CLOSE_WAIT_SECONDS` (or the backend
+        timeout, if shorter), then cancelled; a slot not given back is freed by its lease, within
+        `LEASE_SECONDS`, as a dead process's."""
         self._closed = True
-        if self._renewing is not None:
-            self._renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewing
+        renewing, self._renewing = self._renewing, None
+        if renewing is not None:
+            renewing.cancel()
+            await self._settle({renewing})
         held, self._held = self._held, {}
         for key, ids in held.items():
             self._give_back_later(key, *ids)
         if self._giving_back:
-            await asyncio.wait(set(self._giving_back), timeout=self._renew_seconds)
+            await self._settle(set(self._giving_back))
         await self._client.aclose()
         if isinstance(self._client, Redis):  # its pool was given to it, so it is ours to close
             await self._client.connection_pool.disconnect()
@@ -235,6 +239,18 @@ class RedisStreamSlots:
             )
 
     # --- internals ---
+
+    async def _settle(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Let `tasks` end within the close wait, then cancel those still running. The second wait,
+        as short, is for a cancellation redis-py on Python 3.11 can swallow (its `wait_for` around
+        socket writes): such a task is left to fail on the pool closed next."""
+        _, late = await asyncio.wait(tasks, timeout=self._close_wait)
+        if not late:
+            return
+        for task in late:
+            task.cancel()
+        log.info("%d stream slot calls still under way at close were cancelled", len(late))
+        await asyncio.wait(late, timeout=self._close_wait)
 
     def _forget(self, key: str, slot_id: str) -> bool:
         ids = self._held.get(key)

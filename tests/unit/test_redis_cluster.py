@@ -1,6 +1,7 @@
-"""`backends.redis_cluster` without a cluster: the group tags and key names, and how a post is sent
+"""`backends.redis_cluster` without a cluster: the group tags and key names, how a post is sent
 to its slot's owner (redirections and NOSCRIPT followed, anything else never sent twice, WAIT
-checked), against fake nodes. The real cluster is `tests/integration/test_redis_cluster_*.py`."""
+checked), the slot map's bounded reads, and a group hub following its slot to another node,
+against fake nodes. The real cluster is `tests/integration/test_redis_cluster_*.py`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.crc import key_slot
 
@@ -17,6 +19,8 @@ from backends.redis_cluster import (
     SLOTS,
     BoundedRedisCluster,
     ClusterKeys,
+    GroupHub,
+    NodeClients,
     Topology,
     append_on_owner,
     group_of,
@@ -275,3 +279,122 @@ async def test_a_post_that_gives_up_leaves_the_shared_read_to_the_others() -> No
     client.answer.set()
     assert await staying == b"1-0"
     assert client.reads == 1
+
+
+# -- a group hub following its slot ---------------------------------------------------------------
+
+
+class FakeReader:
+    """A hub's reader connection to one node: its `CLIENT ID` there, XREADs failing with `fails`
+    in turn and then blocking (`blocked` set) until the hub stops it; whether it was closed, and
+    its connection with it."""
+
+    def __init__(self, client_id: int, fails: list[Exception]) -> None:
+        self.id = client_id
+        self.fails = fails
+        self.blocked = asyncio.Event()
+        self.released = False  # handed its connection back to its pool
+        self.disconnected = False  # the connection itself closed
+        self.connection_pool = self
+
+    async def client_id(self) -> int:
+        return self.id
+
+    async def xread(self, streams: dict[Any, Any], count: int, block: int) -> Any:
+        if self.fails:
+            raise self.fails.pop(0)
+        self.blocked.set()
+        await asyncio.Event().wait()  # blocked: only the hub's close ends it
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        self.released = True
+        if close_connection_pool:
+            self.disconnected = True
+
+    async def disconnect(self) -> None:
+        self.disconnected = True
+
+
+class FakeCommands:
+    """One node's pool for the hub's other commands: the feeds it resolved, the ids it unblocked."""
+
+    def __init__(self) -> None:
+        self.resolved: list[str] = []
+        self.unblocked: list[int] = []
+
+    async def xrevrange(self, key: str, *args: Any, count: int) -> list[Any]:
+        self.resolved.append(key)
+        return []
+
+    async def client_unblock(self, client_id: int) -> bool:
+        self.unblocked.append(client_id)
+        return True
+
+
+class FakeClients:
+    """`NodeClients` over fake nodes: each node numbers its clients itself (`ids`); `next[node]` is
+    the reader the hub gets next for that node (its XREADs failing with that node's `fails`)."""
+
+    def __init__(self, ids: dict[str, int], fails: dict[str, list[Exception]] | None = None) -> None:
+        self.ids = ids
+        self.next = {name: FakeReader(client_id, (fails or {}).get(name, [])) for name, client_id in ids.items()}
+        self.readers: list[FakeReader] = []
+        self.pools: dict[str, FakeCommands] = {}
+
+    def reader(self, node: ClusterNode) -> Redis:
+        reader = self.next.pop(node.name, None) or FakeReader(self.ids[node.name], [])
+        self.readers.append(reader)
+        return cast(Redis, reader)
+
+    def commands(self, node: ClusterNode) -> Redis:
+        return cast(Redis, self.pools.setdefault(node.name, FakeCommands()))
+
+
+A, B = "127.0.0.1:7000", "127.0.0.1:7001"
+GROUP_KEY = "{g2}"
+
+
+def group_hub(top: FakeTopology, clients: FakeClients) -> GroupHub:
+    node = top.owner(GROUP_KEY)
+    return GroupHub(top, cast(NodeClients, clients), GROUP_KEY, node=node, timeout=5.0, queue_bytes=10_000)
+
+
+async def test_a_hub_whose_slot_moved_reads_from_the_new_owner_and_closes_the_old_reader() -> None:
+    top = topology(FakeNode(7000, []), FakeNode(7001, []))
+    # Client ids are per node: 7 on B is some other client's connection.
+    clients = FakeClients({A: 7, B: 3}, fails={A: [redis_errors.MovedError(f"3999 {B}", status_code="MOVED")]})
+    old, new = clients.next[A], clients.next[B]
+    hub = group_hub(top, clients)
+    try:
+        first = await hub.subscribe(KEYS[0])
+        await new.blocked.wait()  # the reader task followed by itself (after its backoff)
+        assert clients.readers == [old, new]
+        assert old.released and old.disconnected  # closed at once, connection included
+        assert not new.disconnected
+        await hub.subscribe(KEYS[1])  # a new feed wakes the reader where it is blocked, by its id there
+        assert clients.pools[B].unblocked == [3] and clients.pools[A].unblocked == []
+        assert clients.pools[B].resolved == [KEYS[1]] and not first.closed
+    finally:
+        await hub.close()
+    assert new.disconnected  # the reader's connection closes with the hub
+
+
+async def test_no_wake_is_sent_while_the_reader_is_on_a_node_that_no_longer_owns_the_group() -> None:
+    top = topology(FakeNode(7000, []), FakeNode(7001, []))
+    clients = FakeClients({A: 7, B: 3})
+    reader = clients.next[A]
+    hub = group_hub(top, clients)
+    try:
+        await hub.subscribe(KEYS[0])
+        await reader.blocked.wait()  # XREAD BLOCK on A, as client 7 there
+        top.current = B  # a post followed the group's slot to B; the reader has not read since
+        await hub.subscribe(KEYS[1])
+        assert clients.pools[B].resolved == [KEYS[1]]  # the new feed starts from the slot's owner
+        assert clients.pools[B].unblocked == []  # client 7 of B is not the reader
+        # Nor is A asked (it may be down): its read ends by itself once it has lost the slot.
+        assert clients.pools[A].unblocked == []
+        top.current = A  # the slot is A's after all: a wake reaches the reader there again
+        await hub.subscribe(KEYS[2])
+        assert clients.pools[A].unblocked == [7] and clients.pools[B].unblocked == []
+    finally:
+        await hub.close()
