@@ -55,7 +55,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -520,7 +519,9 @@ class RunUpdateStream:
         self._run_id = run_id
         self._subscription = subscription
         self._cursor = cursor  # the last id returned (or skipped past); None: from the oldest stored
-        self._pending: deque[UpdateEvent] = deque()
+        # A list, not a deque: it holds one history page at most, and an empty deque costs 760
+        # bytes a stream, for the whole life of the stream.
+        self._pending: list[UpdateEvent] = []
         self._reading_history = True
         self._draining = False
         self._ended = False
@@ -543,7 +544,7 @@ class RunUpdateStream:
     async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
         while True:
             if self._pending:
-                return self._pending.popleft()
+                return self._pending.pop(0)
             if self._reading_history:
                 await self.load_page()
                 continue

@@ -204,7 +204,9 @@ class Subscription:
         self._maxsize = maxsize
         self._max_bytes = max_bytes
         self._bytes = 0  # of the queued entries' data
-        self._queue: deque[Entry] = deque()
+        # Made at the first entry queued: with direct delivery (the sink) most streams never queue
+        # one, and an empty deque costs 760 bytes a stream.
+        self._queue: deque[Entry] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._sink: EntrySink | None = None  # set only while `get` waits on an empty queue
         self._timer: asyncio.TimerHandle | None = None
@@ -237,9 +239,12 @@ class Subscription:
                 logger.exception("an update stream's sink failed; the stream goes on without it")
             self._sink = None
         data = entry[1]
-        if len(self._queue) >= self._maxsize or (self._queue and self._bytes + len(data) > self._max_bytes):
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        if len(queue) >= self._maxsize or (queue and self._bytes + len(data) > self._max_bytes):
             return False
-        self._queue.append(entry)
+        queue.append(entry)
         self._bytes += len(data)
         self._wake()
         return True
@@ -247,7 +252,7 @@ class Subscription:
     def _close(self, reason: str) -> None:
         if self.closed_reason is None:
             self.closed_reason = reason
-        self._queue.clear()  # free the memory now; the client resumes from what it received
+        self._queue = None  # free the memory now; the client resumes from what it received
         self._bytes = 0
         self._sink = None
         if self._timer is not None:

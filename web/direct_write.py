@@ -32,6 +32,27 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 DIRECT_WRITE_EXTENSION = "workflow_runs.direct_write"
 
 
+class _LastChunk:
+    """The chunk of the last body framed: every stream of a run writes the same frame object one
+    after another (`web.sse.framing` encodes it once), so it is framed, and copied, once too."""
+
+    __slots__ = ("body", "chunk")
+
+    def __init__(self) -> None:
+        self.body = b""
+        self.chunk = b""
+
+
+_last = _LastChunk()
+
+
+def _chunk(body: bytes) -> bytes:
+    last = _last
+    if body is not last.body:
+        last.body, last.chunk = body, b"%x\r\n%s\r\n" % (len(body), body)  # uvicorn's chunk, in one write
+    return last.chunk
+
+
 def _writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
     def write(body: bytes) -> bool:
         if (
@@ -44,7 +65,7 @@ def _writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
             or not body
         ):
             return False
-        cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body))  # uvicorn's chunk, in one write
+        cycle.transport.write(_chunk(body))
         return True
 
     return write
