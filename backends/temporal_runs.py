@@ -679,11 +679,11 @@ class TemporalRunsBackend:
     def _ref(run_id: str, known: _KnownRun) -> RunRef:
         return RunRef(workflow_id=known.workflow_id, run_id=run_id, closed=known.closed, closed_at=known.closed_at)
 
-    async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
+    async def closed_status(self, workflow_id: str, run_id: str, *, fresh: bool = False) -> str | None:
         known = self._known.get(run_id)
         if known is not None and known.closed and known.workflow_id == workflow_id:
             return known.final_status  # a close is final: no call, however many streams ask
-        if self._recently_open((workflow_id, run_id)):
+        if not fresh and self._recently_open((workflow_id, run_id)):
             return None  # a describe found it open less than OPEN_STATUS_REUSE_SECONDS ago
         return await self._described_status(workflow_id, run_id)
 

@@ -94,11 +94,12 @@ class RunsBackend(Protocol):
         nothing lags); `TooManyRequests` when the process already holds as many waits as it may."""
         ...
 
-    async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
+    async def closed_status(self, workflow_id: str, run_id: str, *, fresh: bool = False) -> str | None:
         """The run's closed status ("COMPLETED", "FAILED", ...) once it is closed, None while it
         runs. Not scoped: for a run already found visible (`find_run`). Concurrent callers for one
         run share one Temporal call, a backend may reuse an "open" answer for a few seconds
-        (Temporal: `OPEN_STATUS_REUSE_SECONDS`), and a close once seen costs none."""
+        (Temporal: `OPEN_STATUS_REUSE_SECONDS`) unless `fresh` is asked, and a close once seen
+        costs none."""
         ...
 
     def is_known(self, run_id: str, workflow_id: str | None = None) -> bool:

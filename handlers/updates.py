@@ -95,7 +95,9 @@ async def stream_workflow_run_updates(  # the operation's parameters, by name
         return await _closed_status(runs, workflow_id, run_id)
 
     try:
-        status_at_open = await closed_status()
+        # Asked afresh, not from the answer the run's other streams share: a stream opens only
+        # while Temporal answers (503 otherwise), and starts from its run's status now.
+        status_at_open = await _closed_status(runs, workflow_id, run_id, fresh=True)
     except BaseException:
         slot.release()
         await stream.aclose()
@@ -139,13 +141,13 @@ async def _posted_run(deps: Deps, principal: Principal, run_id: str, workflow_id
     return await deps.runs.await_listed_run(principal, run_id, before_look_up=lambda: rates.charge_temporal(principal))
 
 
-async def _closed_status(runs: RunsBackend, workflow_id: str, run_id: str) -> str | None:
+async def _closed_status(runs: RunsBackend, workflow_id: str, run_id: str, *, fresh: bool = False) -> str | None:
     """The run's final status once it is closed; None while it runs (or while its status is not
     final yet as far as the description says: the next poll asks again). One describe, shared by
     every stream of the run polling at that moment or within a few seconds after
     (`OPEN_STATUS_REUSE_SECONDS`), never the run's history; the run was found
     visible to the caller (`find_run`) as the stream opened, and whose run it is never changes."""
-    status = await runs.closed_status(workflow_id, run_id)
+    status = await runs.closed_status(workflow_id, run_id, fresh=fresh)
     return status if status in CLOSED_STATUSES else None
 
 

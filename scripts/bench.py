@@ -16,7 +16,7 @@ Figures (each server figure beside its baseline measured in the same run, as a r
            delivery, and the server's VmRSS growth per open stream (`scripts.bench_streams`).
   streams10k  10,000 SSE streams over 1,000 running runs (10 each), 200 posts/s spread over them:
            p99 and memory per stream (`scripts.bench_many_streams --shape spread`).
-  fanout   10,000 streams on one run, posts at a rising rate: the deliveries per second one process
+  fanout   5,000 streams on one run, posts at a rising rate: the deliveries per second one process
            sustains with p99 under 250 ms (`scripts.bench_many_streams --shape fanout`).
 
 Measurements alternate server and baseline, `--rounds` times; the table shows medians. With two
@@ -90,8 +90,8 @@ class Config:
     many_runs: int = 1000
     many_per_run: int = 10
     many_rate: float = 200.0
-    fanout_streams: int = 10_000
-    fanout_rates: str = "1,2,5,10,20"
+    fanout_streams: int = 5_000
+    fanout_rates: str = "2,3,4,5,6,8"
     many_seconds: float = 10.0
     many_clients: int = 2
 
@@ -117,8 +117,8 @@ class Config:
             many_runs=args.many_runs if args.many_runs is not None else (5 if smoke else 1000),
             many_per_run=2 if smoke else 10,
             many_rate=10.0 if smoke else 200.0,
-            fanout_streams=args.fanout_streams if args.fanout_streams is not None else (20 if smoke else 10_000),
-            fanout_rates=args.fanout_rates or ("1,2" if smoke else "1,2,3,5,10"),
+            fanout_streams=args.fanout_streams if args.fanout_streams is not None else (20 if smoke else 5_000),
+            fanout_rates=args.fanout_rates or ("1,2" if smoke else "2,3,4,5,6,8"),
             many_seconds=1.0 if smoke else args.many_seconds,
             many_clients=1 if smoke else args.many_clients,
         )
@@ -813,8 +813,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the server in the first round")
     parser.add_argument("--keep", action="store_true", help="keep the data folder (logs) afterwards")
     parser.add_argument("--many-runs", type=int, help="streams10k: running runs (default 1000; smoke 5)")
-    parser.add_argument("--fanout-streams", type=int, help="fanout: streams on one run (default 10000; smoke 20)")
-    parser.add_argument("--fanout-rates", help="fanout: posts/s, phase by phase (default 1,2,3,5,10)")
+    parser.add_argument("--fanout-streams", type=int, help="fanout: streams on one run (default 5000; smoke 20)")
+    parser.add_argument("--fanout-rates", help="fanout: posts/s, phase by phase (default 2,3,4,5,6,8)")
     parser.add_argument("--many-seconds", type=float, default=10.0, help="streams10k/fanout: seconds per phase")
     parser.add_argument("--many-clients", type=int, default=2, help="streams10k/fanout: client processes")
     parser.add_argument("--only", default=",".join(GROUPS), help="figure groups to measure (comma-separated)")

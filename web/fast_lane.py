@@ -2,8 +2,11 @@
 
 Posting an update, reading a run's updates and reading a run's details are the hot path (a workflow
 posts many updates per run, a UI polls the others). Connexion's middlewares cost about 450 µs of
-CPU per request, more than a whole request in a bare Starlette handler (`make bench`). This lane
-answers those operations directly, for requests that are *plainly valid*:
+CPU per request, more than a whole request in a bare Starlette handler (`make bench`). A run's
+stream is opened far less often, but lives long: behind Connexion, its chain of middlewares, their
+frames and their copies of the scope stay alive as long as the stream (about 16 KB of each open
+stream's memory). This lane answers those operations directly, for requests that are *plainly
+valid*:
 
 - it reads the operation table (`web.operations`), as Connexion's registration does: paths,
   parameters with their types, defaults and `required`, the body, the security and the answer all
@@ -14,12 +17,19 @@ answers those operations directly, for requests that are *plainly valid*:
 - it takes a request only when everything about it is unremarkable: the path matches, every query
   parameter is a declared one given once in plain characters, every required parameter is there,
   each parameter passes its schema, a body is a JSON object sent as `application/json` within the
-  size limit and passes its schema, and the bearer token verifies;
+  size limit and passes its schema, and the token sent in the `Authorization` header verifies;
+- a stream's token sent as the `access_token` query parameter (EventSource clients cannot set
+  headers; `web.middleware.QueryTokenForStreams` moves it to the header ahead of Connexion's
+  security) is left to Connexion: such a stream is served, and costs, as without the lane;
 - anything else (a malformed token, an unknown parameter, a missing required header, an invalid
   body, ...) is handed on to Connexion untouched (a body the lane read is replayed), so every
   refusal keeps Connexion's exact answer and each error message has one implementation;
-- the handler's domain errors (403, 404, 413, 503) leave as `web.errors` shapes them for Connexion;
-  with VALIDATE_RESPONSES=1 its answers are validated against the document as Connexion's are.
+- the handler's domain errors (403, 404, 413, 429, 503) leave as `web.errors` shapes them for
+  Connexion; with VALIDATE_RESPONSES=1 its JSON answers are validated against the document as
+  Connexion's are (Connexion has no validator for `text/event-stream`, so neither has the lane);
+- an opened stream is answered by `web.endpoints.stream_response`, the function Connexion's
+  endpoint answers it with, and runs in the scope the server gave (its extensions: abort, direct
+  writes); once it has started, its errors are the server's, as behind Connexion.
 
 `tests/unit/test_fast_lane.py` proves, request by request, that the lane and Connexion answer the
 same; `FAST_LANE=0` turns the lane off.
@@ -28,6 +38,7 @@ same; `FAST_LANE=0` turns the lane off.
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,13 +49,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import DomainError
 from handlers.deps import Deps
+from handlers.updates import OpenedStream
 from web import errors, openapi31
 from web.asgi import replay, send_response
 from web.auth import token_info
+from web.endpoints import stream_response
+from web.middleware import STREAM_AUTH_PARAM
 from web.operations import MISSING, Operation, Parameter, path_pattern
+from web.sse.response import HEADERS as STREAM_HEADERS
+from web.sse.response import EventStreamResponse
 
-# The operations the lane serves: those where Connexion's cost dominates the request (`make bench`).
-LANE_OPERATIONS = ("getWorkflowRun", "getWorkflowRunUpdates", "postWorkflowRunUpdate")
+# The operations the lane serves: those where Connexion's cost dominates the request (`make bench`),
+# and the stream, whose every open connection would keep Connexion's chain alive as long as it lasts.
+LANE_OPERATIONS = ("getWorkflowRun", "getWorkflowRunUpdates", "postWorkflowRunUpdate", "streamWorkflowRunUpdates")
 
 # What the lane implements of the document, by construct; anything else in one of its operations
 # stops the app at start-up (`LaneUnsupported`) rather than being served differently from Connexion.
@@ -87,6 +104,14 @@ LANE_CONSTRUCTS = {
     "request body": {"content", "required", "description"},
     "body media type": {"application/json"},
     "media type object": {"schema", "example", "examples"},
+    # The 200 answer: JSON bytes, or an opened stream sent as Server-Sent Events (`web.endpoints`).
+    "answer media type": {"application/json", "text/event-stream"},
+}
+# What each answer's handler returns, and the headers its answer always carries: the only ones the
+# 200 answer may declare (Connexion, validating responses, checks that the required ones are sent).
+_ANSWERS: dict[str, tuple[type, frozenset[str]]] = {
+    "application/json": (bytes, frozenset()),
+    "text/event-stream": (OpenedStream, frozenset(name.lower() for name in STREAM_HEADERS)),
 }
 # Specification extensions (`x-...`) the lane knows to mean nothing for serving: none yet. Connexion
 # acts on some (`x-body-name` renames the handler's body argument), so an unknown one is refused.
@@ -96,6 +121,7 @@ LANE_EXTENSIONS: frozenset[str] = frozenset()
 _PLAIN = re.compile(rb"[A-Za-z0-9._~-]+\Z")
 _INTEGER = re.compile(rb"-?[0-9]{1,19}\Z")
 _BOOLEANS = {b"true": True, b"false": False}
+_QUERY_TOKEN = STREAM_AUTH_PARAM.encode()
 
 
 class LaneUnsupported(ValueError):
@@ -108,7 +134,7 @@ class Route:
 
     operation: Operation
     pattern: re.Pattern[str]
-    response: dict[str, Any]  # the schema of the 200 answer
+    response: dict[str, Any] | None  # the schema of the 200 answer when JSON; None: a stream
     inputs: tuple[Input, ...]
     query_names: frozenset[bytes]
 
@@ -146,15 +172,13 @@ def route_of(operation: Operation, base_path: str) -> Route:
         _only(operation.body.content, LANE_CONSTRUCTS["body media type"], f"{where}: the request body is")
         _only(operation.body.content["application/json"], LANE_CONSTRUCTS["media type object"], f"{where}: the body's")
     _bearer_only(operation, where)
-    answers = {status: value.get("content", {}) for status, value in operation.responses.items()}
-    if "application/json" not in answers.get("200", {}) or any(
-        content for status, content in answers.items() if status != "200" and not status.startswith(("4", "5"))
-    ):
-        raise LaneUnsupported(f"{where}: it answers {sorted(answers)}; the lane sends 200 application/json only")
+    media_type = _answer_media_type(operation, where)
     return Route(
         operation=operation,
         pattern=path_pattern(base_path, operation.path),
-        response=operation.responses["200"]["content"]["application/json"]["schema"],
+        response=operation.responses["200"]["content"][media_type]["schema"]
+        if media_type == "application/json"
+        else None,
         inputs=tuple(
             Input(
                 p, (p.name.lower() if p.location == "header" else p.name).encode(), p.python_name in operation.accepts
@@ -163,6 +187,29 @@ def route_of(operation: Operation, base_path: str) -> Route:
         ),
         query_names=frozenset(p.name.encode() for p in operation.parameters_in("query")),
     )
+
+
+def _answer_media_type(operation: Operation, where: str) -> str:
+    """The media type of the operation's 200 answer: one the lane sends, matching what the handler
+    returns, with no header declared that the answer does not always carry."""
+    answers = {status: value.get("content", {}) for status, value in operation.responses.items()}
+    if any(content for status, content in answers.items() if status != "200" and not status.startswith(("4", "5"))):
+        raise LaneUnsupported(f"{where}: it answers {sorted(answers)}; the lane sends 200 and errors only")
+    media_types: list[str] = list(answers.get("200", {}))
+    _only(media_types, LANE_CONSTRUCTS["answer media type"], f"{where}: its 200 answer is")
+    if len(media_types) != 1:
+        raise LaneUnsupported(f"{where}: its 200 answer is {media_types!r}; the lane sends one media type")
+    (media_type,) = media_types
+    returns, sent = _ANSWERS[media_type]
+    returned = typing.get_type_hints(operation.handler).get("return")
+    if returned is not returns:
+        raise LaneUnsupported(f"{where}: its handler returns {returned!r}, not what the lane sends as {media_type}")
+    for header in operation.responses["200"].get("headers", {}):
+        if header.lower() not in sent:
+            raise LaneUnsupported(
+                f"{where}: its 200 answer declares the header {header!r}, which the lane does not send"
+            )
+    return media_type
 
 
 def _only(found: Iterable[str], allowed: set[str], context: str) -> None:
@@ -205,20 +252,25 @@ class FastLane:
                     # to Connexion's endpoint of the same operation, which names it alike.
                     scope.setdefault("state", {})["operation_id"] = route.operation.operation_id
                     try:
-                        hand_on = await self._serve(route, match.groupdict(), scope, receive, send)
+                        outcome = await self._serve(route, match.groupdict(), scope, receive, send)
                     except Exception as exc:  # raised before anything was sent: the lane sends last
                         await send_response(send, _error_response(exc))
                         return
-                    if hand_on is not None:
-                        await self.app(scope, hand_on, send)
+                    if isinstance(outcome, EventStreamResponse):
+                        # Run at once, nothing awaited in between: the response owns the stream and
+                        # its slot, and releases them however it ends. Once it has started, its
+                        # errors go to the server, as they do behind Connexion's handlers.
+                        await outcome(scope, receive, send)
+                    elif outcome is not None:
+                        await self.app(scope, outcome, send)
                     return
         await self.app(scope, receive, send)
 
     async def _serve(
         self, route: Route, path: dict[str, str], scope: Scope, receive: Receive, send: Send
-    ) -> Receive | None:
-        """Serve the request, or return the `receive` to hand it on to Connexion with (replaying
-        the part of the body the lane read)."""
+    ) -> Receive | EventStreamResponse | None:
+        """Serve the request; or return the `receive` to hand it on to Connexion with (replaying
+        the part of the body the lane read), or the stream's response for the caller to run."""
         operation = route.operation
         headers = _headers(scope)
         arguments = None if headers is None else _arguments(route, path, scope["query_string"], headers)
@@ -234,8 +286,7 @@ class FastLane:
         info = await self._token_info(scope, headers)
         if info is None:
             return receive
-        await self._answer(send, route, await self._call(operation, scope, info, arguments))
-        return None
+        return await self._answer(send, route, scope, await self._call(operation, scope, info, arguments))
 
     async def _serve_with_body(
         self,
@@ -246,7 +297,7 @@ class FastLane:
         scope: Scope,
         receive: Receive,
         send: Send,
-    ) -> Receive | None:
+    ) -> Receive | EventStreamResponse | None:
         operation = route.operation
         assert operation.body is not None
         if headers.get(b"content-type") != b"application/json" or not _plainly_framed(
@@ -274,23 +325,34 @@ class FastLane:
             return replay(messages, receive)
         if "body" in operation.accepts:
             arguments["body"] = body
-        await self._answer(send, route, await self._call(operation, scope, info, arguments))
-        return None
+        return await self._answer(send, route, scope, await self._call(operation, scope, info, arguments))
 
     @staticmethod
-    async def _call(operation: Operation, scope: Scope, info: dict[str, Any], arguments: dict[str, Any]) -> bytes:
+    async def _call(
+        operation: Operation, scope: Scope, info: dict[str, Any], arguments: dict[str, Any]
+    ) -> bytes | OpenedStream:
         deps: Deps = scope["state"]["deps"]
-        result: bytes = await operation.handler(deps, info["principal"], **arguments)
+        result: bytes | OpenedStream = await operation.handler(deps, info["principal"], **arguments)
         return result
 
-    async def _answer(self, send: Send, route: Route, body: bytes) -> None:
+    async def _answer(
+        self, send: Send, route: Route, scope: Scope, result: bytes | OpenedStream
+    ) -> EventStreamResponse | None:
         """Send the operation's JSON answer (validated against the document when Connexion would
-        validate it, with the same 500 when it does not conform)."""
-        if self.validate_responses and (problem := openapi31.nonconforming(route.response, orjson.loads(body))):
+        validate it, with the same 500 when it does not conform); or return an opened stream's
+        response, made as Connexion's endpoint makes it, for the caller to run."""
+        if isinstance(result, OpenedStream):
+            return stream_response(scope["state"]["deps"], result)
+        if (
+            self.validate_responses
+            and route.response is not None
+            and (problem := openapi31.nonconforming(route.response, orjson.loads(result)))
+        ):
             await send_response(send, errors.problem_response(problem))
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": _json_headers(body)})
-        await send({"type": "http.response.body", "body": body})
+            return None
+        await send({"type": "http.response.start", "status": 200, "headers": _json_headers(result)})
+        await send({"type": "http.response.body", "body": result})
+        return None
 
     @staticmethod
     async def _token_info(scope: Scope, headers: dict[bytes, bytes]) -> dict[str, Any] | None:
@@ -306,7 +368,8 @@ def _arguments(route: Route, path: dict[str, str], query: bytes, headers: dict[b
     """The handler's arguments from the path, query and header parameters, each valid by its
     schema, defaults applied; None when any is doubtful (Connexion judges the request then)."""
     given = _query(query)
-    if given is None or not route.query_names.issuperset(given):
+    # A token in the query is for the security layer to move to the header (`QueryTokenForStreams`).
+    if given is None or not route.query_names.issuperset(given) or _QUERY_TOKEN in given:
         return None
     arguments: dict[str, Any] = {}
     for one in route.inputs:

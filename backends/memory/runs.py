@@ -320,7 +320,8 @@ class MemoryRuns:
         # Nothing lags here: a run that is not found now never will be (no request creates one).
         return await self.find_run(principal, run_id)
 
-    async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
+    async def closed_status(self, workflow_id: str, run_id: str, *, fresh: bool = False) -> str | None:
+        del fresh  # in memory every answer is fresh
         run = self._runs.get(run_id)
         if run is None or run.workflow_id != workflow_id:
             raise not_found(run_id)

@@ -3,17 +3,23 @@
 Every request here goes to two apps on the same fake backends, one with the lane (the default) and
 one without (`FAST_LANE=0`): status, JSON body and the headers a client acts on must be the same.
 Hand-picked requests cover each reason the lane hands a request on, and Schemathesis adds generated
-ones for the three operations. A counter on Connexion's routing proves the lane really serves the
-plainly valid requests rather than passing everything on.
+ones for the three JSON operations (a stream never ends by itself: its requests are hand-picked, on
+a closed run, whose stream ends once it has sent what is stored). A counter on Connexion's routing
+proves the lane really serves the plainly valid requests rather than passing everything on; a real
+uvicorn server shows a stream the lane serves writing straight to its connection and giving its
+place back when its client leaves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -22,11 +28,14 @@ import jwt
 import orjson
 import pytest
 import schemathesis
+import uvicorn
 from connexion.json_schema import resolve_refs
 from connexion.middleware.routing import RoutingMiddleware
 from hypothesis import HealthCheck, settings
 
+from backends.memory.updates import MemoryUpdateStream
 from core.errors import BackendUnavailable, PayloadTooLarge
+from core.protocols import LiveSink, UpdateEvent
 from core.settings import Settings
 from core.tokens import mint_token
 from handlers import HANDLERS
@@ -34,8 +43,10 @@ from handlers.deps import Deps
 from tests.support import fakes
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
 from web import fast_lane
+from web.abortable import AbortableHttpToolsProtocol
 from web.app import create_app, published_document
 from web.auth import TokenVerifier
+from web.direct_write import DirectWriteHttpToolsProtocol
 from web.fast_lane import FastLane, LaneUnsupported, lane_routes
 from web.operations import compile_operations
 
@@ -43,7 +54,16 @@ SECRET = "fast-lane-unit-test-secret-" + "x" * 40
 POST = f"/api/v1/workflows/runs/{RUN_ID}/updates"
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
 GET = f"{RUN}/updates"
-HEADERS_COMPARED = ("content-type", "www-authenticate", "retry-after", "allow")
+STREAM = f"{RUN}/stream"
+HEADERS_COMPARED = (
+    "content-type",
+    "www-authenticate",
+    "retry-after",
+    "allow",
+    "cache-control",
+    "x-accel-buffering",
+    "connection",
+)
 
 
 class Updates(FakeUpdates):
@@ -509,3 +529,304 @@ def test_a_header_made_required_is_enforced_alike_by_both_paths(routed: list[str
         status, _, _ = answer(fast, {**get(**{"x-api-version": "1"}), "url": RUN})
         assert status == 200 and routed == []  # with the header, the lane serves it
         assert assert_same((fast, connexion), {**get(**{"x-api-version": "1"}), "url": RUN})[0] == 200
+
+
+# -- the stream: the same errors, the same response, served by the lane ------------------------------
+
+
+class StreamUpdates(FakeUpdates):
+    """Three stored updates of the run, and Redis "down" while `down` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.ids = [
+            self.store(RUN_ID, b',"type":"UPDATE","message":"m%d"}' % n, at_ms=1678886400000 + n) for n in (1, 2, 3)
+        ]
+
+    async def open_stream(
+        self, run_id: str, *, after_id: str | None, since_ms: int | None, skip_history: bool
+    ) -> MemoryUpdateStream:
+        if self.down:
+            raise BackendUnavailable("Redis did not answer: Connection refused", retry_after=5)
+        return await super().open_stream(run_id, after_id=after_id, since_ms=since_ms, skip_history=skip_history)
+
+
+STREAM_UPDATES = StreamUpdates()
+
+
+def stream_apps(**overrides: Any) -> tuple[Any, Any]:
+    """The app with and without the lane on a closed run: its stream sends what is stored, then
+    `end`, then ends, so that a test client can read it whole."""
+    backends = fake_backends_factory(FakeRuns(status="COMPLETED"), STREAM_UPDATES)
+    return tuple(  # type: ignore[return-value]
+        create_app(replace(app_settings(lane), **overrides), backends) for lane in (True, False)
+    )
+
+
+@pytest.fixture(scope="module")
+def stream_clients() -> Iterator[tuple[Any, Any]]:
+    fast_app, connexion_app = stream_apps()
+    with fast_app.test_client() as fast, connexion_app.test_client() as connexion:
+        yield fast, connexion
+
+
+def stream(query: str = "", **headers: str) -> dict[str, Any]:
+    return {"method": "GET", "url": STREAM + query, "headers": {**auth(), **headers}}
+
+
+def event_ids(body: bytes) -> list[str]:
+    return [line[4:].decode() for line in body.split(b"\n") if line.startswith(b"id: ")]
+
+
+STREAMS_SERVED = {
+    "every stored update": (stream(), STREAM_UPDATES.ids),
+    "since": (stream("?since=1678886400001"), STREAM_UPDATES.ids[1:]),
+    "since zero": (stream("?since=0"), STREAM_UPDATES.ids),
+    "skipHistory": (stream("?skipHistory=true"), []),
+    "skipHistory false": (stream("?skipHistory=false"), STREAM_UPDATES.ids),
+    "since wins over skipHistory": (stream("?since=1678886400002&skipHistory=true"), STREAM_UPDATES.ids[2:]),
+    "Last-Event-ID": (stream(**{"Last-Event-ID": STREAM_UPDATES.ids[0]}), STREAM_UPDATES.ids[1:]),
+    "Last-Event-ID wins over since": (
+        stream("?since=0", **{"Last-Event-ID": STREAM_UPDATES.ids[1]}),
+        STREAM_UPDATES.ids[2:],
+    ),
+    "with api version": (stream(**{"x-api-version": "20260803"}), STREAM_UPDATES.ids),
+}
+
+
+@pytest.mark.parametrize("name", STREAMS_SERVED)
+def test_a_plainly_valid_stream_is_served_by_the_lane_as_by_connexion(
+    stream_clients: tuple[Any, Any], routed: list[str], name: str
+) -> None:
+    request, ids = STREAMS_SERVED[name]
+    status, body, headers = answer(stream_clients[0], request)
+    assert routed == []  # Connexion never saw it
+    assert (status, body, headers) == answer(stream_clients[1], request)
+    assert status == 200 and headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert (headers["cache-control"], headers["x-accel-buffering"], headers["connection"]) == (
+        "no-store",
+        "no",
+        "close",
+    )
+    assert body.startswith(b"retry: 3000\n: open\n\n")
+    assert event_ids(body) == ids
+    assert body.endswith(b'event: end\ndata: {"reason":"run_closed","status":"COMPLETED"}\n\n')
+
+
+STREAMS_HANDED_ON = {
+    "since not a number": stream("?since=abc"),
+    "since negative": stream("?since=-1"),
+    "since a fraction": stream("?since=1.5"),
+    "since beyond 2^53": stream("?since=9007199254740992"),
+    "skipHistory not a boolean": stream("?skipHistory=yes"),
+    "skipHistory in capitals": stream("?skipHistory=True"),
+    "Last-Event-ID malformed": stream(**{"Last-Event-ID": "abc"}),
+    "Last-Event-ID too long": stream(**{"Last-Event-ID": "1" * 21}),
+    "unknown parameter": stream("?limit=5"),
+    "since twice": stream("?since=1&since=2"),
+    "malformed run id": {**stream(), "url": f"/api/v1/workflows/runs/{WORKFLOW_ID}/nope/stream"},
+    "with a body": {**stream(), "content": b"{}"},
+    "no token": stream(Authorization=""),
+    "malformed token": stream(Authorization="Bearer not.a.jwt"),
+}
+
+
+@pytest.mark.parametrize("name", STREAMS_HANDED_ON)
+def test_a_doubtful_stream_request_gets_connexions_own_answer(
+    stream_clients: tuple[Any, Any], routed: list[str], name: str
+) -> None:
+    status, body, _ = assert_same(stream_clients, STREAMS_HANDED_ON[name])
+    assert status in {200, 400, 401}, body  # Connexion reads `True` and a repeated `since`
+    assert routed  # the lane handed it on
+
+
+def test_a_stream_whose_token_is_in_the_query_is_left_to_connexion(
+    stream_clients: tuple[Any, Any], routed: list[str]
+) -> None:
+    # EventSource's way: the token as `access_token`, which the lane leaves to Connexion's security.
+    query = {"method": "GET", "url": f"{STREAM}?access_token={token()}&skipHistory=true"}
+    status, body, _ = assert_same(stream_clients, query)
+    assert status == 200 and event_ids(body) == []
+    assert routed == [STREAM, STREAM]
+    # With the header as well, the header is used, on both paths.
+    both = {**query, "url": f"{STREAM}?access_token=not.a.jwt", "headers": auth()}
+    assert assert_same(stream_clients, both)[0] == 200
+
+
+STREAM_ERRORS = {
+    "no permission": (stream(Authorization=f"Bearer {token(permissions=[])}"), 403),
+    "another project's run": (stream(Authorization=f"Bearer {token(project='p2')}"), 404),
+    "unknown run": (
+        {**stream(), "url": f"/api/v1/workflows/runs/{WORKFLOW_ID}/{'0' * 8}-0000-4000-8000-{'0' * 12}/stream"},
+        404,
+    ),
+    "other workflow": ({**stream(), "url": f"/api/v1/workflows/runs/other-workflow/{RUN_ID}/stream"}, 404),
+}
+
+
+@pytest.mark.parametrize("name", STREAM_ERRORS)
+def test_a_stream_refused_before_it_starts_is_refused_alike(
+    stream_clients: tuple[Any, Any], routed: list[str], name: str
+) -> None:
+    request, expected = STREAM_ERRORS[name]
+    status, body, headers = answer(stream_clients[0], request)
+    assert routed == []  # refused by the handler the lane called
+    assert (status, body, headers) == answer(stream_clients[1], request)
+    assert status == expected and body["status"] == expected and body["errorCode"]
+
+
+def test_redis_down_as_a_stream_opens_is_503_with_retry_after_on_both_paths(
+    stream_clients: tuple[Any, Any], routed: list[str]
+) -> None:
+    STREAM_UPDATES.down = True
+    try:
+        status, body, headers = assert_same(stream_clients, stream())
+    finally:
+        STREAM_UPDATES.down = False
+    assert routed == [STREAM]  # only the request sent to the app without the lane
+    assert status == 503 and body["errorCode"] == "backend_unavailable" and headers["retry-after"] == "5"
+
+
+@pytest.mark.parametrize(
+    ("limit", "named"),
+    [
+        ({"max_streams_per_principal": 0}, "the limit per caller"),
+        ({"max_streams_per_process": 0}, "update streams open, its limit"),
+        ({"rate_limit_updates_per_second": 1, "rate_limit_updates_burst": 1}, ""),
+    ],
+)
+def test_a_stream_over_a_limit_is_429_with_retry_after_on_both_paths(
+    routed: list[str], limit: dict[str, Any], named: str
+) -> None:
+    fast_app, connexion_app = stream_apps(**limit)
+    with fast_app.test_client() as fast, connexion_app.test_client() as connexion:
+        for _ in range(2):  # the burst of one, if any, is spent by the first
+            status, body, headers = assert_same((fast, connexion), stream("?skipHistory=true"))
+    assert status == 429 and body["errorCode"] and headers["retry-after"]
+    assert named in body["message"]
+    assert routed == [STREAM, STREAM]  # the lane answered its own
+
+
+def test_the_stream_operation_is_served_by_the_lane() -> None:
+    operations = compile_operations(resolve_refs(copy.deepcopy(published_document())), HANDLERS)
+    (route,) = [r for r in lane_routes(operations, "/api/v1") if r.operation.operation_id == "streamWorkflowRunUpdates"]
+    assert route.response is None  # sent as events, by `web.endpoints.stream_response`
+    assert route.pattern.match(STREAM)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda r: r["200"]["headers"].update({"X-Other": {"schema": {"type": "string"}}}), "'X-Other'"),
+        (lambda r: r["200"]["content"].update({"application/json": {"schema": {}}}), "one media type"),
+        (lambda r: r["200"].update(content={"text/plain": {"schema": {}}}), "'text/plain'"),
+        (
+            lambda r: r["200"].update(content={"application/json": {"schema": {}}}),
+            "not what the lane sends as application/json",
+        ),
+    ],
+)
+def test_a_stream_answer_the_lane_does_not_send_stops_the_app(change: Any, named: str) -> None:
+    document = altered_document(lambda d: change(operation_of(d, "streamWorkflowRunUpdates")["responses"]))
+    with pytest.raises(LaneUnsupported, match=re.escape(named)):
+        create_app(app_settings(True), fake_backends_factory(), document=document)
+
+
+# -- over a real socket: a stream the lane serves writes straight to its connection, and gives its
+# -- place back when its client leaves
+
+
+class HeldStream:
+    """A running run's stream: offers one live update to the sink (as the hub does; the sink takes
+    it only when the server's direct writer reached the response), then waits until closed."""
+
+    def __init__(self) -> None:
+        self.written_directly = False
+        self.closed = asyncio.Event()
+        self._offered = False
+
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
+        if not self._offered:
+            self._offered = True
+            await asyncio.sleep(0)  # waiting, as the hub's reader reads
+            update = ("message", "1678886400001-0", b'{"timestamp":1678886400001,"message":"live"}')
+            if sink is None or not sink(update[1], update[2]):
+                return update
+            self.written_directly = True
+        await self.closed.wait()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+class HeldUpdates(FakeUpdates):
+    def __init__(self) -> None:
+        super().__init__()
+        self.streams: list[HeldStream] = []
+
+    async def open_stream(  # type: ignore[override]
+        self, run_id: str, *, after_id: str | None, since_ms: int | None, skip_history: bool
+    ) -> HeldStream:
+        self.streams.append(HeldStream())
+        return self.streams[-1]
+
+
+class ServerProtocol(AbortableHttpToolsProtocol, DirectWriteHttpToolsProtocol):
+    """The protocols the server puts in front of its bounds (`web.transport.protocol_class`)."""
+
+
+@asynccontextmanager
+async def one_stream_server(updates: HeldUpdates) -> AsyncIterator[int]:
+    """uvicorn in this process, with the lane, on a free port; one stream per caller at most."""
+    settings = replace(app_settings(True), max_streams_per_principal=1, sse_heartbeat_seconds=3600)
+    app = create_app(settings, fake_backends_factory(FakeRuns(status="RUNNING"), updates))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    config = uvicorn.Config(app, http=ServerProtocol, log_config=None, timeout_graceful_shutdown=1)
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=[listener])
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        await server.shutdown(sockets=[listener])
+
+
+async def open_stream(port: int) -> tuple[socket.socket, bytes]:
+    """A stream request over a new connection, and what came back: the head, and for a 200 the
+    frames up to the live update."""
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setblocking(False)
+    await loop.sock_connect(client, ("127.0.0.1", port))
+    request = f"GET {STREAM} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token()}\r\n\r\n"
+    await loop.sock_sendall(client, request.encode())
+    received = b""
+    while b"\r\n\r\n" not in received or (b" 200 " in received.split(b"\r\n", 1)[0] and b"live" not in received):
+        chunk = await loop.sock_recv(client, 65536)
+        assert chunk, received
+        received += chunk
+    return client, received
+
+
+async def test_a_stream_served_by_the_lane_gives_its_place_back_when_its_client_leaves(routed: list[str]) -> None:
+    updates = HeldUpdates()
+    async with asyncio.timeout(20), one_stream_server(updates) as port:
+        first, received = await open_stream(port)
+        assert received.startswith(b"HTTP/1.1 200") and b"retry: 3000\n: open\n\n" in received
+        assert routed == []  # served by the lane, in the scope the server gave (its direct writer)
+        assert updates.streams[0].written_directly
+        second, refused = await open_stream(port)  # the one place is taken
+        second.close()
+        assert refused.startswith(b"HTTP/1.1 429")
+        first.close()
+        await updates.streams[0].closed.wait()  # the response ends when the client leaves
+        third, received = await open_stream(port)  # and gave its place back
+        with third:
+            assert received.startswith(b"HTTP/1.1 200")
+        await updates.streams[1].closed.wait()
+    assert routed == []

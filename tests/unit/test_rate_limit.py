@@ -82,9 +82,9 @@ class CountingRuns(FakeRuns):
             self.calls += 1  # the real backend asks Temporal only for what it has not seen
         return await super().find_run(principal, run_id, workflow_id)
 
-    async def closed_status(self, workflow_id: str, run_id: str) -> str | None:
+    async def closed_status(self, workflow_id: str, run_id: str, *, fresh: bool = False) -> str | None:
         self.calls += 1  # a describe (shared by the run's concurrent askers)
-        return await super().closed_status(workflow_id, run_id)
+        return await super().closed_status(workflow_id, run_id, fresh=fresh)
 
 
 class EndedStream:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import pytest
 from redis import exceptions as redis_errors
@@ -300,7 +300,20 @@ class FakeReader:
     async def client_id(self) -> int:
         return self.id
 
-    async def xread(self, streams: dict[Any, Any], count: int, block: int) -> Any:
+    # The hub packs its XREAD itself and sends it on the reader's one connection (this fake).
+    response_callbacks: ClassVar[dict[str, Any]] = {"XREAD": lambda response: response}
+
+    async def initialize(self) -> FakeReader:
+        return self
+
+    @property
+    def connection(self) -> FakeReader:
+        return self
+
+    async def send_packed_command(self, command: bytes) -> None:
+        assert command.startswith(b"*") and b"$5\r\nXREAD\r\n" in command
+
+    async def read_response(self) -> Any:
         if self.fails:
             raise self.fails.pop(0)
         self.blocked.set()

@@ -20,12 +20,13 @@ import uvicorn
 from starlette.types import Message
 
 from core.errors import BackendUnavailable
+from core.metrics import StreamRecord
 from core.protocols import LiveSink, UpdateEvent
 from core.settings import Settings
 from core.shutdown import ServerShutdown
 from core.tokens import mint_token
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, fake_backends_factory
-from web.abortable import AbortableHttpToolsProtocol
+from web.abortable import ABORT_EXTENSION, AbortableHttpToolsProtocol
 from web.app import create_app
 from web.direct_write import DirectWriteHttpToolsProtocol
 from web.sse import framing
@@ -394,6 +395,106 @@ async def test_client_disconnect_closes_the_stream_at_once() -> None:
     assert stream.closed
 
 
+def told_of_disconnect() -> tuple[dict[str, Any], list[Any], list[str]]:
+    """A scope whose server offers the disconnect callback (`web.abortable`): the callbacks
+    registered (None: forgotten) and the aborts asked for."""
+    watchers: list[Any] = []
+    aborts: list[str] = []
+    extension = {"abort": lambda: aborts.append("abort"), "on_disconnect": watchers.append}
+    return {**scope("2.3"), "extensions": {ABORT_EXTENSION: extension}}, watchers, aborts
+
+
+async def never_receive() -> Message:
+    raise AssertionError("the server tells of the disconnect: `receive` is not awaited")
+
+
+@pytest.mark.parametrize("pending_send", [False, True], ids=["waiting-for-an-event", "in-a-send"])
+async def test_the_servers_disconnect_callback_ends_the_stream_as_client_gone(pending_send: bool) -> None:
+    stream = FakeStream([message(1)])  # then idle
+    record = StreamRecord()
+    gone = asyncio.Event()
+    http_scope, watchers, aborts = told_of_disconnect()
+
+    async def send(msg: Message) -> None:
+        if msg["type"] == "http.response.body" and msg["body"].startswith(b"id:"):
+            gone.set()
+            if pending_send:
+                await asyncio.Event().wait()  # the client's window is shut: the send waits
+
+    async def disconnect() -> None:
+        await gone.wait()
+        watchers[0]()  # the connection is lost: `connection_lost` calls it
+
+    response = EventStreamResponse(frames(stream, record=record), send_timeout=3600, stream=stream, record=record)
+    async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+        group.create_task(disconnect())
+        await response(http_scope, never_receive, send)
+    assert stream.closed and record.reason == "client_gone"
+    assert aborts == []  # nothing to abort: the connection is gone
+    assert watchers[-1] is None  # forgotten once the response is over
+
+
+async def test_a_disconnect_told_before_the_stream_begins_ends_it_at_once() -> None:
+    stream = FakeStream([])
+    record = StreamRecord()
+    http_scope, _, _ = told_of_disconnect()
+    extension = http_scope["extensions"][ABORT_EXTENSION]
+    extension["on_disconnect"] = lambda callback: callback() if callback is not None else None  # lost already
+
+    async def send(msg: Message) -> None:
+        pass  # uvicorn drops what is sent to a lost connection
+
+    # Else it would stream on, idle, for ever: nothing it sends can fail.
+    response = EventStreamResponse(frames(stream, record=record), send_timeout=3600, stream=stream, record=record)
+    async with asyncio.timeout(10):
+        await response(http_scope, never_receive, send)
+    assert stream.closed and record.reason == "client_gone"
+
+
+@pytest.mark.parametrize("header", [(b"content-length", b"5"), (b"transfer-encoding", b"chunked")])
+async def test_a_stream_request_with_a_body_has_it_read_until_the_disconnect(header: tuple[bytes, bytes]) -> None:
+    # uvicorn stops reading a connection whose body the application leaves unread: neither the
+    # body's deadline nor the client's leaving would then be noticed. Starlette's way reads it.
+    stream = FakeStream([message(1)])
+    http_scope, watchers, _ = told_of_disconnect()
+    http_scope["headers"] = [header]
+    first_body = asyncio.Event()
+    received: list[str] = []
+
+    async def send(msg: Message) -> None:
+        if msg["type"] == "http.response.body":
+            first_body.set()
+
+    async def receive() -> Message:
+        if not received:
+            received.append("http.request")
+            return {"type": "http.request", "body": b"hello", "more_body": False}
+        await first_body.wait()
+        received.append("http.disconnect")
+        return {"type": "http.disconnect"}
+
+    response = EventStreamResponse(frames(stream), send_timeout=3600)
+    async with asyncio.timeout(10):
+        await response(http_scope, receive, send)
+    assert received == ["http.request", "http.disconnect"] and stream.closed
+    assert watchers == []  # the server's callback was not asked for
+
+
+async def test_a_slow_reader_is_still_aborted_when_the_server_tells_of_disconnects() -> None:
+    stream = FakeStream([message(1)])
+    record = StreamRecord()
+    http_scope, _, aborts = told_of_disconnect()
+
+    async def send(msg: Message) -> None:
+        if msg["type"] == "http.response.body" and msg["body"].startswith(b"id:"):
+            await asyncio.Event().wait()  # stuck, and the connection is not lost
+
+    response = EventStreamResponse(frames(stream, record=record), send_timeout=0.05, stream=stream, record=record)
+    async with asyncio.timeout(10):
+        await response(http_scope, never_receive, send)
+    assert stream.closed and record.reason == "slow_reader" and aborts == ["abort"]
+
+
 @pytest.mark.parametrize("name", ["message", "truncated"])
 @pytest.mark.parametrize("event_id", ["", "1678886400000-0", "a\nb", "x\0y", "c\rd"])
 @pytest.mark.parametrize("data", [UPDATE, b"a\nb", b"a\r\nb", b"c\rd", b"x\0y", b""])
@@ -457,7 +558,9 @@ class Flood(FakeStream):
 
 
 @asynccontextmanager
-async def live_server(stream: FakeStream, http: type[Any] | None = None) -> AsyncIterator[int]:
+async def live_server(
+    stream: FakeStream, http: type[Any] | None = None, *, send_timeout: int = 1
+) -> AsyncIterator[int]:
     """uvicorn in this process, as `cli.main` runs it (its protocol, bounds aside: `http`, by
     default the server's own class), on a free port, with the app on fake backends whose run stream
     is `stream`; keep-alive is made an hour long so that only the server's own decision can close a
@@ -468,7 +571,7 @@ async def live_server(stream: FakeStream, http: type[Any] | None = None) -> Asyn
         jwt_public_key=None,
         jwks_url=None,
         sse_heartbeat_seconds=3600,
-        sse_send_timeout_seconds=1,
+        sse_send_timeout_seconds=send_timeout,
     )
     app = create_app(settings, fake_backends_factory(FakeRuns(status="RUNNING"), ScriptedUpdates(stream)))
     listener = socket.socket()
@@ -639,3 +742,134 @@ def test_the_direct_writer_stands_in_for_send_only_inside_a_chunked_body() -> No
     transport.is_closing = lambda: True
     assert not write(b"x")
     assert written == [b"3\r\nabc\r\n"]
+
+
+# -- over a real socket: the server tells the stream its client is gone -----------------------------
+
+
+class Silent(FakeStream):
+    """Waits for an event that never comes, as the stream of a quiet run does."""
+
+    async def next(self, wait_seconds: float, sink: LiveSink | None = None) -> UpdateEvent | None:
+        await asyncio.Event().wait()
+        return None
+
+
+@asynccontextmanager
+async def responses_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[list[tuple[EventStreamResponse, asyncio.Event]]]:
+    """Every `EventStreamResponse` the server answers with, and an event set once its `__call__`
+    has returned (the slot released and the record ended by then)."""
+    seen: list[tuple[EventStreamResponse, asyncio.Event]] = []
+    answer = EventStreamResponse.__call__
+
+    async def call(self: EventStreamResponse, scope: Any, receive: Any, send: Any) -> None:
+        done = asyncio.Event()
+        seen.append((self, done))
+        try:
+            await answer(self, scope, receive, send)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(EventStreamResponse, "__call__", call)
+    yield seen
+
+
+async def read_until(client: socket.socket, marker: bytes) -> bytes:
+    received = b""
+    async with asyncio.timeout(10):
+        while marker not in received:
+            chunk = await asyncio.get_running_loop().sock_recv(client, 65536)
+            assert chunk, "the server closed the connection"
+            received += chunk
+    return received
+
+
+async def test_a_client_that_disconnects_mid_stream_ends_it_at_once_over_a_real_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Heartbeats once an hour and a stream that never has an event: only the server's word of the
+    # disconnect can end it.
+    stream = Silent([])
+    async with responses_seen(monkeypatch) as seen, live_server(stream, send_timeout=3600) as port:
+        client = await open_stream_request(port)
+        with client:
+            await read_until(client, b"retry: 3000")
+        ((response, done),) = seen
+        async with asyncio.timeout(10):
+            await done.wait()
+    assert stream.closed
+    assert response.record is not None and response.record.reason == "client_gone"
+    assert response.slot is not None and response.slot.released
+
+
+class SignalsPausedWrites(ServerProtocol):
+    """The server's protocol, telling the test when the client's window is shut."""
+
+    paused: asyncio.Event
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.paused.set()
+
+
+async def test_a_client_that_disconnects_while_a_send_waits_ends_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A send timeout of an hour: the stream cannot end as a slow reader within the test.
+    stream = Flood([])
+    SignalsPausedWrites.paused = asyncio.Event()
+    async with responses_seen(monkeypatch) as seen, live_server(stream, SignalsPausedWrites, send_timeout=3600) as port:
+        client = await open_stream_request(port, receive_buffer=4096)
+        with client:
+            async with asyncio.timeout(10):
+                await SignalsPausedWrites.paused.wait()  # the stream's send now waits for the client
+        ((response, done),) = seen
+        async with asyncio.timeout(10):
+            await done.wait()
+    assert stream.closed
+    assert response.record is not None and response.record.reason == "client_gone"
+    assert response.slot is not None and response.slot.released
+
+
+async def test_an_open_stream_costs_the_server_one_task_not_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = Silent([])
+    served = protocol_class(Limits(max_header_bytes=8192, header_timeout=5, body_timeout=5, max_connections=100))
+    async with responses_seen(monkeypatch) as seen, live_server(stream, served, send_timeout=3600) as port:
+        first = await open_stream_request(port)
+        await read_until(first, b"retry: 3000")
+        before = len(asyncio.all_tasks())  # with one stream open: whatever the app started lazily
+        clients = [await open_stream_request(port) for _ in range(5)]
+        for client in clients:
+            await read_until(client, b"retry: 3000")
+        assert len(asyncio.all_tasks()) - before == len(clients)  # each stream's own ASGI task only
+        for client in [first, *clients]:
+            client.close()
+        async with asyncio.timeout(10):
+            for _, done in seen:
+                await done.wait()
+    assert all(response.record is not None and response.record.reason == "client_gone" for response, _ in seen)
+    assert all(response.slot is not None and response.slot.released for response, _ in seen)
+
+
+@pytest.mark.parametrize("fast_lane", [True, False], ids=["lane", "connexion"])
+def test_a_head_request_gets_the_streams_head_and_holds_no_slot(fast_lane: bool) -> None:
+    # uvicorn writes no body for HEAD: a stream behind it would never fail a send and would hold
+    # its slot for as long as the client liked. One stream per caller here: two HEADs, then a GET.
+    settings = replace(
+        Settings(),
+        jwt_secret=SECRET,
+        jwt_public_key=None,
+        jwks_url=None,
+        fast_lane=fast_lane,
+        max_streams_per_principal=1,
+    )
+    stream = FakeStream([DROPPED])
+    app = create_app(settings, fake_backends_factory(FakeRuns(status="RUNNING"), ScriptedUpdates(stream)))
+    headers = {"Authorization": f"Bearer {mint_token(SECRET, user='u1', project='p1')}"}
+    path = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}/stream"
+    with app.test_client() as client:
+        for _ in range(2):
+            head = client.head(path, headers=headers)
+            assert head.status_code == 200 and head.headers["content-type"].startswith("text/event-stream")
+            assert head.content == b""
+        assert client.get(path, headers=headers).status_code == 200  # the slot was given back

@@ -210,3 +210,15 @@ async def test_a_post_after_a_shorter_window_still_asks_temporal(temporal: FakeT
     assert temporal.describes[RUN_A] == 2
     assert await runs.closed_status(WORKFLOW_ID, RUN_A) == "TERMINATED"  # and the streams learn it too
     assert temporal.describes[RUN_A] == 2
+
+
+async def test_a_fresh_question_asks_temporal_even_within_the_window(
+    runs: TemporalRunsBackend, temporal: FakeTemporal
+) -> None:
+    # A stream's opening asks afresh (it must answer 503 while Temporal is down), and its answer
+    # serves the polls after it.
+    assert await runs.closed_status(WORKFLOW_ID, RUN_A) is None
+    assert await runs.closed_status(WORKFLOW_ID, RUN_A, fresh=True) is None
+    assert temporal.describes[RUN_A] == 2
+    assert await runs.closed_status(WORKFLOW_ID, RUN_A) is None
+    assert temporal.describes[RUN_A] == 2

@@ -138,6 +138,10 @@ async def test_a_failing_sink_loses_nothing() -> None:
     task = await wait_with(sub, broken)
     assert sub._deliver(((1, 0), b"a"))
     assert await task == ((1, 0), b"a")
+    offered: list[object] = []
+    task = await wait_with(sub, taking(offered))  # a stream whose sink failed once waits on as before
+    assert sub._deliver(((2, 0), b"b"))
+    assert await task == ((2, 0), b"b") and offered == []
 
 
 async def test_the_sink_is_offered_nothing_once_get_returned() -> None:

@@ -9,6 +9,7 @@ waits (with a generous socket timeout) for the server's answer or its close.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import select
@@ -22,6 +23,8 @@ from typing import Any
 import orjson
 import pytest
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from core.settings import Settings
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, bearer, fake_backends_factory
@@ -575,3 +578,26 @@ def test_a_client_leaving_mid_body_is_no_500(
             assert access.lines[-1]["status"] == middleware.CLIENT_GONE_STATUS
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     assert updates.stored == []
+
+
+async def test_the_bounds_keep_their_attributes_out_of_uvicorns_instance_dict() -> None:
+    # uvicorn's protocol keeps its own attributes in its instance dict, shared-key and small only
+    # while no instance adds keys of its own: the bounds' attributes must be slots.
+    config = uvicorn.Config(echo_app, log_config=None)
+    config.load()
+    loop = asyncio.get_running_loop()
+    served = transport.protocol_class(LIMITS)
+
+    async def connected(cls: type[HttpToolsProtocol]) -> HttpToolsProtocol:
+        protocol = cls(config, ServerState(), {}, loop)
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        await loop.connect_accepted_socket(lambda: protocol, sock=ours)
+        protocol.transport.abort()
+        return protocol
+
+    protocol, plain = await connected(served), await connected(HttpToolsProtocol)
+    added = set(transport.BoundedHttpToolsProtocol.__slots__)
+    assert added and not added & set(vars(protocol))
+    assert set(vars(protocol)) == set(vars(plain))  # nothing else added to uvicorn's dict either
+    assert all(hasattr(protocol, name) for name in added)  # set, in their slots

@@ -24,10 +24,14 @@ Which task ends the stream
       `closed_status` on its own schedule (every `poll_seconds`, heartbeat interval by default,
       whether or not updates flow), then asks the stream to `finish()`: the stream hands over what
       is stored after the last update sent, and the generator sends `end` and returns.
-    - The client disconnected: Starlette's `listen_for_disconnect` task (ASGI < 2.4, uvicorn today)
-      cancels the streaming task; under ASGI 2.4 `send` raises instead. Either way
-      `EventStreamResponse.stream_response` closes the generator in its `finally`, whose own
-      `finally` unsubscribes from the hub at once (synchronously: nothing to await while cancelled).
+    - The client disconnected: under the server's protocol (`web.abortable`), `connection_lost`
+      calls the response's callback (`on_disconnect` in the `ABORT_EXTENSION`), which expires the
+      stream's deadline: its one task stops wherever it waits, with no second task on `receive()`.
+      Elsewhere (TestClient, another server), or for a request with a body, Starlette's
+      `listen_for_disconnect` task cancels the streaming task (ASGI < 2.4); under ASGI 2.4 `send`
+      raises instead. Either way `EventStreamResponse.stream_response` closes the generator in its
+      `finally`, whose own `finally` unsubscribes from the hub at once (synchronously: nothing to
+      await while cancelled).
     - The client stopped reading: `EventStreamResponse` bounds every `send` by `send_timeout`; on
       expiry it stops sending, closes the generator the same way and aborts the connection (the
       server's `ABORT_EXTENSION`, see `web.abortable`): a plain close would wait, forever, for
