@@ -105,6 +105,7 @@ def graceful_server(
     loop, the graceful shutdown."""
     from web import transport
     from web.app import create_app
+    from web.collector import FullCollections
 
     tracing.setup(settings, service=tracing.API_SERVICE)
 
@@ -138,7 +139,10 @@ def graceful_server(
         factory=True,
         host=settings.host,
         port=port,
-        http=transport.protocol_class(limits),  # httptools, with the bounds of web/transport.py
+        # httptools, with the bounds of web/transport.py; its connections time the process's full
+        # garbage collections (web/collector.py), which CPython's rule would run every few seconds
+        # under thousands of open streams, stopping them all each time.
+        http=transport.protocol_class(limits, FullCollections.install()),
         ws="none",  # the API has no WebSocket endpoint: an Upgrade request stays plain HTTP
         server_header=False,
         timeout_keep_alive=settings.keepalive_timeout_seconds,

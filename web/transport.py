@@ -52,6 +52,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from web.abortable import AbortableHttpToolsProtocol, reset
+from web.collector import FullCollections
 from web.direct_write import DirectWriteHttpToolsProtocol
 from web.errors import error_body
 
@@ -109,8 +110,9 @@ class _Refused(Exception):
 class _Shared:
     """State shared by every connection of one server: the counts and the sweep."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, collector: FullCollections | None = None) -> None:
         self.limits = limits
+        self.collector = collector  # told of every close; None: CPython decides full collections
         self.regular = 0
         self.overflow = 0
         self.sweeping = False
@@ -214,6 +216,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         self._release()
         self._phase = _IDLE
+        shared = self.shared
+        if shared.collector is not None:
+            shared.collector.connection_closed(shared.regular + shared.overflow)
 
     def _release(self) -> None:
         """Give back this connection's place under the cap (once)."""
@@ -589,6 +594,8 @@ def _sweep(cls: type[BoundedHttpToolsProtocol], loop: asyncio.AbstractEventLoop,
     if not connections:
         shared.sweeping = False
         return
+    if shared.collector is not None:
+        shared.collector.tick(shared.regular + shared.overflow)
     now = loop.time()
     limits = shared.limits
     body_timeout, send_timeout = limits.body_timeout, limits.send_timeout
@@ -617,14 +624,15 @@ def _sweep(cls: type[BoundedHttpToolsProtocol], loop: asyncio.AbstractEventLoop,
     loop.call_later(shared.tick, _sweep, cls, loop, connections)
 
 
-def protocol_class(limits: Limits) -> type[BoundedHttpToolsProtocol]:
+def protocol_class(limits: Limits, collector: FullCollections | None = None) -> type[BoundedHttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)` with `limits` bound (uvicorn instantiates
-    it itself, once per connection); one class per server, as it holds the server's counts."""
+    it itself, once per connection); one class per server, as it holds the server's counts. With
+    `collector`, its connections decide when the process runs full garbage collections."""
 
     # Abortable first: it lets a stream whose client stopped reading reset its connection. Then
     # the direct writes of update streams' frames, in front of the bounds (a refused head gets none).
     class Protocol(AbortableHttpToolsProtocol, DirectWriteHttpToolsProtocol, BoundedHttpToolsProtocol):
-        shared = _Shared(limits)
+        shared = _Shared(limits, collector)
 
     return Protocol
 

@@ -30,6 +30,7 @@ from core.settings import Settings
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, bearer, fake_backends_factory
 from web import middleware, transport
 from web.app import create_app
+from web.collector import FullCollections
 from web.transport import Limits
 
 SECRET = "transport-unit-test-secret-" + "x" * 40
@@ -104,10 +105,12 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serving(app: Any = echo_app, limits: Limits = LIMITS, keep_alive: float = 5) -> Iterator[Running]:
+def serving(
+    app: Any = echo_app, limits: Limits = LIMITS, keep_alive: float = 5, collector: FullCollections | None = None
+) -> Iterator[Running]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    protocol = transport.protocol_class(limits)
+    protocol = transport.protocol_class(limits, collector)
     config = uvicorn.Config(
         app,
         http=protocol,
@@ -601,3 +604,27 @@ async def test_the_bounds_keep_their_attributes_out_of_uvicorns_instance_dict() 
     assert added and not added & set(vars(protocol))
     assert set(vars(protocol)) == set(vars(plain))  # nothing else added to uvicorn's dict either
     assert all(hasattr(protocol, name) for name in added)  # set, in their slots
+
+
+def test_closed_connections_time_the_full_garbage_collections() -> None:
+    # Three connections open at once, then closed: the third close is the pass's cue (as many
+    # closed as `min_closed`), counted on the server's side of each connection.
+    passes = threading.Event()
+    open_at_pass: list[int] = []
+
+    def collect() -> int:
+        open_at_pass.append(srv.protocol.shared.regular)
+        passes.set()
+        return 0
+
+    collector = FullCollections(min_closed=3, collect=collect)
+    with serving(collector=collector) as srv:
+        socks = [srv.connect() for _ in range(3)]
+        for sock in socks:
+            sock.sendall(request("/ping"))
+            assert read_response(sock).status == 200
+        for sock in socks:
+            sock.close()
+        assert passes.wait(WAIT)
+    assert open_at_pass == [0]  # one pass: not at the first two closes, with fewer closed than open
+    assert collector.closed == 0
