@@ -139,9 +139,9 @@ def graceful_server(
         factory=True,
         host=settings.host,
         port=port,
-        # httptools, with the bounds of web/transport.py; its connections time the process's full
-        # garbage collections (web/collector.py), which CPython's rule would run every few seconds
-        # under thousands of open streams, stopping them all each time.
+        # httptools, with the bounds of web/transport.py; its sweep runs the process's full garbage
+        # collections (web/collector.py), which CPython's rule would run every few seconds under
+        # thousands of open streams, stopping them all each time.
         http=transport.protocol_class(limits, FullCollections.install()),
         ws="none",  # the API has no WebSocket endpoint: an Upgrade request stays plain HTTP
         server_header=False,

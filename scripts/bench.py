@@ -850,27 +850,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def measure(runner: Runner, groups: set[str], profile_dir: Path | None) -> dict[str, Any]:
     """The groups of figures asked for, as JSON-ready dicts (with their profiles, if recorded).
 
-    The stream shapes first, while the server's heap is at its smallest. Each many-streams shape,
-    and then the request path, is measured on a fresh API process (`Runner.restart_api`): after
-    10,000 streams the heap keeps their freed memory, so a second shape's memory per stream would
-    read about 0 KB, and the same fan-out measured 34 µs of CPU per delivery instead of 25."""
+    The request path first: its POST figure writes to a run closed at seeding, which takes updates
+    only `POST_AFTER_CLOSE_SECONDS` (300 s) after its close. Every group after the first is
+    measured on a fresh API process (`Runner.restart_api`): after 10,000 streams the heap keeps
+    their freed memory, so a second shape's memory per stream would read about 0 KB, and the same
+    fan-out measured 34 µs of CPU per delivery instead of 25."""
     measured: dict[str, Any] = {}
-    served: list[str] = []
-    for group, shape in (("streams", None), ("streams10k", "spread"), ("fanout", "fanout")):
-        if group not in groups:
-            continue
-        if shape is not None and served:
-            runner.restart_api()
-        measured[group] = runner.streams_figure() if shape is None else runner.many_streams_figure(shape)
-        served.append(group)
-        raw = profile_dir / f"{shape or group}.txt" if profile_dir else None
-        if raw is not None and raw.exists():
-            measured[group]["profile"] = bench_profile.summarize(raw)
-    if set(served) - {"streams"} and groups & {"updates", "runs"}:
-        runner.restart_api()
+    first = True
     for group, figures in (("updates", runner.updates_figures), ("runs", runner.runs_figures)):
         if group not in groups:
             continue
+        first = False
         measured[group] = {}
         for figure in figures():
             if profile_dir is not None:
@@ -879,6 +869,16 @@ def measure(runner: Runner, groups: set[str], profile_dir: Path | None) -> dict[
                     if raw.exists():
                         setattr(figure, side, bench_profile.summarize(raw))
             measured[group][figure.name] = figure.as_json()
+    for group, shape in (("streams", None), ("streams10k", "spread"), ("fanout", "fanout")):
+        if group not in groups:
+            continue
+        if not first:
+            runner.restart_api()
+        first = False
+        measured[group] = runner.streams_figure() if shape is None else runner.many_streams_figure(shape)
+        recorded = profile_dir / f"{shape or group}.txt" if profile_dir else None
+        if recorded is not None and recorded.exists():
+            measured[group]["profile"] = bench_profile.summarize(recorded)
     return measured
 
 

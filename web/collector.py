@@ -9,36 +9,39 @@ over and over although what it counts dies by reference counting. Measured on on
 10,000 streams: a full collection every 10 s, each stopping the event loop, so every stream, for
 about 1.2 s (the p99 of an update's delivery went from 166 ms to 479 ms).
 
-A full pass is only needed for reference cycles among objects that lived long enough to reach the
-oldest generation, which here are mostly those of connections that closed (a closed stream leaves
-about 46 such objects). So `FullCollections` keeps CPython's young collections and takes the full
-one over: it runs once as many connections have closed since the last one as were open then or
-are open now (at least `min_closed`), and at least every `max_interval` seconds for cycles built
-elsewhere. A full pass costs time in proportion to what is alive, paid once per as many closes; the
-cycles left waiting stay about what the open connections hold, and never older than
-`max_interval`. Counting from the last pass keeps a mass disconnect (every client of a load
-balancer gone at once) to one pass, not one per `min_closed` closes while the heap still holds
-the streams being torn down.
+A full pass is only needed for the reference cycles that lived long enough to reach the oldest
+generation (a closed stream's, a request's caught mid-flight by a young collection), and what
+those cost is memory. So `FullCollections` keeps CPython's young collections and takes the full
+one over, with the same quarter measured on memory instead of on promotions: it runs once the
+interpreter's allocated blocks (`sys.getallocatedblocks()`: small objects, garbage included) grew
+by a quarter since the last pass (and by at least `min_growth` blocks), and at least every
+`max_interval` seconds for garbage held outside those blocks. Renewed objects replace the ones
+they succeed, so they do not grow it; garbage does. A pass costs time in proportion to what is
+alive and comes once per a quarter of it in new garbage; the garbage waiting for it stays under a
+quarter of the memory, and never older than `max_interval`.
 
-The transport (`web.transport`) tells it of each closed connection and, on its sweep, asks it
-whether the interval has passed; `install` is called once per server process (`cli.main`).
+`install` is called once per server process (`cli.main`); the transport's sweep (`web.transport`),
+which runs every second or more often while connections are open, calls `tick`.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import sys
 import time
 from collections.abc import Callable
 
 log = logging.getLogger("workflow_runs.collector")
 
 # CPython runs a full collection after this many young (generation 1) collections, and only when
-# the quarter rule above holds too. A count no process reaches leaves the decision to us.
+# its quarter rule holds too. A count no process reaches leaves the decision to `FullCollections`.
 _NEVER = 1 << 30
 
-MIN_CLOSED = 1_000  # closes before a full pass, whatever few connections are open
+GROWTH = 0.25  # of the blocks held after the last pass
+MIN_GROWTH_BLOCKS = 200_000  # about 20 MB of small objects: a small heap is not walked for less
 MAX_INTERVAL_SECONDS = 600.0
+CHECK_SECONDS = 1.0  # counting the blocks walks the allocator's pools: ~0.2 ms for 9 million
 
 
 class FullCollections:
@@ -47,18 +50,23 @@ class FullCollections:
     def __init__(
         self,
         *,
-        min_closed: int = MIN_CLOSED,
+        growth: float = GROWTH,
+        min_growth: int = MIN_GROWTH_BLOCKS,
         max_interval: float = MAX_INTERVAL_SECONDS,
+        check_every: float = CHECK_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         collect: Callable[[], int] = gc.collect,
+        blocks: Callable[[], int] = sys.getallocatedblocks,
     ) -> None:
-        self.min_closed = min_closed
+        self.growth = growth
+        self.min_growth = min_growth
         self.max_interval = max_interval
+        self.check_every = check_every
         self._clock = clock
         self._collect = collect
-        self.closed = 0  # connections closed since the last full pass
-        self.open_then = 0  # connections open at the last full pass
-        self.last = clock()
+        self._blocks = blocks
+        self.held = blocks()  # after the last pass (or at start)
+        self.last = self.checked = clock()
         self.runs = 0
 
     @classmethod
@@ -68,21 +76,22 @@ class FullCollections:
         gc.set_threshold(young, middle, _NEVER)
         return cls()
 
-    def connection_closed(self, open_connections: int) -> None:
-        self.closed += 1
-        if self.closed >= max(open_connections, self.open_then, self.min_closed):
-            self.run("closed connections", open_connections)
+    def tick(self) -> None:
+        """Called often (the transport's sweep): runs the pass if one is due, checked at most
+        every `check_every` seconds."""
+        now = self._clock()
+        if now - self.checked < self.check_every:
+            return
+        self.checked = now
+        if now - self.last >= self.max_interval:
+            self.run("interval")
+        elif self._blocks() - self.held >= max(self.held * self.growth, self.min_growth):
+            self.run("growth")
 
-    def tick(self, open_connections: int) -> None:
-        """Called now and then (the transport's sweep): the pass that `max_interval` owes."""
-        if self._clock() - self.last >= self.max_interval:
-            self.run("interval", open_connections)
-
-    def run(self, reason: str, open_connections: int) -> None:
+    def run(self, reason: str) -> None:
         started = self._clock()
         found = self._collect()
-        self.last = self._clock()
-        self.closed = 0
-        self.open_then = open_connections
+        self.held = self._blocks()
+        self.last = self.checked = self._clock()
         self.runs += 1
         log.debug("full garbage collection (%s): %d unreachable, %.3f s", reason, found, self.last - started)

@@ -112,7 +112,7 @@ class _Shared:
 
     def __init__(self, limits: Limits, collector: FullCollections | None = None) -> None:
         self.limits = limits
-        self.collector = collector  # told of every close; None: CPython decides full collections
+        self.collector = collector  # ticked by the sweep; None: CPython decides full collections
         self.regular = 0
         self.overflow = 0
         self.sweeping = False
@@ -216,9 +216,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         self._release()
         self._phase = _IDLE
-        shared = self.shared
-        if shared.collector is not None:
-            shared.collector.connection_closed(shared.regular + shared.overflow)
 
     def _release(self) -> None:
         """Give back this connection's place under the cap (once)."""
@@ -595,7 +592,7 @@ def _sweep(cls: type[BoundedHttpToolsProtocol], loop: asyncio.AbstractEventLoop,
         shared.sweeping = False
         return
     if shared.collector is not None:
-        shared.collector.tick(shared.regular + shared.overflow)
+        shared.collector.tick()
     now = loop.time()
     limits = shared.limits
     body_timeout, send_timeout = limits.body_timeout, limits.send_timeout
@@ -627,7 +624,7 @@ def _sweep(cls: type[BoundedHttpToolsProtocol], loop: asyncio.AbstractEventLoop,
 def protocol_class(limits: Limits, collector: FullCollections | None = None) -> type[BoundedHttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)` with `limits` bound (uvicorn instantiates
     it itself, once per connection); one class per server, as it holds the server's counts. With
-    `collector`, its connections decide when the process runs full garbage collections."""
+    `collector`, the sweep also runs the process's full garbage collections when due."""
 
     # Abortable first: it lets a stream whose client stopped reading reset its connection. Then
     # the direct writes of update streams' frames, in front of the bounds (a refused head gets none).

@@ -60,68 +60,100 @@ class Clock:
         return self.now
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.calls = 0
+class Heap:
+    """The allocator's block count, as the test sets it, and the passes run on it."""
 
-    def __call__(self) -> int:
-        self.calls += 1
+    def __init__(self, blocks: int) -> None:
+        self.blocks = blocks
+        self.passes = 0
+
+    def count(self) -> int:
+        return self.blocks
+
+    def collect(self) -> int:
+        self.passes += 1
         return 0
 
 
-def test_a_full_pass_runs_once_as_many_connections_closed_as_are_open() -> None:
-    collect = Collect()
-    collector = FullCollections(min_closed=3, max_interval=60, clock=Clock(), collect=collect)
-    for _ in range(9):
-        collector.connection_closed(open_connections=10)
-    assert collect.calls == 0
-    collector.connection_closed(open_connections=10)
-    assert collect.calls == 1
-    for _ in range(10):  # counted afresh from that pass
-        collector.connection_closed(open_connections=10)
-    assert collect.calls == 2
+def collector_on(heap: Heap, clock: Clock) -> FullCollections:
+    return FullCollections(
+        growth=0.25,
+        min_growth=100,
+        max_interval=600,
+        check_every=1,
+        clock=clock,
+        collect=heap.collect,
+        blocks=heap.count,
+    )
 
 
-def test_with_few_connections_open_min_closed_closes_are_needed() -> None:
-    collect = Collect()
-    collector = FullCollections(min_closed=3, max_interval=60, clock=Clock(), collect=collect)
-    collector.connection_closed(open_connections=0)
-    collector.connection_closed(open_connections=0)
-    assert collect.calls == 0
-    collector.connection_closed(open_connections=0)
-    assert collect.calls == 1
+def test_a_full_pass_runs_once_the_heap_grew_by_a_quarter() -> None:
+    heap, clock = Heap(blocks=10_000), Clock()
+    collector = collector_on(heap, clock)
+    heap.blocks = 12_499
+    clock.now = 1
+    collector.tick()
+    assert heap.passes == 0
+    heap.blocks = 12_500
+    clock.now = 2
+    collector.tick()
+    assert heap.passes == 1
+    # Counted from what the pass left (12,500 here): renewed objects, replacing the ones they
+    # succeed, leave the count as it is and never trigger it.
+    for second in range(3, 100):
+        clock.now = second
+        collector.tick()
+    assert heap.passes == 1
+    heap.blocks = 15_624
+    clock.now = 100
+    collector.tick()
+    assert heap.passes == 1
+    heap.blocks = 15_625
+    clock.now = 101
+    collector.tick()
+    assert heap.passes == 2
 
 
-def test_after_a_pass_as_many_closes_as_were_open_then_are_needed() -> None:
-    # A mass disconnect: every one of 10 connections gone, the next pass waits for all 10 closes,
-    # not one pass per `min_closed` while the heap still holds what they leave.
-    collect = Collect()
-    collector = FullCollections(min_closed=2, max_interval=60, clock=Clock(), collect=collect)
-    collector.run("test", open_connections=10)
-    for open_now in range(9, 0, -1):
-        collector.connection_closed(open_connections=open_now)
-    assert collect.calls == 1
-    collector.connection_closed(open_connections=0)
-    assert collect.calls == 2
+def test_a_small_heap_is_not_walked_for_less_than_min_growth() -> None:
+    heap, clock = Heap(blocks=100), Clock()
+    collector = collector_on(heap, clock)
+    heap.blocks = 199  # +99 %, but fewer than 100 blocks more
+    clock.now = 1
+    collector.tick()
+    assert heap.passes == 0
+    heap.blocks = 200
+    clock.now = 2
+    collector.tick()
+    assert heap.passes == 1
+
+
+def test_the_heap_is_counted_at_most_once_per_check_interval() -> None:
+    heap, clock = Heap(blocks=10_000), Clock()
+    collector = collector_on(heap, clock)
+    heap.blocks = 20_000
+    clock.now = 0.5
+    collector.tick()
+    assert heap.passes == 0
+    clock.now = 1.0
+    collector.tick()
+    assert heap.passes == 1
 
 
 def test_a_full_pass_runs_at_least_every_interval() -> None:
-    clock, collect = Clock(), Collect()
-    collector = FullCollections(min_closed=1000, max_interval=60, clock=clock, collect=collect)
-    clock.now = 59.0
-    collector.tick(open_connections=0)
-    assert collect.calls == 0
-    clock.now = 60.0
-    collector.tick(open_connections=0)
-    assert collect.calls == 1
-    clock.now = 119.0
-    collector.tick(open_connections=0)  # the interval counts from the last pass
-    assert collect.calls == 1
-    collector.connection_closed(open_connections=0)
-    clock.now = 121.0
-    collector.tick(open_connections=0)
-    assert collect.calls == 2
-    assert collector.closed == 0
+    heap, clock = Heap(blocks=10_000), Clock()
+    collector = collector_on(heap, clock)
+    clock.now = 599
+    collector.tick()
+    assert heap.passes == 0
+    clock.now = 600
+    collector.tick()
+    assert heap.passes == 1
+    clock.now = 1199
+    collector.tick()  # the interval counts from the last pass
+    assert heap.passes == 1
+    clock.now = 1200
+    collector.tick()
+    assert heap.passes == 2
 
 
 class Node:
@@ -139,5 +171,5 @@ def test_a_pass_frees_old_reference_cycles_that_cpython_no_longer_would(threshol
     del first, second
     full_collections_while_promoting()
     assert gone() is not None  # garbage, waiting for a full pass
-    collector.run("test", open_connections=0)
+    collector.run("test")
     assert gone() is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import select
 import socket
 import threading
@@ -606,25 +607,18 @@ async def test_the_bounds_keep_their_attributes_out_of_uvicorns_instance_dict() 
     assert all(hasattr(protocol, name) for name in added)  # set, in their slots
 
 
-def test_closed_connections_time_the_full_garbage_collections() -> None:
-    # Three connections open at once, then closed: the third close is the pass's cue (as many
-    # closed as `min_closed`), counted on the server's side of each connection.
+def test_the_sweep_runs_the_full_garbage_collections_when_due() -> None:
+    # A heap that grew past the quarter, and a connection open (the sweep runs while one is).
     passes = threading.Event()
-    open_at_pass: list[int] = []
 
     def collect() -> int:
-        open_at_pass.append(srv.protocol.shared.regular)
         passes.set()
         return 0
 
-    collector = FullCollections(min_closed=3, collect=collect)
-    with serving(collector=collector) as srv:
-        socks = [srv.connect() for _ in range(3)]
-        for sock in socks:
-            sock.sendall(request("/ping"))
-            assert read_response(sock).status == 200
-        for sock in socks:
-            sock.close()
+    heap = iter(itertools.chain([1_000], itertools.repeat(2_000)))
+    collector = FullCollections(min_growth=1, check_every=0, collect=collect, blocks=lambda: next(heap))
+    with serving(collector=collector) as srv, srv.connect() as sock:
+        sock.sendall(request("/ping"))
+        assert read_response(sock).status == 200
         assert passes.wait(WAIT)
-    assert open_at_pass == [0]  # one pass: not at the first two closes, with fewer closed than open
-    assert collector.closed == 0
+    assert collector.held == 2_000
