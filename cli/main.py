@@ -45,6 +45,7 @@ from core.settings import (
 )
 from core.tokens import DEV_PERMISSIONS, mint_token
 from web import logs
+from web.collector import FullCollections
 
 if TYPE_CHECKING:
     from web.app import BackendsFactory
@@ -85,7 +86,22 @@ def serve(settings: Settings, *, port: int, backends_factory: BackendsFactory | 
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, telling the app's open streams first when a stop signal comes: uvicorn
     waits for open connections *before* the lifespan shutdown, so an open stream would otherwise
-    hold it for the whole timeout."""
+    hold it for the whole timeout. With `collector`, the process's full garbage collections are
+    run on its loop while it serves (web/collector.py)."""
+
+    def __init__(self, config: uvicorn.Config, collector: FullCollections | None = None) -> None:
+        super().__init__(config)
+        self.collector = collector
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.collector is not None:
+            self.collector.start(asyncio.get_running_loop())
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.collector is not None:
+            self.collector.stop()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         from web.app import begin_shutdown
@@ -105,7 +121,6 @@ def graceful_server(
     loop, the graceful shutdown."""
     from web import transport
     from web.app import create_app
-    from web.collector import FullCollections
 
     tracing.setup(settings, service=tracing.API_SERVICE)
 
@@ -139,10 +154,7 @@ def graceful_server(
         factory=True,
         host=settings.host,
         port=port,
-        # httptools, with the bounds of web/transport.py; its sweep runs the process's full garbage
-        # collections (web/collector.py), which CPython's rule would run every few seconds under
-        # thousands of open streams, stopping them all each time.
-        http=transport.protocol_class(limits, FullCollections.install()),
+        http=transport.protocol_class(limits),  # httptools, with the bounds of web/transport.py
         ws="none",  # the API has no WebSocket endpoint: an Upgrade request stays plain HTTP
         server_header=False,
         timeout_keep_alive=settings.keepalive_timeout_seconds,
@@ -150,7 +162,9 @@ def graceful_server(
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
-    return GracefulServer(config)
+    # The server runs the full garbage collections, not CPython's rule, which would run one every
+    # few seconds under thousands of open streams and stop them all each time (web/collector.py).
+    return GracefulServer(config, FullCollections.install())
 
 
 class WorkerProcess(uvicorn_multiprocess.Process):

@@ -851,10 +851,10 @@ def measure(runner: Runner, groups: set[str], profile_dir: Path | None) -> dict[
     """The groups of figures asked for, as JSON-ready dicts (with their profiles, if recorded).
 
     The request path first: its POST figure writes to a run closed at seeding, which takes updates
-    only `POST_AFTER_CLOSE_SECONDS` (300 s) after its close. Every group after the first is
-    measured on a fresh API process (`Runner.restart_api`): after 10,000 streams the heap keeps
-    their freed memory, so a second shape's memory per stream would read about 0 KB, and the same
-    fan-out measured 34 µs of CPU per delivery instead of 25."""
+    only `POST_AFTER_CLOSE_SECONDS` (300 s) after its close. Each stream group that is not the
+    first group measured is measured on a fresh API process (`Runner.restart_api`): after 10,000
+    streams the heap keeps their freed memory, so a second shape's memory per stream would read
+    about 0 KB, and the same fan-out measured 34 µs of CPU per delivery instead of 25."""
     measured: dict[str, Any] = {}
     first = True
     for group, figures in (("updates", runner.updates_figures), ("runs", runner.runs_figures)):

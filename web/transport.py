@@ -52,7 +52,6 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from web.abortable import AbortableHttpToolsProtocol, reset
-from web.collector import FullCollections
 from web.direct_write import DirectWriteHttpToolsProtocol
 from web.errors import error_body
 
@@ -110,9 +109,8 @@ class _Refused(Exception):
 class _Shared:
     """State shared by every connection of one server: the counts and the sweep."""
 
-    def __init__(self, limits: Limits, collector: FullCollections | None = None) -> None:
+    def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.collector = collector  # ticked by the sweep; None: CPython decides full collections
         self.regular = 0
         self.overflow = 0
         self.sweeping = False
@@ -591,8 +589,6 @@ def _sweep(cls: type[BoundedHttpToolsProtocol], loop: asyncio.AbstractEventLoop,
     if not connections:
         shared.sweeping = False
         return
-    if shared.collector is not None:
-        shared.collector.tick()
     now = loop.time()
     limits = shared.limits
     body_timeout, send_timeout = limits.body_timeout, limits.send_timeout
@@ -621,15 +617,14 @@ def _sweep(cls: type[BoundedHttpToolsProtocol], loop: asyncio.AbstractEventLoop,
     loop.call_later(shared.tick, _sweep, cls, loop, connections)
 
 
-def protocol_class(limits: Limits, collector: FullCollections | None = None) -> type[BoundedHttpToolsProtocol]:
+def protocol_class(limits: Limits) -> type[BoundedHttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)` with `limits` bound (uvicorn instantiates
-    it itself, once per connection); one class per server, as it holds the server's counts. With
-    `collector`, the sweep also runs the process's full garbage collections when due."""
+    it itself, once per connection); one class per server, as it holds the server's counts."""
 
     # Abortable first: it lets a stream whose client stopped reading reset its connection. Then
     # the direct writes of update streams' frames, in front of the bounds (a refused head gets none).
     class Protocol(AbortableHttpToolsProtocol, DirectWriteHttpToolsProtocol, BoundedHttpToolsProtocol):
-        shared = _Shared(limits, collector)
+        shared = _Shared(limits)
 
     return Protocol
 

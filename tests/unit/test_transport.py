@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
 import select
 import socket
 import threading
@@ -31,7 +30,6 @@ from core.settings import Settings
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, FakeUpdates, bearer, fake_backends_factory
 from web import middleware, transport
 from web.app import create_app
-from web.collector import FullCollections
 from web.transport import Limits
 
 SECRET = "transport-unit-test-secret-" + "x" * 40
@@ -106,12 +104,10 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serving(
-    app: Any = echo_app, limits: Limits = LIMITS, keep_alive: float = 5, collector: FullCollections | None = None
-) -> Iterator[Running]:
+def serving(app: Any = echo_app, limits: Limits = LIMITS, keep_alive: float = 5) -> Iterator[Running]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    protocol = transport.protocol_class(limits, collector)
+    protocol = transport.protocol_class(limits)
     config = uvicorn.Config(
         app,
         http=protocol,
@@ -605,20 +601,3 @@ async def test_the_bounds_keep_their_attributes_out_of_uvicorns_instance_dict() 
     assert added and not added & set(vars(protocol))
     assert set(vars(protocol)) == set(vars(plain))  # nothing else added to uvicorn's dict either
     assert all(hasattr(protocol, name) for name in added)  # set, in their slots
-
-
-def test_the_sweep_runs_the_full_garbage_collections_when_due() -> None:
-    # A heap that grew past the quarter, and a connection open (the sweep runs while one is).
-    passes = threading.Event()
-
-    def collect() -> int:
-        passes.set()
-        return 0
-
-    heap = iter(itertools.chain([1_000], itertools.repeat(2_000)))
-    collector = FullCollections(min_growth=1, check_every=0, collect=collect, blocks=lambda: next(heap))
-    with serving(collector=collector) as srv, srv.connect() as sock:
-        sock.sendall(request("/ping"))
-        assert read_response(sock).status == 200
-        assert passes.wait(WAIT)
-    assert collector.held == 2_000
