@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -186,7 +187,13 @@ class WorkerProcess(uvicorn_multiprocess.Process):
     def target(self, sockets: list[socket.socket] | None = None) -> None:
         # In the child. The server first, before the supervisor's health-check thread asks it.
         logs.configure()
-        server = self.server
+        try:
+            server = self.server
+        except Exception:
+            # As a failed start-up: the supervisor then stops, instead of replacing this worker
+            # with one that fails the same way every few seconds.
+            logging.getLogger("workflow_runs.cli").exception("a worker could not build its server")
+            sys.exit(STARTUP_FAILURE)
         try:
             super().target(sockets)
         finally:

@@ -5,6 +5,9 @@ itself stopped with SIGTERM while streams are open and a post is in flight.
 These need their own Temporal, Redis and API processes (the session's are shared by other tests),
 on free ports under a temporary directory. Nothing sleeps in place of synchronisation: every wait is
 on a condition under a deadline; the only pauses are the clients' back-offs between retries.
+
+Every test runs against `serve` (one process) and `serve --workers 2` (uvicorn's process manager
+and two workers sharing the port; which worker takes a connection is the kernel's choice).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tests.support.live import start_api
 from tests.support.load import Poster, ResumingReader, assert_error_body, read_log
 from tests.support.runs import Run, start_runs
 from tests.support.waits import wait_all, wait_until
+from tests.support.workers import is_worker, worker_pids
 
 pytestmark = pytest.mark.services
 
@@ -73,6 +77,9 @@ class FaultStack:
             # Four posting loops share one token: only faults may refuse them here, not the rate limits.
             "RATE_LIMIT_TEMPORAL_PER_SECOND": "0",
             "RATE_LIMIT_UPDATES_PER_SECOND": "0",
+            # A test keeps one connection (so one worker) across a Temporal restart: it must outlive
+            # the wait, which the default (5 s) may not.
+            "KEEPALIVE_TIMEOUT_SECONDS": "120",
         }
 
     def start_temporal(self) -> None:
@@ -100,8 +107,10 @@ class FaultStack:
         if self.redis is None or self.redis.proc.poll() is not None:
             self.start_redis()
 
-    def spawn_api(self, port: int) -> stack.Child:
-        return start_api(self.apis, f"api-{port}-{len(self.apis)}", port, self.env(port), self.data_dir / "logs")
+    def spawn_api(self, port: int, workers: int, **settings: str) -> stack.Child:
+        env = {**self.env(port), **settings}
+        name = f"api-{port}-{len(self.apis)}"
+        return start_api(self.apis, name, port, env, self.data_dir / "logs", workers=workers)
 
     def stop_all(self) -> None:
         for child in [*self.apis, self.redis, self.temporal]:
@@ -119,6 +128,13 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
         fault_stack.stop_all()
 
 
+@pytest.fixture(scope="module", params=[1, 2], ids=["workers=1", "workers=2"])
+def workers(request: pytest.FixtureRequest) -> int:
+    """The API's worker processes (`serve --workers`); the Temporal and Redis of `faults` serve both."""
+    count: int = request.param
+    return count
+
+
 @dataclass(frozen=True)
 class Api:
     port: int
@@ -134,10 +150,10 @@ class Api:
 
 
 @pytest.fixture
-def api(faults: FaultStack) -> Iterator[Api]:
+def api(faults: FaultStack, workers: int) -> Iterator[Api]:
     faults.ensure_running()  # whatever an earlier test left behind
     port = stack.free_port()
-    child = faults.spawn_api(port)
+    child = faults.spawn_api(port, workers)
     try:
         yield Api(port, child)
     finally:
@@ -145,10 +161,26 @@ def api(faults: FaultStack) -> Iterator[Api]:
 
 
 @contextlib.asynccontextmanager
-async def client(faults: FaultStack, base_url: str) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    faults: FaultStack, base_url: str, limits: httpx.Limits | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {faults.token()}"}
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
+    pool = limits or httpx.Limits()
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30, limits=pool) as http:
         yield http
+
+
+# Every request on one connection (the client waits for it to be free): with `--workers`, always the
+# same worker, as long as the server keeps the connection.
+ONE_CONNECTION = httpx.Limits(max_connections=1)
+# Every request on a new connection: with `--workers`, each may land on either worker.
+NO_KEEPALIVE = httpx.Limits(max_keepalive_connections=0)
+
+
+def client_address(response: httpx.Response) -> tuple[str, int]:
+    """The client end of the connection that carried `response`."""
+    address: tuple[str, int] = response.extensions["network_stream"].get_extra_info("client_addr")
+    return address
 
 
 async def poll_until(check: Callable[[], Awaitable[bool]], deadline: float, what: str) -> None:
@@ -273,13 +305,18 @@ async def test_acknowledged_posts_survive_redis_crashes_and_restarts(faults: Fau
 
 async def test_temporal_restart_answers_503_while_down_and_recovers_by_itself(faults: FaultStack, api: Api) -> None:
     (run,) = await asyncio.to_thread(start_runs, faults.env(api.port), 1, project=PROJECT, user=USER)
-    async with client(faults, api.base_url) as http:
+    # The stream on a client of its own; everything else on one connection, so one process
+    # (whichever worker took it) both learns the run and, with Temporal down, takes the update `kept`.
+    async with client(faults, api.base_url) as streaming, client(faults, api.base_url, ONE_CONNECTION) as http:
         assert (await http.get(run.path)).status_code == 200
-        reader = ResumingReader(http, run)
+        reader = ResumingReader(streaming, run)
         reading = asyncio.create_task(reader.run())
         await wait_all([reader.connected], DEADLINE)
         poster = Poster(http)
-        await poster.post_until_acked(run, "before the outage")
+        before = await http.post(
+            f"/workflows/runs/{run.run_id}/updates", json={"type": "PROGRESS", "message": "before the outage"}
+        )
+        assert before.status_code == 200, before.text
         await wait_until(lambda: len(reader.received) == 1, DEADLINE, "the stream delivers")
 
         await asyncio.to_thread(faults.stop_temporal)
@@ -295,7 +332,8 @@ async def test_temporal_restart_answers_503_while_down_and_recovers_by_itself(fa
         # A run this process already knows needs no Temporal call to take an update: workflows keep
         # reporting progress while Temporal restarts.
         kept = await http.post(f"/workflows/runs/{run.run_id}/updates", json={"message": "kept"})
-        assert kept.status_code == 200
+        assert client_address(kept) == client_address(before), "not the connection (so maybe not the process)"
+        assert kept.status_code == 200, kept.text
         assert_error_body(await stream_open_status(http, run), 503)
         assert_not_ready(await readiness(http, api), redis_ok=True, temporal_ok=False)
         assert not reader.done.is_set() and reader.connections == 1  # the open stream stays open
@@ -352,18 +390,26 @@ async def finish_post(reader: asyncio.StreamReader, writer: Any, body: bytes) ->
     return int(lines[0].split()[1]), content
 
 
-async def test_sigterm_ends_streams_finishes_in_flight_posts_and_exits(faults: FaultStack) -> None:
+async def test_sigterm_ends_streams_finishes_in_flight_posts_and_exits(faults: FaultStack, workers: int) -> None:
+    """SIGTERM to `serve`, or to the parent of `serve --workers` (which passes it on to each worker)."""
     faults.ensure_running()
     port = stack.free_port()
-    first = await asyncio.to_thread(faults.spawn_api, port)
+    readers_count = 3
+    # With several workers, one fewer stream per process than readers: the readers' streams are then
+    # served by more than one worker, and every worker has streams to end.
+    limit = {} if workers == 1 else {"MAX_STREAMS_PER_PROCESS": str(readers_count - 1)}
+    first = await asyncio.to_thread(faults.spawn_api, port, workers, **limit)
     base_url = f"http://127.0.0.1:{port}/api/v1"
     (run,) = await asyncio.to_thread(start_runs, faults.env(port), 1, project=PROJECT, user=USER)
     in_flight = orjson.dumps({"type": "PROGRESS", "message": "in flight at SIGTERM"})
     try:
-        async with client(faults, base_url) as http:
-            readers = [ResumingReader(http, run) for _ in range(3)]
+        # With several workers, a new connection for every request: a stream refused by a full worker
+        # (429) is retried on either worker, not again on the kept-alive connection to the same one.
+        async with client(faults, base_url, None if workers == 1 else NO_KEEPALIVE) as http:
+            readers = [ResumingReader(http, run) for _ in range(readers_count)]
             reading = [asyncio.create_task(r.run()) for r in readers]
             await wait_all([r.connected for r in readers], DEADLINE)
+            spawned = worker_pids(first.proc.pid)  # none for `serve`, which serves in its own process
             poster = Poster(http)
             for i in range(5):
                 await poster.post_until_acked(run, f"before-{i}")
@@ -381,6 +427,7 @@ async def test_sigterm_ends_streams_finishes_in_flight_posts_and_exits(faults: F
             poster.acked[run.run_id].append("in flight at SIGTERM")
             exit_code = await asyncio.to_thread(first.proc.wait, DEADLINE)
             assert exit_code in (0, -signal.SIGTERM)
+            assert not any(is_worker(pid) for pid in spawned)  # the parent waited for every worker
             # Nothing was accepted after the shutdown began: no stream was opened again.
             assert all(r.connections == 1 for r in readers)
             log_text = first.log_path.read_text(encoding="utf-8", errors="replace")
@@ -388,7 +435,7 @@ async def test_sigterm_ends_streams_finishes_in_flight_posts_and_exits(faults: F
 
             # Another server on the same address (what a load balancer gives the clients): they
             # resume with Last-Event-ID and lose nothing, the in-flight post included.
-            second = await asyncio.to_thread(faults.spawn_api, port)
+            second = await asyncio.to_thread(faults.spawn_api, port, workers)
             try:
                 await poster.post_until_acked(run, run.sentinel)
                 await wait_all([r.done for r in readers], DEADLINE)

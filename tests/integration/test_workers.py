@@ -17,7 +17,6 @@ import secrets
 import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,12 +33,12 @@ from core.tokens import mint_token
 from tests.support.live import CLI, Services, api_url, live_env
 from tests.support.runs import Run, start_runs
 from tests.support.waits import wait_for
+from tests.support.workers import is_worker, started, worker_pids
 
 PROJECT = "workers"
 DEADLINE = 60.0
 PER_PROCESS = "This server has 1 update streams open"
 PER_CALLER = "You have 1 update streams open, the limit per caller"
-STARTED = '"msg":"Application startup complete."'  # uvicorn's line, once per worker
 
 
 @dataclass
@@ -59,24 +58,11 @@ class WorkersApi:
 
     def started(self) -> int:
         """How many workers have completed their start-up so far (replacements included)."""
-        return self.child.log_path.read_text(encoding="utf-8", errors="replace").count(STARTED)
+        return started(self.child.log_path)
 
     def workers(self) -> list[int]:
-        """The pids of the parent's live worker processes (uvicorn spawns them; its resource tracker
-        is not one), read from /proc."""
-        parent = self.child.proc.pid
-        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        return [int(pid) for pid in children if is_worker(int(pid))]
-
-
-def is_worker(pid: int) -> bool:
-    """Whether `pid` is a live (not zombie) spawned worker."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # gone
-        return False
-    return state != "Z" and b"--multiprocessing-fork" in cmdline
+        """The pids of the parent's live worker processes."""
+        return worker_pids(self.child.proc.pid)
 
 
 @contextlib.contextmanager

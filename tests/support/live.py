@@ -1,7 +1,8 @@
 """The real stack the integration and browser tests run against: an embedded Temporal and Redis
 (`Services`), and the API and sample worker as separate processes (`LiveApi`), as the CLI starts
 them. The session fixtures in `tests/conftest.py` start them once; tests that need processes of
-their own (other settings, restarts, replicas) start them with the same functions."""
+their own (other settings, restarts, replicas, `serve --workers N`) start them with the same
+functions."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from cli import stack
 from core.tokens import mint_token
+from tests.support.waits import wait_for
+from tests.support.workers import log_size, started, worker_pids
 
 CLI = (sys.executable, "-m", "cli.main")
 START_DEADLINE = 60.0  # seconds for a process to accept connections
@@ -70,13 +73,34 @@ def api_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/api/v1"
 
 
-def start_api(children: list[stack.Child], name: str, port: int, env: Mapping[str, str], log_dir: Path) -> stack.Child:
-    """`workflow-runs serve` on `port`; returns once it accepts connections. The child joins
-    `children` before the wait, so `stack.running(children)` stops it whatever happens next."""
-    child = stack.spawn(name, [*CLI, "serve"], log_dir, {**env, "PORT": str(port)})
+def start_api(
+    children: list[stack.Child], name: str, port: int, env: Mapping[str, str], log_dir: Path, *, workers: int = 1
+) -> stack.Child:
+    """`workflow-runs serve` on `port` (`--workers N` when `workers` > 1); returns once it accepts
+    connections, with every worker serving. The child joins `children` before the wait, so
+    `stack.running(children)` stops it whatever happens next."""
+    argv = [*CLI, "serve"] if workers == 1 else [*CLI, "serve", "--workers", str(workers)]
+    offset = log_size(log_dir / f"{name}.log")  # `stack.spawn` appends to a log of the same name
+    child = stack.spawn(name, argv, log_dir, {**env, "PORT": str(port)})
     children.append(child)
     stack.wait_for_port("127.0.0.1", port, START_DEADLINE, child.proc)
+    if workers > 1:
+        wait_for_workers(child, workers, offset)
     return child
+
+
+def wait_for_workers(child: stack.Child, workers: int, offset: int = 0) -> None:
+    """Wait until the `workers` workers of `serve --workers` have each logged their start-up: the
+    parent binds the port first, so until then a connection may wait for a worker that is still
+    building its app, or fail with it."""
+
+    def all_started() -> bool:
+        if child.proc.poll() is not None:
+            raise AssertionError(f"{child.name} exited ({child.proc.returncode}); see {child.log_path}")
+        return started(child.log_path, offset) >= workers
+
+    wait_for(all_started, START_DEADLINE)
+    assert len(worker_pids(child.proc.pid)) == workers
 
 
 def start_worker(children: list[stack.Child], name: str, env: Mapping[str, str], log_dir: Path) -> stack.Child:
@@ -103,12 +127,13 @@ def running_services(data_dir: Path) -> Iterator[Services]:
 
 
 @contextlib.contextmanager
-def running_live_api(services: Services) -> Iterator[LiveApi]:
-    """An API process and a sample worker on `services`, with a task queue of their own."""
+def running_live_api(services: Services, *, workers: int = 1) -> Iterator[LiveApi]:
+    """An API process (`serve --workers N` when `workers` > 1) and a sample worker on `services`,
+    with a task queue of their own."""
     port = stack.free_port()
     live = LiveApi(base_url=api_url(port), services=services, task_queue=f"live-{secrets.token_hex(4)}")
     children: list[stack.Child] = []
     with stack.running(children):
-        start_api(children, f"api-{port}", port, live.env(), services.logs)
+        start_api(children, f"api-{port}", port, live.env(), services.logs, workers=workers)
         start_worker(children, f"worker-{port}", live.env(), services.logs)
         yield live

@@ -16,8 +16,10 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import uvicorn
 from starlette.applications import Starlette
 from temporalio.api.common.v1 import Payload
+from uvicorn.config import STARTUP_FAILURE
 
 from cli import main as cli
 from cli import stack
@@ -298,3 +300,17 @@ def test_dev_refuses_a_taken_codec_port_before_starting_anything(
         code = exit_code("dev", *argv, "--redis-port", str(stack.free_port()), "--codec-port", str(taken))
     assert code == 2
     assert f"port {taken} (the codec server) is in use by another process" in capsys.readouterr().err
+
+
+def test_a_worker_that_cannot_build_its_server_fails_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Exiting with uvicorn's start-up failure code stops the supervisor; any other code would have
+    # it replace the worker, which would fail the same way, every few seconds, for ever.
+    def broken(settings: Settings, *, port: int) -> cli.GracefulServer:
+        raise RuntimeError("cannot build")
+
+    monkeypatch.setattr(cli, "graceful_server", broken)
+    config = uvicorn.Config("web.app:app_from_env", log_config=None)
+    worker = cli.WorkerProcess(config, [], settings=Settings(), port=0)
+    with pytest.raises(SystemExit) as exited:
+        worker.target()
+    assert exited.value.code == STARTUP_FAILURE
