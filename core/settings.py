@@ -35,6 +35,11 @@ _TRUE, _FALSE = ("1", "true"), ("0", "false")  # envconfig's spelling of boolean
 CODEC_KEY_BYTES = 32  # AES-256 (workloads.codec checks the key itself: core does not import it)
 
 
+# A post waiting for its run to be listed holds its request open: past this, clients and proxies
+# (30 to 60 s is common) give up first.
+MAX_VISIBILITY_WAIT_SECONDS = 30.0
+
+
 class SettingsError(ValueError):
     """The environment holds a value its setting cannot take; the message names the variable."""
 
@@ -231,7 +236,9 @@ class Settings:
             rate_limit_updates_per_second=env.rate("RATE_LIMIT_UPDATES_PER_SECOND", cls.rate_limit_updates_per_second),
             rate_limit_updates_burst=env.count("RATE_LIMIT_UPDATES_BURST", cls.rate_limit_updates_burst),
             not_found_cache_seconds=env.rate("NOT_FOUND_CACHE_SECONDS", cls.not_found_cache_seconds),
-            visibility_wait_seconds=env.rate("VISIBILITY_WAIT_SECONDS", cls.visibility_wait_seconds),
+            visibility_wait_seconds=env.rate(
+                "VISIBILITY_WAIT_SECONDS", cls.visibility_wait_seconds, most=MAX_VISIBILITY_WAIT_SECONDS
+            ),
             max_visibility_waits_per_process=env.count(
                 "MAX_VISIBILITY_WAITS_PER_PROCESS", cls.max_visibility_waits_per_process
             ),
@@ -292,7 +299,7 @@ class _Env:
             raise SettingsError(f"{name} must be a port number (0 to 65535), not {value}")
         return value
 
-    def rate(self, name: str, default: float) -> float:
+    def rate(self, name: str, default: float, most: float = math.inf) -> float:
         raw = self.optional(name)
         if raw is None:
             return default
@@ -302,6 +309,8 @@ class _Env:
             value = math.nan
         if not (math.isfinite(value) and value >= 0):
             raise SettingsError(f"{name} must be a number, 0 or more, not {raw!r}")
+        if value > most:
+            raise SettingsError(f"{name} must be {most:g} or less, not {raw!r}")
         return value
 
     def positive(self, name: str, default: float) -> float:

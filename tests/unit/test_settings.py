@@ -138,6 +138,7 @@ def test_api_url_follows_the_port_unless_set(env: dict[str, str]) -> None:
         ("RATE_LIMIT_UPDATES_PER_SECOND", "inf", "RATE_LIMIT_UPDATES_PER_SECOND must be a number, 0 or more"),
         ("VISIBILITY_WAIT_SECONDS", "-1", "VISIBILITY_WAIT_SECONDS must be a number, 0 or more, not '-1'"),
         ("VISIBILITY_WAIT_SECONDS", "5s", "VISIBILITY_WAIT_SECONDS must be a number, 0 or more, not '5s'"),
+        ("VISIBILITY_WAIT_SECONDS", "30.5", "VISIBILITY_WAIT_SECONDS must be 30 or less, not '30.5'"),
         (
             "MAX_VISIBILITY_WAITS_PER_PROCESS",
             "1.5",
