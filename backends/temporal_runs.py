@@ -141,7 +141,9 @@ class _KnownRun:
     closed: bool
     closed_at: float | None  # epoch seconds, for a closed run
     seen_at: float
-    final_status: str | None = None  # e.g. "COMPLETED", for a closed run
+    final_status: str | None  # e.g. "COMPLETED", for a closed run
+    # What `find_run` answers for it, made once: every post of a run asks for it.
+    ref: RunRef
 
 
 def _final_status(info: WorkflowExecutionInfo) -> str | None:
@@ -353,7 +355,16 @@ class TemporalRunsBackend:
             known = before  # a close is final (a listing may still show the run open for a moment)
         else:
             closed = not is_open(info)
-            known = _KnownRun(workflow_id, scope, closed, _closed_at(info), self._clock(), _final_status(info))
+            closed_at = _closed_at(info)
+            known = _KnownRun(
+                workflow_id,
+                scope,
+                closed,
+                closed_at,
+                self._clock(),
+                _final_status(info),
+                RunRef(workflow_id=workflow_id, run_id=run_id, closed=closed, closed_at=closed_at),
+            )
         self._known[run_id] = known
         self._known.move_to_end(run_id)
         while len(self._known) > self._cache_size:
@@ -576,7 +587,7 @@ class TemporalRunsBackend:
             if not self._fresh(known):
                 known = await self._refresh(run_id, known)
             self._check_scope(principal, known.scope, run_id)
-            return self._ref(run_id, known)
+            return known.ref
         key = (run_id, workflow_id)
         if self._known_missing(key):
             raise _not_found(run_id)
@@ -591,7 +602,7 @@ class TemporalRunsBackend:
         self._missing.pop(key, None)
         known = self._known[run_id]
         self._check_scope(principal, known.scope, run_id)
-        return self._ref(run_id, known)
+        return known.ref
 
     async def _look_up(self, principal: Principal, run_id: str, workflow_id: str | None) -> None:
         """Ask Temporal for the run (it is remembered); NotFound when it is not there."""
@@ -674,10 +685,6 @@ class TemporalRunsBackend:
             return self._fresh(known)
         until = self._missing.get((run_id, workflow_id))
         return until is not None and self._clock() < until
-
-    @staticmethod
-    def _ref(run_id: str, known: _KnownRun) -> RunRef:
-        return RunRef(workflow_id=known.workflow_id, run_id=run_id, closed=known.closed, closed_at=known.closed_at)
 
     async def closed_status(self, workflow_id: str, run_id: str, *, fresh: bool = False) -> str | None:
         known = self._known.get(run_id)

@@ -58,7 +58,7 @@ from cli import stack
 from core.settings import Settings
 from scripts import bench_profile
 from scripts.bench_load import Load, LoadResult, generate, wrk_path
-from scripts.bench_proc import CpuMeter, Placement, raise_open_files_limit, run_pinned, spawn_pinned
+from scripts.bench_proc import CpuMeter, Placement, pin_running, raise_open_files_limit, run_pinned, spawn_pinned
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "bench"
@@ -104,9 +104,9 @@ class Config:
         elif generator == "wrk" and not wrk_path():
             raise SystemExit("bench: --generator wrk, but wrk is not installed (apt-get install wrk)")
         return cls(
-            duration=args.duration if args.duration is not None else (1.0 if smoke else 10.0),
+            duration=args.duration if args.duration is not None else (1.0 if smoke else 6.0),
             warmup=0.5 if smoke else 2.0,
-            rounds=args.rounds if args.rounds is not None else (1 if smoke else 3),
+            rounds=args.rounds if args.rounds is not None else (1 if smoke else 5),
             connections=args.connections,
             streams=args.streams if args.streams is not None else (20 if smoke else 1000),
             stream_posts=args.stream_posts if args.stream_posts is not None else (10 if smoke else 100),
@@ -202,7 +202,9 @@ def running_stack(data_dir: Path, placement: Placement, server_env: dict[str, st
             bench.redis_url,
         ]
         bench.children.append(spawn_pinned("baseline", baseline_argv, logs, placement.servers, env))
-        bench.children.append(stack.spawn("worker", [*python, "cli.main", "worker"], logs, env))
+        bench.children.append(spawn_pinned("worker", [*python, "cli.main", "worker"], logs, placement.generator, env))
+        for backend in bench.children[:2]:
+            pin_running(backend.proc.pid, placement.generator)
         stack.wait_for_port("127.0.0.1", api_port, 60, api.proc)
         stack.wait_for_port("127.0.0.1", baseline_port, 60, bench.children[3].proc)
         bench.api_pid, bench.baseline_pid = api.proc.pid, bench.children[3].proc.pid
@@ -378,8 +380,11 @@ class Figure:
 
     @property
     def ratio(self) -> float:
-        base = self.median_rps(self.baseline)
-        return round(self.median_rps(self.server) / base, 3) if base else 0.0
+        """The median of the rounds' ratios: each round measures the server and its baseline back
+        to back, and the machine's speed drifts between rounds (a shared host: one round's rates
+        differed by a third from the next's), which a ratio of separate medians would mix in."""
+        pairs = [server.rps / base.rps for server, base in zip(self.server, self.baseline, strict=False) if base.rps]
+        return round(statistics.median(pairs), 3) if pairs else 0.0
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -823,8 +828,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny durations and counts (keeps the benchmark working)")
-    parser.add_argument("--duration", type=float, help="seconds per measurement (default 10; smoke 1)")
-    parser.add_argument("--rounds", type=int, help="alternating server/baseline rounds (default 3; smoke 1)")
+    parser.add_argument("--duration", type=float, help="seconds per measurement (default 6; smoke 1)")
+    parser.add_argument("--rounds", type=int, help="alternating server/baseline rounds (default 5; smoke 1)")
     parser.add_argument("--streams", type=int, help="concurrent SSE streams (default 1000; smoke 20)")
     parser.add_argument("--stream-posts", type=int, help="updates posted while streams are open (default 100)")
     parser.add_argument("--connections", type=int, default=32, help="HTTP connections (default 32)")

@@ -73,6 +73,17 @@ def preexec(cores: frozenset[int]) -> Callable[[], None]:
     return setup
 
 
+def pin_running(pid: int, cores: frozenset[int]) -> None:
+    """Pin a running process, every thread it has now (threads it starts later inherit), to `cores`."""
+    if not cores:
+        return
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except (ProcessLookupError, OSError):
+            continue  # a thread that has just ended
+
+
 def spawn_pinned(
     name: str, argv: Sequence[str], log_dir: Path, cores: frozenset[int], env: dict[str, str] | None = None
 ) -> Child:

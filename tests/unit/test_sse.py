@@ -8,6 +8,7 @@ import asyncio
 import select
 import socket
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
@@ -710,6 +711,37 @@ async def test_without_direct_writes_the_same_updates_go_through_send() -> None:
     assert ids == [f"id: 1678886400{n:03d}-0".encode() for n in (1, 2, 3, 4)]
 
 
+class Cycle:
+    """What the direct writer reads of uvicorn's `RequestResponseCycle`."""
+
+    def __init__(self, transport: object) -> None:
+        from types import SimpleNamespace
+
+        self.response_started = False
+        self.response_complete = False
+        self.disconnected = False
+        self.chunked_encoding = True
+        self.flow = SimpleNamespace(write_paused=False)
+        self.transport = transport
+
+
+def test_the_direct_writer_does_not_keep_its_request_alive() -> None:
+    """The request's scope holds the writer: a writer holding the request would make every
+    request garbage that only the collector frees."""
+    from types import SimpleNamespace
+
+    from web.direct_write import _writer
+
+    written: list[bytes] = []
+    cycle = Cycle(SimpleNamespace(write=written.append, is_closing=lambda: False))
+    cycle.response_started = True
+    write = _writer(cycle)  # type: ignore[arg-type]
+    gone = weakref.ref(cycle)
+    del cycle  # freed by its reference count alone: no collection needed
+    assert gone() is None
+    assert not write(b"late") and written == []
+
+
 def test_the_direct_writer_stands_in_for_send_only_inside_a_chunked_body() -> None:
     from types import SimpleNamespace
 
@@ -717,14 +749,7 @@ def test_the_direct_writer_stands_in_for_send_only_inside_a_chunked_body() -> No
 
     written: list[bytes] = []
     transport = SimpleNamespace(write=written.append, is_closing=lambda: False)
-    cycle = SimpleNamespace(
-        response_started=False,
-        response_complete=False,
-        disconnected=False,
-        chunked_encoding=True,
-        flow=SimpleNamespace(write_paused=False),
-        transport=transport,
-    )
+    cycle = Cycle(transport)
     write = _writer(cycle)  # type: ignore[arg-type]
     assert not write(b"early")  # before the response's head
     cycle.response_started = True
