@@ -8,7 +8,6 @@ each process then builds its settings from its environment, once.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import gc
@@ -42,7 +41,6 @@ from core.shutdown import ServerShutdown
 from handlers import HANDLERS
 from handlers.deps import Deps
 from web import cors, endpoints, errors, openapi31
-from web.asgi import send_response
 from web.auth import TokenVerifier
 from web.fast_lane import FastLane, Route, lane_routes
 from web.health import Readiness
@@ -134,8 +132,9 @@ class WorkflowRunsApp(AsyncApp):  # type: ignore[misc]  # Connexion ships no typ
 
     A request enters through `front`: the project's own middlewares (`_add_middlewares`), in front
     of Connexion's whole stack. They are pure ASGI and need nothing of Connexion, and every layer
-    costs each request a frame and a wrapped `send` (Connexion's entry and its
-    `ServerErrorMiddleware`: about a tenth of a lane request's CPU, measured in process)."""
+    costs each request a frame, most of them a wrapped `send` too (Connexion's entry and its
+    `ServerErrorMiddleware`: about a tenth of a lane request's CPU, measured in process). An
+    exception in them is answered by `web.middleware.RequestContext`, with the JSON 500."""
 
     def __init__(self, shutdown: ServerShutdown, **kwargs: Any) -> None:
         super().__init__(__name__, **kwargs)
@@ -143,19 +142,7 @@ class WorkflowRunsApp(AsyncApp):  # type: ignore[misc]  # Connexion ships no typ
         self.front: ASGIApp = self.middleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self.front(scope, receive, send)
-        except Exception as exc:
-            # For the front what Connexion's ServerErrorMiddleware does inside its stack: the JSON
-            # 500 when no answer has started; otherwise the server closes the connection.
-            if scope["type"] != "http":
-                raise
-            answered = False
-            with contextlib.suppress(Exception):
-                await send_response(send, errors.unexpected_error_response(exc))
-                answered = True
-            if not answered:
-                raise
+        await self.front(scope, receive, send)
 
 
 def app_from_env() -> WorkflowRunsApp:

@@ -67,7 +67,8 @@ CLIENT_GONE_STATUS = 499
 class RequestContext:
     """Gives every request an id (the caller's `X-Request-ID` when sane, else a new one), echoes it
     in the response with `X-Content-Type-Options: nosniff`, and writes one access-log line per
-    request, with secrets redacted."""
+    request, with secrets redacted. An exception from inside it before any answer is answered
+    here, with the JSON 500."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -94,6 +95,12 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if status:
+                raise  # an answer began: the server ends the connection, and logs the exception
+            # Nothing answered yet: the JSON 500 with this request's id, as the handlers' errors
+            # get it (an unexpected error inside Connexion's stack is answered by its handler).
+            await send_response(send_with_id, errors.unexpected_error_response(exc))
         except BaseException:
             status = status or 500  # what the server answers for an exception that got this far
             raise
@@ -113,9 +120,10 @@ class RequestContext:
 
 
 class _RequestIds:
-    """New request ids: 32 hex digits, a random prefix per process and a counter. Unique across
-    processes and restarts without a system call per request; they need not be unguessable, as a
-    caller may send its own."""
+    """New request ids: 32 hex digits, a random prefix per process and a counter, unique across
+    processes and restarts without a system call per request. The counter is scrambled (times an
+    odd constant, then a random mask: a one-to-one map of 64-bit numbers), so that ids do not show
+    how many requests a process served; they need not be unguessable, as a caller may send its own."""
 
     def __init__(self) -> None:
         self.reseed()
@@ -124,10 +132,15 @@ class _RequestIds:
 
     def reseed(self) -> None:
         self._prefix = os.urandom(8).hex()
+        self._mask = int.from_bytes(os.urandom(8), "big")
         self._count = itertools.count()
 
     def new(self) -> str:
-        return f"{self._prefix}{next(self._count):016x}"
+        return f"{self._prefix}{(next(self._count) * _ODD ^ self._mask) & _SIXTY_FOUR_BITS:016x}"
+
+
+_ODD = 0x9E3779B97F4A7C15  # 2**64 over the golden ratio, made odd: consecutive counts land far apart
+_SIXTY_FOUR_BITS = (1 << 64) - 1
 
 
 _request_ids = _RequestIds()

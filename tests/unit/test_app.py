@@ -15,6 +15,7 @@ import yaml
 from core.settings import Settings
 from core.tokens import mint_token
 from tests.support.fakes import RUN_ID, WORKFLOW_ID, FakeRuns, app_settings, fake_backends_factory
+from web import middleware
 from web.app import create_app, published_document
 from web.errors import CHALLENGE_INVALID, CHALLENGE_NONE
 from web.middleware import _request_ids
@@ -228,24 +229,28 @@ def test_a_non_ascii_access_token_is_no_token(client: Any) -> None:
 
 
 @pytest.mark.parametrize("started", [False, True])
-def test_an_error_in_front_of_connexion_is_the_json_500_or_a_closed_connection(started: bool) -> None:
-    """The app's own middlewares run ahead of Connexion's stack: an exception there is answered
-    as one inside it would be, with the JSON 500, or, once an answer has begun, left to the server."""
-    app = create_app(app_settings(SECRET), fake_backends_factory(FakeRuns()))
-    front = app.front
+def test_an_error_in_a_middleware_is_the_json_500_with_the_request_id_or_a_closed_connection(
+    started: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's own middlewares run ahead of Connexion's stack: an exception in one of them
+    (inside the request id's) is answered as a handler's would be, with the JSON 500 and the
+    request id, or, once an answer has begun, left to the server."""
 
-    async def broken(scope: Any, receive: Any, send: Any) -> None:
+    async def broken(self: Any, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            await front(scope, receive, send)
+            await self.app(scope, receive, send)
             return
         if started:
             await send({"type": "http.response.start", "status": 200, "headers": []})
         raise RuntimeError("a bug in a middleware")
 
-    app.front = broken
-    with app.test_client() as client:
-        if not started:
-            assert_error_body(client.get("/health/live"), 500)
+    monkeypatch.setattr(middleware.MediaTypeCase, "__call__", broken)
+    with create_app(app_settings(SECRET), fake_backends_factory(FakeRuns())).test_client() as client:
+        if started:
+            with pytest.raises(RuntimeError, match="a bug in a middleware"):
+                client.get("/health/live")
             return
-        with pytest.raises(RuntimeError, match="a bug in a middleware"):
-            client.get("/health/live")
+        response = client.get("/health/live", headers={"X-Request-ID": "req-500"})
+    body = assert_error_body(response, 500)
+    assert response.headers["x-request-id"] == "req-500" and "req-500" in body["message"]
+    assert "a bug" not in response.text
