@@ -202,9 +202,7 @@ def running_stack(data_dir: Path, placement: Placement, server_env: dict[str, st
             bench.redis_url,
         ]
         bench.children.append(spawn_pinned("baseline", baseline_argv, logs, placement.servers, env))
-        bench.children.append(spawn_pinned("worker", [*python, "cli.main", "worker"], logs, placement.generator, env))
-        for backend in bench.children[:2]:
-            pin_running(backend.proc.pid, placement.generator)
+        bench.children.append(stack.spawn("worker", [*python, "cli.main", "worker"], logs, env))
         stack.wait_for_port("127.0.0.1", api_port, 60, api.proc)
         stack.wait_for_port("127.0.0.1", baseline_port, 60, bench.children[3].proc)
         bench.api_pid, bench.baseline_pid = api.proc.pid, bench.children[3].proc.pid
@@ -529,6 +527,26 @@ class Runner:
                         figure.server.append(self.http(load, bench.api_pid, profile_as="list" if profile else None))
                 self.progress(figure, round_index)
         return [details, listing]
+
+    @contextmanager
+    def backends_beside_generator(self, wanted: bool) -> Iterator[None]:
+        """While measuring (when `wanted`), Redis and Temporal run on the generator's core, so
+        that the measured server's core runs the measured server alone: the updates figures
+        compare two servers doing the same Redis work, and Redis (about a quarter of a core at
+        these rates) scheduled beside one of them took its CPU and not the other's. The stream
+        and run details groups keep them where the scheduler puts them (the Temporal dev server
+        spends milliseconds of CPU per run details request, more than the generator's core spares)."""
+        pids = self.bench.backend_pids.values()
+        if not wanted or not self.placement.pinned:
+            yield
+            return
+        for pid in pids:
+            pin_running(pid, self.placement.generator)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                pin_running(pid, self.placement.generator | self.placement.servers)
 
     def restart_api(self) -> None:
         restart_api(self.bench, self.placement)
@@ -879,7 +897,9 @@ def measure(runner: Runner, groups: set[str], profile_dir: Path | None) -> dict[
         if group not in groups:
             continue
         measured[group] = {}
-        for figure in figures():
+        with runner.backends_beside_generator(group == "updates"):
+            measured_figures = figures()
+        for figure in measured_figures:
             if profile_dir is not None:
                 for side, raw in (("profile", profile_dir / f"{figure.name}.txt"),
                                   ("baseline_profile", profile_dir / f"{figure.name}.baseline.txt")):  # fmt: skip
