@@ -19,10 +19,12 @@ Figures (each server figure beside its baseline measured in the same run, as a r
   fanout   5,000 streams on one run, posts at a rising rate: the deliveries per second one process
            sustains with p99 under 250 ms (`scripts.bench_many_streams --shape fanout`).
 
-Measurements alternate server and baseline, `--rounds` times; the table shows medians. With two
-cores or more the load generator runs on the first core and every measured server on the others
-(`scripts.bench_proc`). `--profile DIR` also records a py-spy profile of the server during its first
-round of every figure and prints the functions with the most own time (slows that round a little).
+Measurements alternate server and baseline, `--rounds` times; the table shows the medians of the
+rates, and each ratio is the median of the rounds' ratios (`Figure.ratio`). With two cores or more
+the load generator runs on the first core and every measured server on the others
+(`scripts.bench_proc`); Redis and Temporal join the generator while the updates figures are
+measured. `--profile DIR` also records a py-spy profile of the server during its first round of
+every figure and prints the functions with the most own time (slows that round a little).
 
     python -m scripts.bench [--json PATH] [--smoke] [--duration S] [--streams N] [--rounds R]
                             [--generator auto|wrk|python] [--profile DIR] [--keep]
