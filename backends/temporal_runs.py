@@ -136,14 +136,20 @@ class _KnownRun:
     """What is known of a run, kept so that repeated look-ups by run id stay cheap. Its ids and
     scope never change, nor does a close; "open" is only true as of `seen_at` (monotonic clock)."""
 
-    workflow_id: str
+    # Its ids, whether it is closed and when (what `find_run` answers: made once, as every post of
+    # a run asks for it).
+    ref: RunRef
     scope: RunScope
-    closed: bool
-    closed_at: float | None  # epoch seconds, for a closed run
     seen_at: float
     final_status: str | None  # e.g. "COMPLETED", for a closed run
-    # What `find_run` answers for it, made once: every post of a run asks for it.
-    ref: RunRef
+
+    @property
+    def workflow_id(self) -> str:
+        return self.ref.workflow_id
+
+    @property
+    def closed(self) -> bool:
+        return self.ref.closed
 
 
 def _final_status(info: WorkflowExecutionInfo) -> str | None:
@@ -354,17 +360,8 @@ class TemporalRunsBackend:
         if before is not None and before.closed and before.workflow_id == workflow_id:
             known = before  # a close is final (a listing may still show the run open for a moment)
         else:
-            closed = not is_open(info)
-            closed_at = _closed_at(info)
-            known = _KnownRun(
-                workflow_id,
-                scope,
-                closed,
-                closed_at,
-                self._clock(),
-                _final_status(info),
-                RunRef(workflow_id=workflow_id, run_id=run_id, closed=closed, closed_at=closed_at),
-            )
+            ref = RunRef(workflow_id=workflow_id, run_id=run_id, closed=not is_open(info), closed_at=_closed_at(info))
+            known = _KnownRun(ref, scope, self._clock(), _final_status(info))
         self._known[run_id] = known
         self._known.move_to_end(run_id)
         while len(self._known) > self._cache_size:

@@ -887,9 +887,9 @@ def measure(runner: Runner, groups: set[str], profile_dir: Path | None) -> dict[
     measured: dict[str, Any] = {}
     first = True
 
-    def request_figures(group: str, figures: Callable[[], list[Figure]]) -> None:
+    def request_figures(group: str, figures: Callable[[], list[Figure]], *, backends_beside: bool) -> None:
         measured[group] = {}
-        with runner.backends_beside_generator(group == "updates"):
+        with runner.backends_beside_generator(backends_beside):
             measured_figures = figures()
         for figure in measured_figures:
             if profile_dir is not None:
@@ -900,7 +900,7 @@ def measure(runner: Runner, groups: set[str], profile_dir: Path | None) -> dict[
             measured[group][figure.name] = figure.as_json()
 
     if "runs" in groups:
-        request_figures("runs", runner.runs_figures)
+        request_figures("runs", runner.runs_figures, backends_beside=False)
         first = False
     for group, shape in (("streams", None), ("streams10k", "spread"), ("fanout", "fanout")):
         if group not in groups:
@@ -915,7 +915,7 @@ def measure(runner: Runner, groups: set[str], profile_dir: Path | None) -> dict[
     if "updates" in groups:
         if not first:
             runner.restart_api()
-        request_figures("updates", runner.updates_figures)
+        request_figures("updates", runner.updates_figures, backends_beside=True)
     return measured
 
 

@@ -80,7 +80,7 @@ def pin_running(pid: int, cores: frozenset[int]) -> None:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             os.sched_setaffinity(int(task.name), cores)
-        except (ProcessLookupError, OSError):
+        except OSError:
             continue  # a thread that has just ended
 
 

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -715,8 +716,6 @@ class Cycle:
     """What the direct writer reads of uvicorn's `RequestResponseCycle`."""
 
     def __init__(self, transport: object) -> None:
-        from types import SimpleNamespace
-
         self.response_started = False
         self.response_complete = False
         self.disconnected = False
@@ -728,8 +727,6 @@ class Cycle:
 def test_the_direct_writer_does_not_keep_its_request_alive() -> None:
     """The request's scope holds the writer: a writer holding the request would make every
     request garbage that only the collector frees."""
-    from types import SimpleNamespace
-
     from web.direct_write import _writer
 
     written: list[bytes] = []
@@ -743,8 +740,6 @@ def test_the_direct_writer_does_not_keep_its_request_alive() -> None:
 
 
 def test_the_direct_writer_stands_in_for_send_only_inside_a_chunked_body() -> None:
-    from types import SimpleNamespace
-
     from web.direct_write import _writer
 
     written: list[bytes] = []
