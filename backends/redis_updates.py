@@ -39,15 +39,18 @@ Streams
 Failures
     Every call has a deadline (`backend_timeout_seconds`, kept by the connection pool); a Redis
     that cannot be reached or cannot serve raises `BackendUnavailable` (503 with Retry-After). Posts
-    are never retried by the client library, so a post is stored at most once.
+    are never retried by the client library, so a post is stored at most once. The posts asked in
+    one turn of the event loop go out as one pipeline (`backends.redis_batch`), each with its own
+    reply or error.
 
 Replicas
     With `redis_min_replicas` = N > 0 a post is the script followed by `WAIT N redis_wait_timeout_ms`
     in one pipeline, on the connection that ran the script (WAIT counts the replicas holding *that
-    connection's* writes; it cannot run inside a script). Fewer than N in time: `BackendUnavailable`
-    (stored on the primary, maybe lost by a failover, never resent). N = 0, the default, sends the
-    script alone, as before. On a Redis Cluster (`redis_cluster`) the backend is
-    `backends.redis_cluster`'s: the same scripts and streams under hash-tagged key names.
+    connection's* writes; it cannot run inside a script); posts batched together share the WAIT.
+    Fewer than N in time: `BackendUnavailable` (stored on the primary, maybe lost by a failover,
+    never resent). N = 0, the default, sends the script alone, as before. On a Redis Cluster
+    (`redis_cluster`) the backend is `backends.redis_cluster`'s: the same scripts and streams under
+    hash-tagged key names.
 """
 
 from __future__ import annotations
@@ -62,10 +65,10 @@ import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
+from backends.redis_batch import ScriptBatcher, stored
 from backends.update_hub import (
     MAX_SEQ,
     UNAVAILABLE_MESSAGE,
@@ -335,6 +338,15 @@ class RedisUpdatesBackend:
         self._min_replicas = min_replicas
         self._wait_timeout_ms = wait_timeout_ms
         self._append_script = client.register_script(_APPEND)
+        if isinstance(client, Redis):  # the cluster backend sends each post to its slot's owner
+            self._appends = ScriptBatcher(
+                client,
+                _APPEND,
+                self._append_script.sha,
+                min_replicas=min_replicas,
+                wait_timeout_ms=wait_timeout_ms,
+                check=functools.partial(check_replicated, wanted=min_replicas) if min_replicas else stored,
+            )
         self._read_page_script = client.register_script(_READ_PAGE)
 
     # The key names; the cluster backend (`backends.redis_cluster`) puts a group's hash tag in them.
@@ -400,27 +412,8 @@ class RedisUpdatesBackend:
         args = append_args(
             rest, max_updates=self._max_updates, max_bytes=self._max_bytes, ttl_seconds=self._ttl_seconds
         )
-        if self._min_replicas:
-            new_id = await call(self._append_replicated(append_keys(run_id), args), "append")
-        else:
-            new_id = await call(self._append_script(keys=append_keys(run_id), args=args), "append")
+        new_id = await call(self._appends(append_keys(run_id), args), "append")
         return new_id.decode() if isinstance(new_id, bytes) else str(new_id)
-
-    async def _append_replicated(self, keys: list[str], args: list[bytes | int]) -> Any:
-        """The append script, then `WAIT` on the same connection (one pipeline, one round trip):
-        WAIT counts the replicas holding that connection's writes, so only there does it speak of
-        this post. NOSCRIPT means the script did not run: load it and send again, once."""
-        assert isinstance(self._client, Redis)  # the cluster backend sends it to the slot's owner
-        for _ in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            pipe.execute_command("EVALSHA", self._append_script.sha, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", self._min_replicas, self._wait_timeout_ms)
-            stored, acknowledged = await pipe.execute(raise_on_error=False)
-            if isinstance(stored, NoScriptError):
-                await self._client.script_load(_APPEND)
-                continue
-            return check_replicated(stored, acknowledged, self._min_replicas)
-        raise NoScriptError("the append script could not be loaded")
 
     async def read_since(self, run_id: str, since_ms: int) -> bytes:
         """The stored updates after `since_ms` as one JSON array: at most the run's bytes bound plus
@@ -481,6 +474,8 @@ class RedisUpdatesBackend:
 
     async def close(self) -> None:
         await self.hub.close()
+        if isinstance(self._client, Redis):
+            await self._appends.close()
         await self._client.aclose()
         if isinstance(self._client, Redis):
             await self._client.connection_pool.disconnect()

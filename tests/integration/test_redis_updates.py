@@ -259,6 +259,15 @@ async def test_1100_posts_keep_the_newest_1000_in_order_with_a_90_day_ttl(
     assert orjson.loads(await backend.read_since(new_run(), 0)) == []
 
 
+async def test_posts_asked_together_are_stored_in_the_order_asked(backend: RedisUpdatesBackend) -> None:
+    # Asked in one turn of the loop, they reach Redis as one pipeline (`backends.redis_batch`).
+    run_id = new_run()
+    posted = await asyncio.gather(*(backend.append(run_id, {"message": str(i)}) for i in range(50)))
+    messages = orjson.loads(await backend.read_since(run_id, 0))
+    assert [m["message"] for m in messages] == [str(i) for i in range(50)]
+    assert [f"{m['timestamp']}-0" for m in messages] == posted
+
+
 async def test_truncated_is_announced_only_when_updates_were_really_lost(backend: RedisUpdatesBackend) -> None:
     run_id = new_run()
     posted = await post_many(backend, run_id, 1005)
@@ -705,8 +714,13 @@ async def test_a_full_redis_refuses_posts_with_503_and_keeps_everything_it_answe
             assert refused is not None, "Redis never refused a post"
             assert refused.message == FULL_MESSAGE and refused.retry_after == FULL_RETRY_AFTER
             assert sum(map(len, answered.values())) > 5
-            with pytest.raises(BackendUnavailable):  # still full: refused again, nothing stored
-                await backend.append(runs[0], {"message": "g" * 60_000})
+            # Still full: refused again, nothing stored, whether alone or several in one pipeline.
+            for together in (1, 5):
+                refusals = await asyncio.gather(
+                    *(backend.append(runs[0], {"message": "g" * 60_000}) for _ in range(together)),
+                    return_exceptions=True,
+                )
+                assert all(isinstance(r, BackendUnavailable) and r.message == FULL_MESSAGE for r in refusals)
             await backend.ping()  # it still serves reads
             for run_id, posted in answered.items():
                 stored_ids = [f"{m['timestamp']}-0" for m in orjson.loads(await backend.read_since(run_id, 0))]
