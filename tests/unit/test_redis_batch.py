@@ -5,6 +5,7 @@ order, what each caller gets back, and what is never sent (twice, or at all). Th
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from typing import Any, cast
 
@@ -14,56 +15,72 @@ from redis.asyncio import Redis
 
 from backends.redis_batch import ScriptBatcher, stored
 from backends.redis_updates import check_replicated
+from backends.update_hub import unavailable
 from core.errors import BackendUnavailable
 
 SHA = "0" * 40
 
 
-class FakePipeline:
+class FakeConnection:
+    """Runs `EVALSHA` as "store the first argument" and `WAIT` as `acknowledged`, one reply read
+    at a time, as a redis-py connection does."""
+
     def __init__(self, client: FakeClient) -> None:
         self.client = client
-        self.commands: list[tuple[Any, ...]] = []
+        self.replies: list[Any] = []
 
-    def execute_command(self, *args: Any) -> FakePipeline:
-        self.commands.append(args)
-        return self
+    def pack_commands(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        return list(commands)
 
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        assert raise_on_error is False
-        self.client.sent.append(self.commands)
-        await asyncio.sleep(0)  # a round trip: other callers run meanwhile
-        if self.client.fail_next:
-            self.client.fail_next = False
+    async def send_packed_command(self, commands: list[tuple[Any, ...]]) -> None:
+        self.client.sent.append(commands)
+        if self.client.fail_send:
+            self.client.fail_send = False
             raise redis_errors.ConnectionError("connection lost")
-        return [self.client.reply(command) for command in self.commands]
+        self.replies = [self.client.reply(command) for command in commands]
+
+    async def read_response(self) -> Any:
+        await asyncio.sleep(0)  # a round trip: other callers run meanwhile
+        if self.client.fail_after is not None and self.client.fail_after == 0:
+            self.client.fail_after = None
+            raise redis_errors.ConnectionError("connection lost")
+        if self.client.fail_after is not None:
+            self.client.fail_after -= 1
+        reply = self.replies.pop(0)
+        if isinstance(reply, redis_errors.ResponseError):
+            raise reply
+        return reply
+
+
+class FakePool:
+    def __init__(self, client: FakeClient) -> None:
+        self.client = client
+        self.gate: asyncio.Event | None = None  # when set: connections wait for it (a busy pool)
+        self.waiting = asyncio.Event()  # someone waits at the gate
+        self.in_use = 0
+
+    async def get_connection(self) -> FakeConnection:
+        if self.gate is not None:
+            self.waiting.set()
+            await self.gate.wait()
+        self.in_use += 1
+        return FakeConnection(self.client)
+
+    async def release(self, connection: FakeConnection) -> None:
+        self.in_use -= 1
 
 
 class FakeClient:
-    """Runs `EVALSHA` as "store the first argument" and `WAIT` as `acknowledged`."""
-
     def __init__(self) -> None:
-        self.sent: list[list[tuple[Any, ...]]] = []  # each pipeline's (or lone call's) commands
+        self.connection_pool = FakePool(self)
+        self.sent: list[list[tuple[Any, ...]]] = []  # each pipeline's commands
         self.loaded = True
         self.loads = 0
-        self.fail_next = False
+        self.fail_send = False
+        self.fail_after: int | None = None  # replies read before the connection fails
         self.refuse: set[bytes] = set()  # arguments Redis answers with an error (as a full Redis does)
+        self.lose_scripts_at: bytes | None = None  # Redis loses its scripts before running this one
         self.acknowledged = 1
-
-    def pipeline(self, transaction: bool = True) -> FakePipeline:
-        assert transaction is False
-        return FakePipeline(self)
-
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        command = ("EVALSHA", sha, numkeys, *keys_and_args)
-        self.sent.append([command])
-        await asyncio.sleep(0)
-        if self.fail_next:
-            self.fail_next = False
-            raise redis_errors.ConnectionError("connection lost")
-        reply = self.reply(command)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
 
     async def script_load(self, source: str) -> str:
         self.loads += 1
@@ -73,9 +90,11 @@ class FakeClient:
     def reply(self, command: tuple[Any, ...]) -> Any:
         if command[0] == "WAIT":
             return self.acknowledged
-        if not self.loaded:
-            return redis_errors.NoScriptError("NOSCRIPT No matching script.")
         argument = command[3 + command[2]]
+        if argument == self.lose_scripts_at:
+            self.loaded = False
+        if not self.loaded:
+            return redis_errors.NoScriptError("No matching script. Please use EVAL.")
         if argument in self.refuse:
             return redis_errors.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
         return b"stored:" + argument
@@ -100,9 +119,10 @@ async def test_posts_asked_in_one_turn_go_out_as_one_pipeline_in_order_each_with
     replies = await asyncio.gather(*(post(appends, b"%d" % i) for i in range(10)))
     assert replies == [b"stored:%d" % i for i in range(10)]
     assert [values(sent) for sent in client.sent] == [[b"%d" % i for i in range(10)]]
+    assert client.connection_pool.in_use == 0
 
 
-async def test_a_lone_post_is_one_plain_call() -> None:
+async def test_a_lone_post_is_its_script_call_alone() -> None:
     client = FakeClient()
     appends = batcher(client)
     assert await post(appends, b"a") == b"stored:a"
@@ -119,21 +139,35 @@ async def test_an_error_for_one_post_is_that_posts_alone() -> None:
     assert isinstance(replies[2], redis_errors.ResponseError) and "OOM" in str(replies[2])
 
 
-async def test_a_lost_connection_fails_the_posts_of_its_pipeline_and_no_other() -> None:
+async def test_a_connection_lost_partway_fails_only_the_posts_not_answered_yet() -> None:
+    client = FakeClient()
+    client.fail_after = 2
+    appends = batcher(client)
+    replies = await asyncio.gather(*(post(appends, b"%d" % i) for i in range(5)), return_exceptions=True)
+    assert replies[:2] == [b"stored:0", b"stored:1"]
+    failed = replies[2:]
+    assert all(isinstance(reply, redis_errors.ConnectionError) for reply in failed)
+    assert len({id(reply) for reply in failed}) == 3  # each caller raises an error of its own
+    assert len(client.sent) == 1  # nothing was sent again
+
+
+async def test_a_connection_lost_on_writing_fails_that_pipeline_and_no_other() -> None:
     client = FakeClient()
     appends = batcher(client)
+    client.fail_send = True
     first = [asyncio.ensure_future(post(appends, b"a%d" % i)) for i in range(3)]
-    await asyncio.sleep(0)  # the first pipeline leaves (and will fail); the next posts form another
-    client.fail_next = True
+    await asyncio.sleep(0)  # these are waiting for the turn to end; the next ones form another pipeline
+    await asyncio.sleep(0)
     second = [asyncio.ensure_future(post(appends, b"b%d" % i)) for i in range(3)]
     done = await asyncio.gather(*first, *second, return_exceptions=True)
     assert all(isinstance(reply, redis_errors.ConnectionError) for reply in done[:3])
+    assert len({id(reply) for reply in done[:3]}) == 3
     assert done[3:] == [b"stored:b0", b"stored:b1", b"stored:b2"]
-    assert len(client.sent) == 2  # nothing was sent again
+    assert len(client.sent) == 2
 
 
 @pytest.mark.parametrize("count", [1, 5])
-async def test_noscript_loads_the_script_and_sends_only_those_posts_once_more(count: int) -> None:
+async def test_noscript_for_the_whole_pipeline_loads_the_script_and_sends_it_once_more(count: int) -> None:
     client = FakeClient()
     client.loaded = False
     appends = batcher(client)
@@ -142,14 +176,24 @@ async def test_noscript_loads_the_script_and_sends_only_those_posts_once_more(co
     assert client.loads == 1 and len(client.sent) == 2
 
 
-async def test_noscript_twice_is_the_callers_error_not_a_third_send() -> None:
+async def test_noscript_twice_is_a_503_for_the_caller_not_a_third_send() -> None:
     client = FakeClient()
     client.loaded = False
     client.script_load = _load_nothing(client)  # type: ignore[method-assign]
     appends = batcher(client)
     replies = await asyncio.gather(*(post(appends, b"%d" % i) for i in range(3)), return_exceptions=True)
-    assert all(isinstance(reply, redis_errors.NoScriptError) for reply in replies)
+    assert all(isinstance(reply, redis_errors.ConnectionError) and unavailable(reply) for reply in replies)
     assert len(client.sent) == 2
+
+
+async def test_scripts_lost_partway_are_a_503_for_the_posts_not_run_never_resent_after_later_ones() -> None:
+    client = FakeClient()
+    client.lose_scripts_at = b"1"
+    appends = batcher(client)
+    replies = await asyncio.gather(*(post(appends, b"%d" % i) for i in range(3)), return_exceptions=True)
+    assert replies[0] == b"stored:0"
+    assert all(isinstance(reply, redis_errors.ConnectionError) and unavailable(reply) for reply in replies[1:])
+    assert len(client.sent) == 1 and client.loads == 0
 
 
 def _load_nothing(client: FakeClient) -> Any:
@@ -160,13 +204,15 @@ def _load_nothing(client: FakeClient) -> Any:
     return load
 
 
-async def test_a_caller_gone_before_its_pipeline_left_is_not_sent() -> None:
+async def test_a_caller_gone_before_its_connection_was_ready_is_not_sent() -> None:
     client = FakeClient()
+    client.connection_pool.gate = asyncio.Event()  # every connection is busy
     appends = batcher(client)
     kept = asyncio.ensure_future(post(appends, b"kept"))
     gone = asyncio.ensure_future(post(appends, b"gone"))
-    await asyncio.sleep(0)  # both are waiting for the turn to end
+    await client.connection_pool.waiting.wait()  # the pipeline has formed and waits for a connection
     gone.cancel()
+    client.connection_pool.gate.set()
     assert await kept == b"stored:kept"
     assert [values(sent) for sent in client.sent] == [[b"kept"]]
 
@@ -192,14 +238,35 @@ async def test_with_replicas_one_wait_ends_the_pipeline_and_speaks_for_every_pos
     replies = await asyncio.gather(post(appends, b"c"), return_exceptions=True)
     assert isinstance(replies[0], BackendUnavailable)
     assert values(client.sent[1]) == [b"c", "WAIT"]  # a lone post too: WAIT runs on its connection
+    client.fail_after = 2  # the WAIT reply is lost: stored, but not known to be replicated
+    unknown = await asyncio.gather(post(appends, b"d"), post(appends, b"e"), return_exceptions=True)
+    assert all(isinstance(reply, redis_errors.ConnectionError) for reply in unknown)
 
 
-async def test_close_waits_for_what_is_in_flight_and_refuses_new_posts() -> None:
+async def test_the_check_runs_in_each_callers_own_context() -> None:
+    seen: list[str] = []
+    caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller")
+
+    def check(reply: Any, acknowledged: Any) -> Any:
+        seen.append(caller.get())
+        return reply
+
+    appends = batcher(FakeClient(), check=check)
+
+    async def one(name: str) -> Any:
+        caller.set(name)
+        return await post(appends, name.encode())
+
+    await asyncio.gather(one("a"), one("b"), one("c"))
+    assert seen == ["a", "b", "c"]
+
+
+async def test_close_sends_what_waits_and_refuses_new_posts() -> None:
     client = FakeClient()
     appends = batcher(client)
     waiting = asyncio.ensure_future(post(appends, b"a"))
     await asyncio.sleep(0)
     await appends.close()
-    assert waiting.done() and waiting.result() == b"stored:a"
+    assert await waiting == b"stored:a"
     with pytest.raises(redis_errors.ConnectionError):
         await post(appends, b"b")
