@@ -64,7 +64,8 @@ from temporalio.api.workflowservice.v1 import (
     ListWorkflowExecutionsResponse,
 )
 from temporalio.client import Client, WorkflowHandle, WorkflowHistoryEventFilterType
-from temporalio.converter import DataConverter, decode_typed_search_attributes
+from temporalio.common import TypedSearchAttributes
+from temporalio.converter import DataConverter
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from backends.codec_client import (
@@ -90,6 +91,7 @@ from core.errors import BackendUnavailable, Conflict, Forbidden, InvalidInput, N
 from core.metrics import backend_call_done
 from core.principals import Principal
 from core.protocols import JSON, Action, RunFilters, RunPage, RunRef
+from core.search_attributes import decode_read
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -410,22 +412,25 @@ class TemporalRunsBackend:
         self, principal: Principal, workflow_id: str, run_id: str
     ) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionInfo]:
         """Describe exactly this run and check the caller may see it (call inside `_temporal`)."""
-        handle, described, _ = await self._describe_scoped(principal, workflow_id, run_id)
+        handle, described, _, _ = await self._describe_scoped(principal, workflow_id, run_id)
         return handle, described.workflow_execution_info
 
     async def _describe_scoped(
         self, principal: Principal, workflow_id: str, run_id: str
-    ) -> tuple[WorkflowHandle[Any, Any], DescribeWorkflowExecutionResponse, RunScope]:
-        """`_describe`, Temporal's whole answer, and the run's scope as read from its search attributes."""
+    ) -> tuple[WorkflowHandle[Any, Any], DescribeWorkflowExecutionResponse, TypedSearchAttributes, RunScope]:
+        """`_describe`, Temporal's whole answer, the run's search attributes and its scope as read
+        from them. The attributes are decoded once per request: decoding them twice took about 7%
+        of a run-details request's CPU (profiled)."""
         handle = self._client.get_workflow_handle(workflow_id, run_id=run_id)
         described = await self._describe_raw(workflow_id, run_id)
         info = described.workflow_execution_info
         if info.execution.run_id != run_id or info.execution.workflow_id != workflow_id:
             raise _not_found(run_id)
-        scope = RunScope.of(decode_typed_search_attributes(info.search_attributes))
+        attributes = decode_read(info.search_attributes)
+        scope = RunScope.of(attributes)
         self._remember(run_id, workflow_id, scope, info)
         self._check_scope(principal, scope, run_id)
-        return handle, described, scope
+        return handle, described, attributes, scope
 
     # -- RunsBackend -------------------------------------------------------------------------
 
@@ -433,7 +438,7 @@ class TemporalRunsBackend:
         converter = self._client.data_converter
         view = HistoryView(converter, max_bytes=self._max_history_bytes)
         async with self._temporal("describe run", run_id=run_id):
-            handle, raw, scope = await self._describe_scoped(principal, workflow_id, run_id)
+            handle, raw, attributes, scope = await self._describe_scoped(principal, workflow_id, run_id)
             info = raw.workflow_execution_info
             if self._codec is not None:
                 for pending in raw.pending_activities:
@@ -460,7 +465,7 @@ class TemporalRunsBackend:
                         await self._decoded(event)
                     await view.read_close_event(event)
         memo = await decode_memo(converter, info.memo.fields)
-        base = summary(info, decode_typed_search_attributes(info.search_attributes), memo, scope=scope)
+        base = summary(info, attributes, memo, scope=scope)
         run: dict[str, JSON] = {key: base[key] for key in SEED_SUMMARY_FIELDS}  # the seed's order first
         run.update(
             input=view.input,
@@ -521,7 +526,7 @@ class TemporalRunsBackend:
             )
 
     async def _summary(self, info: WorkflowExecutionInfo) -> dict[str, JSON]:
-        attributes = decode_typed_search_attributes(info.search_attributes)
+        attributes = decode_read(info.search_attributes)
         scope = RunScope.of(attributes)
         self._remember(info.execution.run_id, info.execution.workflow_id, scope, info)
         memo = await decode_memo(self._client.data_converter, info.memo.fields)
@@ -613,7 +618,7 @@ class TemporalRunsBackend:
                     raise _not_found(run_id)
                 info = page.executions[0]
                 # Its scope is all a look-up needs: its memo is not decoded (nor sent to a codec server).
-                scope = RunScope.of(decode_typed_search_attributes(info.search_attributes))
+                scope = RunScope.of(decode_read(info.search_attributes))
                 self._remember(info.execution.run_id, info.execution.workflow_id, scope, info)
 
     async def await_listed_run(
@@ -734,7 +739,7 @@ class TemporalRunsBackend:
         asked_at = self._clock()
         async with self._temporal("describe run", run_id=run_id):
             info = (await self._describe_raw(workflow_id, run_id)).workflow_execution_info
-        self._remember(run_id, workflow_id, RunScope.of(decode_typed_search_attributes(info.search_attributes)), info)
+        self._remember(run_id, workflow_id, RunScope.of(decode_read(info.search_attributes)), info)
         status = _final_status(info)
         if status is None:
             self._remember_open((workflow_id, run_id), asked_at)
