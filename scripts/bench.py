@@ -93,7 +93,7 @@ class Config:
     many_per_run: int = 10
     many_rate: float = 200.0
     fanout_streams: int = 5_000
-    fanout_rates: str = "2,4,6,8,12,16"
+    fanout_rates: str = "2,4,5,6,8,12,16"
     many_seconds: float = 10.0
     many_clients: int = 2
 
@@ -120,7 +120,7 @@ class Config:
             many_per_run=2 if smoke else 10,
             many_rate=10.0 if smoke else 200.0,
             fanout_streams=args.fanout_streams if args.fanout_streams is not None else (20 if smoke else 5_000),
-            fanout_rates=args.fanout_rates or ("1,2" if smoke else "2,4,6,8,12,16"),
+            fanout_rates=args.fanout_rates or ("1,2" if smoke else "2,4,5,6,8,12,16"),
             many_seconds=1.0 if smoke else args.many_seconds,
             many_clients=1 if smoke else args.many_clients,
         )
@@ -858,7 +858,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the data folder (logs) afterwards")
     parser.add_argument("--many-runs", type=int, help="streams10k: running runs (default 1000; smoke 5)")
     parser.add_argument("--fanout-streams", type=int, help="fanout: streams on one run (default 5000; smoke 20)")
-    parser.add_argument("--fanout-rates", help="fanout: posts/s, phase by phase (default 2,4,6,8,12,16)")
+    parser.add_argument(
+        "--fanout-rates",
+        help="fanout: posts/s, phase by phase (default 2,4,5,6,8,12,16: 5 is the target itself with 5,000 streams)",
+    )
     parser.add_argument("--many-seconds", type=float, default=10.0, help="streams10k/fanout: seconds per phase")
     parser.add_argument("--many-clients", type=int, default=2, help="streams10k/fanout: client processes")
     parser.add_argument("--only", default=",".join(GROUPS), help="figure groups to measure (comma-separated)")
