@@ -7,7 +7,7 @@ each pays a pool checkout, a write, and a wake-up for its read: most of what red
 call. Sent together they share those. Nothing else changes for a post:
 
 - Redis runs the pipeline's scripts one after another, each atomically, in arrival order: posts
-  to one run are stored in the order they were asked, as when sent one by one.
+  to one run in one pipeline are stored in the order they were asked.
 - Each post gets its own reply or its own error. When the connection fails partway, the posts
   whose replies were read keep them; only the rest fail.
 - Nothing is sent twice: the pool does not retry. `NOSCRIPT` for every post of a pipeline means

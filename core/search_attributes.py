@@ -68,11 +68,15 @@ _READ_TYPES = tuple((key, _TYPE_METADATA[key.indexed_value_type], key.origin_val
 
 
 def decode_read(api: SearchAttributes) -> TypedSearchAttributes:
-    """The attributes of `READ` as `temporalio.converter.decode_typed_search_attributes` decodes
-    them (an attribute whose type metadata is another type, or whose value is not one value of its
-    type, is left out), and no other. The SDK's function decodes every attribute a run carries
-    through the payload converter: about 12 µs each, measured, which made it the largest part of a
-    listing's CPU after Temporal's own call."""
+    """The attributes of `READ`, decoded as `temporalio.converter.decode_typed_search_attributes`
+    decodes them (an attribute whose type metadata is another type, or whose value is not one value
+    of its type, is left out), and no other. The SDK's function decodes every attribute a run
+    carries through the payload converter: about 12 µs each, measured, which made it the largest
+    part of a listing's CPU after Temporal's own call.
+
+    Where the two differ, it is on payloads Temporal does not send, and only in what they raise:
+    the SDK raises for an attribute it cannot decode, any attribute; this decodes only the ones it
+    reads, and skips one whose type metadata is not its type before decoding it."""
     fields = api.indexed_fields
     pairs: list[SearchAttributePair[Any]] = []
     for key, type_metadata, value_type in _READ_TYPES:
