@@ -20,7 +20,8 @@ call. Sent together they share those. Nothing else changes for a post:
 
 Bounds: a pipeline takes at most `max_batch` posts or, past the first, `max_bytes` of arguments;
 more start another pipeline (each on a connection of the pool, whose size bounds how many are in
-flight, as it bounds single calls). Every read and write is bounded by the pool's socket timeout.
+flight, as it bounds single calls). The write, and all of a pipeline's replies together, are each
+bounded by the pool's socket timeout.
 """
 
 from __future__ import annotations
@@ -170,16 +171,19 @@ def _get_connection(pool: ConnectionPool) -> Awaitable[AbstractConnection]:
 async def _exchange(connection: AbstractConnection, commands: list[Sequence[Any]]) -> list[Any]:
     """Write the commands at once, then read a reply per command: an error reply is that command's
     alone; a failure of the connection (which redis-py then closes) fails the commands not yet
-    answered, and the replies read before it stand."""
+    answered, and the replies read before it stand. Every reply is read within one socket timeout
+    of the first read, as a single call's is, not one timeout per reply: a Redis answering slowly
+    holds a batch's callers no longer than it would hold one."""
     await connection.send_packed_command(connection.pack_commands(commands))
     replies: list[Any] = []
     try:
-        for _ in commands:
-            try:
-                replies.append(await connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-    except Exception as exc:
+        async with asyncio.timeout(connection.socket_timeout):
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+    except Exception as exc:  # the timeout's TimeoutError too: redis-py has closed the connection
         replies += [_own(exc) for _ in range(len(commands) - len(replies))]
     return replies
 

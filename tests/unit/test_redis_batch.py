@@ -28,6 +28,8 @@ class FakeConnection:
     def __init__(self, client: FakeClient) -> None:
         self.client = client
         self.replies: list[Any] = []
+        self.socket_timeout: float | None = client.socket_timeout
+        self.disconnected = False
 
     def pack_commands(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         return list(commands)
@@ -41,6 +43,14 @@ class FakeConnection:
 
     async def read_response(self) -> Any:
         await asyncio.sleep(0)  # a round trip: other callers run meanwhile
+        if self.client.stall_after == 0:
+            try:
+                await asyncio.Event().wait()  # Redis stops answering
+            except BaseException:
+                self.disconnected = True  # as redis-py does on any error in a read
+                raise
+        if self.client.stall_after is not None:
+            self.client.stall_after -= 1
         if self.client.fail_after is not None and self.client.fail_after == 0:
             self.client.fail_after = None
             raise redis_errors.ConnectionError("connection lost")
@@ -81,6 +91,8 @@ class FakeClient:
         self.refuse: set[bytes] = set()  # arguments Redis answers with an error (as a full Redis does)
         self.lose_scripts_at: bytes | None = None  # Redis loses its scripts before running this one
         self.acknowledged = 1
+        self.socket_timeout: float | None = None
+        self.stall_after: int | None = None  # replies answered before Redis stops answering
 
     async def script_load(self, source: str) -> str:
         self.loads += 1
@@ -164,6 +176,18 @@ async def test_a_connection_lost_on_writing_fails_that_pipeline_and_no_other() -
     assert len({id(reply) for reply in done[:3]}) == 3
     assert done[3:] == [b"stored:b0", b"stored:b1", b"stored:b2"]
     assert len(client.sent) == 2
+
+
+async def test_a_redis_that_stops_answering_holds_the_batch_one_timeout_not_one_per_post() -> None:
+    client = FakeClient()
+    client.socket_timeout = 0.05
+    client.stall_after = 1
+    appends = batcher(client)
+    async with asyncio.timeout(30):  # without the batch's bound this would wait for ever: fail instead
+        replies = await asyncio.gather(*(post(appends, b"%d" % i) for i in range(30)), return_exceptions=True)
+    assert replies[0] == b"stored:0"
+    assert all(isinstance(reply, TimeoutError) and unavailable(reply) for reply in replies[1:])
+    assert len(client.sent) == 1
 
 
 @pytest.mark.parametrize("count", [1, 5])
